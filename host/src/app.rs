@@ -1,0 +1,276 @@
+//! The assembled engine: storage, registry, metrics, liveness, and the
+//! consume loop that drives the pipeline from a source.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use crate::config::{Config, StoreKind};
+use crate::metrics::Metrics;
+use crate::pipeline::{BatchReport, Pipeline, PipelineConfig};
+use crate::registry::Registry;
+use crate::runtime::{Engine, Plugin};
+use crate::source::EventSource;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Storage, StoreError};
+
+/// Progress of one partition, for `/healthz`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionHealth {
+    /// Records or bytes behind.
+    pub lag: i64,
+    /// Seconds since the last committed batch (or since start).
+    pub idle_seconds: f64,
+    /// Lag and no progress for longer than the stall limit.
+    pub stalled: bool,
+}
+
+/// Liveness facts gathered by the consume loop.
+pub struct Health {
+    started: Instant,
+    stall_after: Duration,
+    partitions: Mutex<HashMap<(String, i32), (i64, Instant)>>,
+    loop_beat: Mutex<Instant>,
+}
+
+impl Health {
+    fn new(stall_after: Duration) -> Self {
+        Health {
+            started: Instant::now(),
+            stall_after,
+            partitions: Mutex::new(HashMap::new()),
+            loop_beat: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn lag(&self, source: &str, partition: i32, lag: i64) {
+        let mut p = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p
+            .entry((source.to_string(), partition))
+            .or_insert((lag, Instant::now()));
+        e.0 = lag;
+    }
+
+    fn progressed(&self, source: &str, partition: i32) {
+        let mut p = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p
+            .entry((source.to_string(), partition))
+            .or_insert((0, Instant::now()));
+        e.1 = Instant::now();
+    }
+
+    fn beat(&self) {
+        *self.loop_beat.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// `(healthy, per-partition details)`. A partition is stalled when it has
+    /// lag and made no progress within the stall limit; the loop itself is
+    /// stalled when it has not come around for that long.
+    pub fn report(&self) -> (bool, serde_json::Value) {
+        let p = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parts = serde_json::Map::new();
+        let mut healthy = true;
+        for ((source, partition), (lag, at)) in p.iter() {
+            let idle = at.elapsed();
+            let stalled = *lag > 0 && idle > self.stall_after;
+            healthy &= !stalled;
+            parts.insert(
+                format!("{source}#{partition}"),
+                serde_json::to_value(PartitionHealth {
+                    lag: *lag,
+                    idle_seconds: idle.as_secs_f64(),
+                    stalled,
+                })
+                .unwrap_or_default(),
+            );
+        }
+        let beat = self
+            .loop_beat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed();
+        let loop_alive = beat <= self.stall_after.max(Duration::from_secs(5)) * 2;
+        healthy &= loop_alive;
+        (
+            healthy,
+            serde_json::json!({
+                "status": if healthy { "ok" } else { "unhealthy" },
+                "uptime_seconds": self.started.elapsed().as_secs_f64(),
+                "loop_idle_seconds": beat.as_secs_f64(),
+                "partitions": parts,
+            }),
+        )
+    }
+}
+
+/// The engine and everything it shares with the API.
+#[derive(Clone)]
+pub struct App {
+    /// Configuration in force.
+    pub config: Arc<Config>,
+    /// Where events and states live.
+    pub storage: Arc<dyn Storage>,
+    /// Active plugins.
+    pub registry: Arc<Registry>,
+    /// The wasmtime engine.
+    pub engine: Engine,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Liveness.
+    pub health: Arc<Health>,
+}
+
+impl App {
+    /// Open the configured storage and load the configured plugin files.
+    pub async fn open(config: Config) -> anyhow::Result<App> {
+        let storage: Arc<dyn Storage> = match config.store.kind {
+            StoreKind::Sqlite => Arc::new(SqliteStore::open(&config.store.path)?),
+            StoreKind::Cassandra => crate::store::open_cassandra(&config.cassandra).await?,
+        };
+        Self::with_storage(config, storage)
+    }
+
+    /// Build on an already opened storage.
+    pub fn with_storage(config: Config, storage: Arc<dyn Storage>) -> anyhow::Result<App> {
+        let engine = Engine::new()?;
+        let app = App {
+            health: Arc::new(Health::new(Duration::from_secs(
+                config.engine.stall_seconds,
+            ))),
+            config: Arc::new(config),
+            storage,
+            registry: Arc::new(Registry::new()),
+            engine,
+            metrics: Arc::new(Metrics::new()),
+        };
+        for f in app.config.plugins.files.clone() {
+            let p = app.load_plugin_file(&f)?;
+            app.registry.activate(p);
+        }
+        Ok(app)
+    }
+
+    /// Compile and validate a component file (not activated).
+    pub fn load_plugin_file(&self, path: &Path) -> anyhow::Result<Arc<Plugin>> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading plugin {}", path.display()))?;
+        self.load_plugin_bytes(&bytes)
+            .with_context(|| format!("loading plugin {}", path.display()))
+    }
+
+    /// Compile and validate component bytes (not activated). Limits come
+    /// from the config for the entity type the component describes.
+    pub fn load_plugin_bytes(&self, bytes: &[u8]) -> anyhow::Result<Arc<Plugin>> {
+        let probe = Plugin::load(&self.engine, bytes, self.config.plugins.limits)?;
+        let limits = self.config.plugins.limits_for(&probe.info.entity_type);
+        if limits == probe.limits {
+            return Ok(probe);
+        }
+        Ok(Plugin::load(&self.engine, bytes, limits)?)
+    }
+
+    /// A pipeline over this app's storage and registry.
+    pub fn pipeline(&self) -> Pipeline {
+        Pipeline::new(
+            self.storage.clone(),
+            self.registry.clone(),
+            PipelineConfig {
+                max_record_bytes: self.config.engine.max_record_bytes,
+            },
+            self.metrics.clone(),
+        )
+    }
+
+    /// Consume `source` until it is exhausted or `shutdown` turns true.
+    /// Each batch is committed before the source is told to move on; a
+    /// store outage is waited out with backoff, never skipped.
+    pub async fn consume(
+        &self,
+        mut source: Box<dyn EventSource>,
+        mut shutdown: watch::Receiver<bool>,
+        mut on_batch: impl FnMut(&BatchReport) + Send,
+    ) -> anyhow::Result<BatchReport> {
+        let mut pipeline = self.pipeline();
+        let mut total = BatchReport::default();
+        let batch_size = self.config.source.batch_size.max(1);
+        loop {
+            self.health.beat();
+            if *shutdown.borrow() {
+                break;
+            }
+            let batch = tokio::select! {
+                b = source.next_batch(batch_size) => b.context("reading from the source")?,
+                _ = shutdown.changed() => continue,
+            };
+            for l in source.lag() {
+                self.metrics.set_lag(&l.source, l.partition, l.lag);
+                self.health.lag(&l.source, l.partition, l.lag);
+            }
+            let Some(records) = batch else { break };
+            if records.is_empty() {
+                continue;
+            }
+            let checkpoints = crate::source::checkpoints_of(&records);
+            let mut per_source: HashMap<&str, u64> = HashMap::new();
+            for r in &records {
+                *per_source.entry(r.origin.source.as_str()).or_default() += 1;
+            }
+            for (s, n) in per_source {
+                self.metrics.consumed(s, n);
+            }
+            let mut backoff = Duration::from_millis(100);
+            let report = loop {
+                match pipeline.process(records.clone()).await {
+                    Ok(r) => break r,
+                    Err(StoreError::Unavailable(e)) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "store unavailable; retrying the batch");
+                        self.health.beat();
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        if *shutdown.borrow() {
+                            return Ok(total);
+                        }
+                    }
+                    Err(StoreError::Fenced(e)) => {
+                        // Another writer moved an entity on (a rebalance race or a
+                        // redelivery): re-run the batch; it reloads the entities and
+                        // drops the events that are already stored.
+                        tracing::warn!(error = %e, "batch fenced; re-running it");
+                        self.health.beat();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => return Err(anyhow::Error::new(e).context("committing a batch")),
+                }
+            };
+            source
+                .commit(&checkpoints)
+                .await
+                .context("committing source offsets")?;
+            for c in &checkpoints {
+                self.metrics.progressed(&c.source, c.partition);
+                self.health.progressed(&c.source, c.partition);
+            }
+            for l in source.lag() {
+                self.metrics.set_lag(&l.source, l.partition, l.lag);
+                self.health.lag(&l.source, l.partition, l.lag);
+            }
+            on_batch(&report);
+            merge(&mut total, &report);
+        }
+        Ok(total)
+    }
+}
+
+fn merge(total: &mut BatchReport, r: &BatchReport) {
+    total.records += r.records;
+    total.stored += r.stored;
+    total.applied += r.applied;
+    total.duplicates += r.duplicates;
+    total.dead_lettered += r.dead_lettered;
+    total.held += r.held;
+    total.quarantined.extend(r.quarantined.iter().cloned());
+}

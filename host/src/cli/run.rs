@@ -1,0 +1,86 @@
+//! `refold run --config FILE`
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use crate::app::App;
+use crate::config::{Config, SourceKind};
+use crate::source::EventSource;
+use crate::source::jsonl::JsonlSource;
+
+/// Run until SIGINT/SIGTERM.
+pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
+    let config = Config::load(config_file)?;
+    let app = App::open(config.clone()).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let mut http_stop = stop_rx.clone();
+    if !config.http.listen.is_empty() {
+        let addr = crate::api::serve(app.clone(), &config.http.listen, async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        })
+        .await?;
+        tracing::info!(%addr, "HTTP API listening");
+        println!("refold: HTTP API on http://{addr}");
+    }
+    if let Some(dir) = &config.plugins.dir {
+        crate::reload::watch_dir(app.clone(), dir.clone(), stop_rx.clone())?;
+    }
+
+    let source: Box<dyn EventSource> = match config.source.kind {
+        SourceKind::Jsonl => {
+            let names = JsonlSource::source_names(&config.source.paths);
+            let mut cps = Vec::new();
+            for n in &names {
+                cps.extend(app.storage.checkpoints(n).await?);
+            }
+            Box::new(JsonlSource::new(
+                &config.source.paths,
+                &cps,
+                config.source.follow,
+                std::time::Duration::from_millis(config.source.linger_ms),
+            ))
+        }
+        SourceKind::Kafka => crate::source::open_kafka(&app).await?,
+    };
+
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let total = app
+        .consume(source, stop_rx.clone(), |r| {
+            tracing::debug!(records = r.records, applied = r.applied, "batch committed")
+        })
+        .await
+        .context("consuming")?;
+    tracing::info!(?total, "source finished");
+    // A finished (non-following) source keeps serving queries until stopped.
+    let mut rx = stop_rx;
+    let _ = rx.wait_for(|s| *s).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

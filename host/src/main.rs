@@ -1,0 +1,51 @@
+//! The `refold` binary: parse the command line and dispatch to the library.
+
+use clap::Parser as _;
+use refold::cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REFOLD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,refold=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("refold: starting the runtime: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Run { config } => refold::cli::run::run(config.as_deref()).await.map(|_| true),
+            Command::Demo {
+                examples,
+                generate,
+                json_out,
+            } => refold::cli::demo::demo(examples.as_deref(), generate, json_out.as_deref())
+                .await
+                .map(|_| true),
+            Command::Test {
+                plugin,
+                fixture_dir,
+                json,
+            } => refold::cli::testkit::test(&plugin, &fixture_dir, json).await,
+            Command::Inspect { file } => refold::cli::inspect::inspect(&file),
+        }
+    });
+    match result {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("refold: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

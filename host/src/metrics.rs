@@ -1,0 +1,227 @@
+//! Prometheus metrics of the engine. One `Metrics` per engine instance, with
+//! its own registry, rendered at `/metrics`.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder as _, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::runtime::sandbox::CallStats;
+
+/// All metrics of one engine.
+pub struct Metrics {
+    registry: Registry,
+    consumed: IntCounterVec,
+    applied: IntCounterVec,
+    dead_letters: IntCounterVec,
+    quarantined: IntCounterVec,
+    fold_seconds: Histogram,
+    lag: IntGaugeVec,
+    last_progress: GaugeVec,
+    plugin_memory: IntGaugeVec,
+    plugin_cpu: GaugeVec,
+    plugin_calls: IntGaugeVec,
+    swaps: IntCounterVec,
+    rebuilds: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+macro_rules! reg {
+    ($r:expr, $m:expr) => {{
+        let m = $m.expect("metric definition is valid");
+        $r.register(Box::new(m.clone()))
+            .expect("metric registered once");
+        m
+    }};
+}
+
+impl Metrics {
+    /// Fresh metrics with their own registry.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        Metrics {
+            consumed: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("refold_events_consumed_total", "Records read from sources"),
+                    &["source"]
+                )
+            ),
+            applied: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("refold_events_applied_total", "Events folded into states"),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            dead_letters: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "refold_dead_letters_total",
+                        "Records dead-lettered, by reason"
+                    ),
+                    &["reason"]
+                )
+            ),
+            quarantined: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("refold_quarantined_total", "Entities quarantined"),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            fold_seconds: reg!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "refold_fold_seconds",
+                        "Time to fold one batch (all entities)"
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0
+                    ])
+                )
+            ),
+            lag: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "refold_partition_lag",
+                        "Records (Kafka) or bytes (files) not yet consumed"
+                    ),
+                    &["source", "partition"]
+                )
+            ),
+            last_progress: reg!(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "refold_partition_last_progress_seconds",
+                        "Unix time of the last committed batch of a partition"
+                    ),
+                    &["source", "partition"]
+                )
+            ),
+            plugin_memory: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "refold_plugin_memory_peak_bytes",
+                        "Largest linear memory of a plugin instance"
+                    ),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            plugin_cpu: reg!(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "refold_plugin_cpu_seconds",
+                        "Time spent inside plugin calls"
+                    ),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            plugin_calls: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("refold_plugin_calls", "Guest calls made"),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            swaps: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("refold_plugin_swaps_total", "Plugin activations"),
+                    &["entity_type", "mode"]
+                )
+            ),
+            rebuilds: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("refold_rebuilds_total", "Rebuilds by outcome"),
+                    &["entity_type", "outcome"]
+                )
+            ),
+            registry: r,
+        }
+    }
+
+    /// Records read from a source.
+    pub fn consumed(&self, source: &str, n: u64) {
+        self.consumed.with_label_values(&[source]).inc_by(n);
+    }
+    /// Events applied.
+    pub fn applied(&self, entity_type: &str, version: &str, n: u64) {
+        self.applied
+            .with_label_values(&[entity_type, version])
+            .inc_by(n);
+    }
+    /// A dead letter.
+    pub fn dead_lettered(&self, reason: &str) {
+        self.dead_letters.with_label_values(&[reason]).inc();
+    }
+    /// A quarantine.
+    pub fn quarantined(&self, entity_type: &str, version: &str) {
+        self.quarantined
+            .with_label_values(&[entity_type, version])
+            .inc();
+    }
+    /// Fold time of a batch.
+    pub fn observe_fold(&self, d: Duration) {
+        self.fold_seconds.observe(d.as_secs_f64());
+    }
+    /// Lag of a partition.
+    pub fn set_lag(&self, source: &str, partition: i32, lag: i64) {
+        self.lag
+            .with_label_values(&[source, &partition.to_string()])
+            .set(lag);
+    }
+    /// A partition made progress now.
+    pub fn progressed(&self, source: &str, partition: i32) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.last_progress
+            .with_label_values(&[source, &partition.to_string()])
+            .set(now);
+    }
+    /// Sandbox counters (cumulative per sandbox).
+    pub fn sandbox(&self, entity_type: &str, version: &str, s: &CallStats) {
+        let l = [entity_type, version];
+        self.plugin_memory
+            .with_label_values(&l)
+            .set(s.peak_memory as i64);
+        self.plugin_cpu
+            .with_label_values(&l)
+            .set(s.busy.as_secs_f64());
+        self.plugin_calls.with_label_values(&l).set(s.calls as i64);
+    }
+    /// A plugin activation.
+    pub fn swapped(&self, entity_type: &str, mode: &str) {
+        self.swaps.with_label_values(&[entity_type, mode]).inc();
+    }
+    /// A rebuild ended.
+    pub fn rebuilt(&self, entity_type: &str, outcome: &str) {
+        self.rebuilds
+            .with_label_values(&[entity_type, outcome])
+            .inc();
+    }
+
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,72 @@
+//! Hot reload from a watched plugin directory: a debounced watcher feeds a
+//! channel; one task compiles, validates, then activates. A component that
+//! fails to load is refused with its reason and the active version stays.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use notify_debouncer_mini::{DebounceEventResult, new_debouncer, notify::RecursiveMode};
+use tokio::sync::{mpsc, watch};
+
+use crate::app::App;
+
+/// Watch `dir` for `.wasm` files until `stop` turns true. Files already
+/// there are loaded first.
+pub fn watch_dir(app: App, dir: PathBuf, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating plugin dir {}", dir.display()))?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
+    let debounce = Duration::from_millis(app.config.plugins.debounce_ms.max(10));
+    let tx2 = tx.clone();
+    let mut debouncer = new_debouncer(debounce, move |res: DebounceEventResult| {
+        if let Ok(events) = res {
+            for e in events {
+                let _ = tx2.send(e.path);
+            }
+        }
+    })
+    .context("creating the plugin dir watcher")?;
+    debouncer
+        .watcher()
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    let mut existing: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_wasm(p))
+        .collect();
+    existing.sort();
+    for p in existing {
+        let _ = tx.send(p);
+    }
+    tokio::spawn(async move {
+        // Keep the debouncer alive as long as this task runs.
+        let _debouncer = debouncer;
+        loop {
+            tokio::select! {
+                r = stop.changed() => {
+                    if r.is_err() || *stop.borrow() {
+                        break;
+                    }
+                }
+                p = rx.recv() => {
+                    let Some(p) = p else { break };
+                    if !is_wasm(&p) || !p.exists() {
+                        continue;
+                    }
+                    // Loads are serialized: this task handles one at a time.
+                    let app2 = app.clone();
+                    match crate::lifecycle::install_file(&app2, &p).await {
+                        Ok(msg) => tracing::info!(file = %p.display(), "{msg}"),
+                        Err(e) => tracing::error!(file = %p.display(), error = %format!("{e:#}"), "plugin refused; the active version keeps running"),
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+fn is_wasm(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "wasm")
+}

@@ -1,0 +1,307 @@
+//! The storage traits the pipeline is written against, and their shared types.
+//!
+//! Two implementations: [`sqlite`] (embedded, one machine) and [`cassandra`]
+//! (cluster). The pipeline computes one [`Commit`] per batch and hands it
+//! over whole, so each backend can make it as atomic as it is able to:
+//! SQLite in one transaction, Cassandra in one single-partition batch per
+//! entity (raw events + state together), fenced by position.
+
+pub mod sqlite;
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::event::EntityKey;
+
+/// Which plugin version produced a state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginRef {
+    /// Plugin name.
+    pub name: String,
+    /// Plugin version.
+    pub version: String,
+    /// sha256 of the component.
+    pub digest: String,
+}
+
+/// Where a record came from: source name, partition and offset.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Origin {
+    /// Source name (a file path, or a Kafka topic).
+    pub source: String,
+    /// Partition (file index, or Kafka partition).
+    pub partition: i32,
+    /// Offset within the partition (byte offset, or Kafka offset).
+    pub offset: i64,
+}
+
+/// A raw event as kept in the event store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// Its entity.
+    pub key: EntityKey,
+    /// Position in the entity's history, from 1.
+    pub position: u64,
+    /// CloudEvents `id`.
+    pub id: String,
+    /// CloudEvents `source`.
+    pub source: String,
+    /// CloudEvents `type`.
+    pub event_type: String,
+    /// CloudEvents `time`.
+    pub time: Option<String>,
+    /// CloudEvents `data`.
+    pub data: Value,
+    /// Where it was read from.
+    pub origin: Option<Origin>,
+}
+
+/// What the store knows about one entity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntityRecord {
+    /// The entity.
+    pub key: EntityKey,
+    /// Last good state; `None` before the first successful fold.
+    pub state: Option<Value>,
+    /// Position of the last event folded into `state`.
+    pub position: u64,
+    /// Position of the last event stored (>= `position`; greater while
+    /// quarantined: the events in between are held).
+    pub head: u64,
+    /// The plugin version that produced `state`.
+    pub plugin: Option<PluginRef>,
+    /// Whether the entity is quarantined.
+    pub quarantined: bool,
+}
+
+impl EntityRecord {
+    /// A record for an entity the store has never seen.
+    pub fn new(key: EntityKey) -> Self {
+        EntityRecord {
+            key,
+            state: None,
+            position: 0,
+            head: 0,
+            plugin: None,
+            quarantined: false,
+        }
+    }
+}
+
+/// A dead letter: input that could not become an event, with its reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Stable id (derived from the origin, so re-reading after a crash does
+    /// not duplicate it).
+    pub id: String,
+    /// Machine-readable reason.
+    pub code: String,
+    /// Human-readable reason.
+    pub reason: String,
+    /// The record as received (lossy UTF-8).
+    pub payload: String,
+    /// Where it came from.
+    pub origin: Option<Origin>,
+    /// Event id, if one could be read.
+    pub event_id: Option<String>,
+    /// Entity type, if one could be read.
+    pub entity_type: Option<String>,
+    /// When it was recorded (RFC 3339).
+    pub recorded_at: String,
+}
+
+/// Why an entity is quarantined.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuarantineRecord {
+    /// The entity.
+    pub key: EntityKey,
+    /// The event that failed.
+    pub event_id: String,
+    /// Its position.
+    pub event_position: u64,
+    /// Kind of failure (`panic`, `deadline`, `memory`, `plugin_error`, ...).
+    pub kind: String,
+    /// The error, with the panic message when there was one.
+    pub error: String,
+    /// The plugin version that failed.
+    pub plugin: PluginRef,
+    /// When it was recorded (RFC 3339).
+    pub recorded_at: String,
+}
+
+/// The new state of one entity after a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntityUpdate {
+    /// The entity.
+    pub key: EntityKey,
+    /// Its last good state (unchanged when nothing was applied).
+    pub state: Value,
+    /// Position of the last applied event.
+    pub position: u64,
+    /// Position of the last stored event.
+    pub head: u64,
+    /// `head` before this batch: the write is fenced on it, so a stale
+    /// writer cannot overwrite a newer state.
+    pub expected_head: u64,
+    /// The plugin version that produced `state`.
+    pub plugin: Option<PluginRef>,
+    /// Whether the entity is (now) quarantined.
+    pub quarantined: bool,
+}
+
+/// A read-model operation, resolved to JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProjectionWrite {
+    /// Insert or replace a document.
+    Upsert {
+        /// Projection name.
+        projection: String,
+        /// Document key.
+        key: String,
+        /// Document body.
+        body: Value,
+    },
+    /// Delete a document.
+    Delete {
+        /// Projection name.
+        projection: String,
+        /// Document key.
+        key: String,
+    },
+}
+
+/// How far a source partition has been consumed: the next offset to read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Source name.
+    pub source: String,
+    /// Partition.
+    pub partition: i32,
+    /// Next offset to read.
+    pub offset: i64,
+}
+
+/// Everything one batch changes. Applied whole by [`Storage::commit`].
+#[derive(Debug, Default, Clone)]
+pub struct Commit {
+    /// New raw events, deduplicated and positioned.
+    pub events: Vec<StoredEvent>,
+    /// New entity states.
+    pub entities: Vec<EntityUpdate>,
+    /// Read-model writes, in order.
+    pub projections: Vec<ProjectionWrite>,
+    /// New dead letters.
+    pub dead_letters: Vec<DeadLetter>,
+    /// New quarantine records.
+    pub quarantines: Vec<QuarantineRecord>,
+    /// Source positions reached by this batch.
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+/// Failure of a storage operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot be reached or timed out: retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A fenced write lost: another writer is ahead of us for this entity.
+    #[error("write fenced: {0}")]
+    Fenced(String),
+    /// Anything else.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Raw events: append-only, idempotent by event id, read per entity.
+#[async_trait]
+pub trait EventStore: Send + Sync {
+    /// Of these (entity, event id) pairs, the ids already stored.
+    async fn known_ids(&self, ids: &[(EntityKey, String)]) -> anyhow::Result<HashSet<String>>;
+    /// An entity's events with `after < position <= upto`, in order.
+    async fn history(
+        &self,
+        key: &EntityKey,
+        after: u64,
+        upto: Option<u64>,
+    ) -> anyhow::Result<Vec<StoredEvent>>;
+    /// Ids of all entities of a type that have events.
+    async fn entity_ids(&self, entity_type: &str) -> anyhow::Result<Vec<String>>;
+}
+
+/// Entity states, projections, dead letters, quarantine and checkpoints.
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// Records for these entities (absent ones are omitted).
+    async fn load(&self, keys: &[EntityKey]) -> anyhow::Result<HashMap<EntityKey, EntityRecord>>;
+    /// One document of a projection.
+    async fn projection(&self, name: &str, key: &str) -> anyhow::Result<Option<Value>>;
+    /// Dead letters, oldest first, after `after` (an id) up to `limit`.
+    async fn dead_letters(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>>;
+    /// Remove a dead letter (after it was re-submitted).
+    async fn remove_dead_letter(&self, id: &str) -> anyhow::Result<bool>;
+    /// All quarantine records.
+    async fn quarantined(&self) -> anyhow::Result<Vec<QuarantineRecord>>;
+    /// Lift a quarantine: the record is removed and the entity flagged free.
+    async fn release(&self, key: &EntityKey) -> anyhow::Result<()>;
+    /// Checkpoints recorded for a source.
+    async fn checkpoints(&self, source: &str) -> anyhow::Result<Vec<Checkpoint>>;
+}
+
+/// A complete backend: both stores plus the atomic batch commit.
+#[async_trait]
+pub trait Storage: EventStore + StateStore {
+    /// Apply a batch: raw events, states (fenced by `expected_head`),
+    /// quarantines, projections, dead letters, then checkpoints. When this
+    /// returns `Ok`, all of it is durable.
+    async fn commit(&self, commit: Commit) -> Result<(), StoreError>;
+}
+
+/// Current time as RFC 3339 (UTC, seconds).
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_dates() {
+        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
+        assert_eq!(super::civil_from_days(20_454), (2026, 1, 1));
+    }
+}
+
+/// Open the Cassandra storage.
+pub async fn open_cassandra(
+    _config: &crate::config::CassandraConfig,
+) -> anyhow::Result<std::sync::Arc<dyn Storage>> {
+    anyhow::bail!("the Cassandra store is not available in this build")
+}

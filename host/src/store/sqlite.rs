@@ -1,0 +1,621 @@
+//! The embedded backend: one SQLite file in WAL mode.
+//!
+//! A batch commits in one transaction, so raw events, states, projections,
+//! dead letters and the source checkpoint advance together: after a crash
+//! the pipeline re-reads from the checkpoint and finds exactly what it left.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+
+use super::{
+    Checkpoint, Commit, DeadLetter, EntityRecord, EventStore, PluginRef, ProjectionWrite,
+    QuarantineRecord, StateStore, Storage, StoreError, StoredEvent,
+};
+use crate::event::EntityKey;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS events (
+    entity_type TEXT NOT NULL,
+    entity_id   TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    event_id    TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    event_type  TEXT NOT NULL,
+    time        TEXT,
+    data        TEXT NOT NULL,
+    origin      TEXT,
+    PRIMARY KEY (entity_type, entity_id, position)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (entity_type, entity_id, event_id);
+CREATE TABLE IF NOT EXISTS entities (
+    entity_type    TEXT NOT NULL,
+    entity_id      TEXT NOT NULL,
+    state          TEXT,
+    position       INTEGER NOT NULL,
+    head           INTEGER NOT NULL,
+    plugin_name    TEXT,
+    plugin_version TEXT,
+    plugin_digest  TEXT,
+    quarantined    INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (entity_type, entity_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS projections (
+    projection TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    body       TEXT NOT NULL,
+    PRIMARY KEY (projection, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT NOT NULL UNIQUE,
+    code        TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    origin      TEXT,
+    event_id    TEXT,
+    entity_type TEXT,
+    recorded_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    entity_type    TEXT NOT NULL,
+    entity_id      TEXT NOT NULL,
+    event_id       TEXT NOT NULL,
+    event_position INTEGER NOT NULL,
+    kind           TEXT NOT NULL,
+    error          TEXT NOT NULL,
+    plugin_name    TEXT NOT NULL,
+    plugin_version TEXT NOT NULL,
+    plugin_digest  TEXT NOT NULL,
+    recorded_at    TEXT NOT NULL,
+    PRIMARY KEY (entity_type, entity_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    source    TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    offset    INTEGER NOT NULL,
+    PRIMARY KEY (source, partition)
+) WITHOUT ROWID;
+"#;
+
+/// SQLite-backed [`Storage`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    /// Open (or create) the database at `path`.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let writer =
+            Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a commit that returned is on disk, even across power loss.
+        writer.pragma_update(None, "synchronous", "FULL")?;
+        writer.busy_timeout(std::time::Duration::from_secs(10))?;
+        writer
+            .execute_batch(SCHEMA)
+            .context("creating the schema")?;
+        let reader = Connection::open(path)?;
+        reader.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(SqliteStore {
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    /// Open an in-memory store (for unit tests of code above the store).
+    pub fn in_memory() -> anyhow::Result<Self> {
+        // A shared-cache in-memory db so that reader and writer see the same data.
+        let name = format!(
+            "file:refold-mem-{}?mode=memory&cache=shared",
+            rand::random::<u64>()
+        );
+        let flags = rusqlite::OpenFlags::default() | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        let writer = Connection::open_with_flags(&name, flags)?;
+        writer.execute_batch(SCHEMA)?;
+        let reader = Connection::open_with_flags(&name, flags)?;
+        Ok(SqliteStore {
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let conn = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = conn
+                .lock()
+                .map_err(|_| anyhow::anyhow!("sqlite reader poisoned"))?;
+            f(&c).map_err(anyhow::Error::from)
+        })
+        .await
+        .context("sqlite reader task")?
+    }
+}
+
+fn plugin_ref(
+    name: Option<String>,
+    version: Option<String>,
+    digest: Option<String>,
+) -> Option<PluginRef> {
+    Some(PluginRef {
+        name: name?,
+        version: version?,
+        digest: digest?,
+    })
+}
+
+fn json_col(s: String) -> Value {
+    serde_json::from_str(&s).unwrap_or(Value::Null)
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn known_ids(&self, ids: &[(EntityKey, String)]) -> anyhow::Result<HashSet<String>> {
+        let ids = ids.to_vec();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT 1 FROM events WHERE entity_type = ?1 AND entity_id = ?2 AND event_id = ?3",
+            )?;
+            let mut known = HashSet::new();
+            for (k, id) in &ids {
+                if st.exists(params![k.entity_type, k.entity_id, id])? {
+                    known.insert(id.clone());
+                }
+            }
+            Ok(known)
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        key: &EntityKey,
+        after: u64,
+        upto: Option<u64>,
+    ) -> anyhow::Result<Vec<StoredEvent>> {
+        let key = key.clone();
+        let upto = upto.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT position, event_id, source, event_type, time, data, origin FROM events
+                 WHERE entity_type = ?1 AND entity_id = ?2 AND position > ?3 AND position <= ?4
+                 ORDER BY position",
+            )?;
+            let rows = st.query_map(
+                params![key.entity_type, key.entity_id, after as i64, upto],
+                |r| {
+                    Ok(StoredEvent {
+                        key: key.clone(),
+                        position: r.get::<_, i64>(0)? as u64,
+                        id: r.get(1)?,
+                        source: r.get(2)?,
+                        event_type: r.get(3)?,
+                        time: r.get(4)?,
+                        data: json_col(r.get(5)?),
+                        origin: r
+                            .get::<_, Option<String>>(6)?
+                            .and_then(|s| serde_json::from_str(&s).ok()),
+                    })
+                },
+            )?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn entity_ids(&self, entity_type: &str) -> anyhow::Result<Vec<String>> {
+        let t = entity_type.to_string();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT DISTINCT entity_id FROM events WHERE entity_type = ?1 ORDER BY entity_id",
+            )?;
+            let rows = st.query_map(params![t], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl StateStore for SqliteStore {
+    async fn load(&self, keys: &[EntityKey]) -> anyhow::Result<HashMap<EntityKey, EntityRecord>> {
+        let keys = keys.to_vec();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT state, position, head, plugin_name, plugin_version, plugin_digest, quarantined
+                 FROM entities WHERE entity_type = ?1 AND entity_id = ?2",
+            )?;
+            let mut out = HashMap::new();
+            for k in keys {
+                let rec = st
+                    .query_row(params![k.entity_type, k.entity_id], |r| {
+                        Ok(EntityRecord {
+                            key: k.clone(),
+                            state: r.get::<_, Option<String>>(0)?.map(json_col),
+                            position: r.get::<_, i64>(1)? as u64,
+                            head: r.get::<_, i64>(2)? as u64,
+                            plugin: plugin_ref(r.get(3)?, r.get(4)?, r.get(5)?),
+                            quarantined: r.get::<_, i64>(6)? != 0,
+                        })
+                    })
+                    .optional()?;
+                if let Some(rec) = rec {
+                    out.insert(k, rec);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn projection(&self, name: &str, key: &str) -> anyhow::Result<Option<Value>> {
+        let (n, k) = (name.to_string(), key.to_string());
+        self.read(move |c| {
+            c.query_row(
+                "SELECT body FROM projections WHERE projection = ?1 AND key = ?2",
+                params![n, k],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map(|o| o.map(json_col))
+        })
+        .await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, code, reason, payload, origin, event_id, entity_type, recorded_at
+                 FROM dead_letters ORDER BY seq LIMIT ?1",
+            )?;
+            let rows = st.query_map(params![limit as i64], |r| {
+                Ok(DeadLetter {
+                    id: r.get(0)?,
+                    code: r.get(1)?,
+                    reason: r.get(2)?,
+                    payload: r.get(3)?,
+                    origin: r
+                        .get::<_, Option<String>>(4)?
+                        .and_then(|s| serde_json::from_str(&s).ok()),
+                    event_id: r.get(5)?,
+                    entity_type: r.get(6)?,
+                    recorded_at: r.get(7)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn remove_dead_letter(&self, id: &str) -> anyhow::Result<bool> {
+        let id = id.to_string();
+        let w = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = w
+                .lock()
+                .map_err(|_| anyhow::anyhow!("sqlite writer poisoned"))?;
+            Ok(c.execute("DELETE FROM dead_letters WHERE id = ?1", params![id])? > 0)
+        })
+        .await?
+    }
+
+    async fn quarantined(&self) -> anyhow::Result<Vec<QuarantineRecord>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT entity_type, entity_id, event_id, event_position, kind, error,
+                        plugin_name, plugin_version, plugin_digest, recorded_at
+                 FROM quarantine ORDER BY recorded_at, entity_type, entity_id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(QuarantineRecord {
+                    key: EntityKey::new(r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                    event_id: r.get(2)?,
+                    event_position: r.get::<_, i64>(3)? as u64,
+                    kind: r.get(4)?,
+                    error: r.get(5)?,
+                    plugin: PluginRef {
+                        name: r.get(6)?,
+                        version: r.get(7)?,
+                        digest: r.get(8)?,
+                    },
+                    recorded_at: r.get(9)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn release(&self, key: &EntityKey) -> anyhow::Result<()> {
+        let key = key.clone();
+        let w = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = w
+                .lock()
+                .map_err(|_| anyhow::anyhow!("sqlite writer poisoned"))?;
+            let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM quarantine WHERE entity_type = ?1 AND entity_id = ?2",
+                params![key.entity_type, key.entity_id],
+            )?;
+            tx.execute(
+                "UPDATE entities SET quarantined = 0 WHERE entity_type = ?1 AND entity_id = ?2",
+                params![key.entity_type, key.entity_id],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await?
+    }
+
+    async fn checkpoints(&self, source: &str) -> anyhow::Result<Vec<Checkpoint>> {
+        let s = source.to_string();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT partition, offset FROM checkpoints WHERE source = ?1 ORDER BY partition",
+            )?;
+            let rows = st.query_map(params![s], |r| {
+                Ok(Checkpoint {
+                    source: s.clone(),
+                    partition: r.get(0)?,
+                    offset: r.get(1)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Storage for SqliteStore {
+    async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+        let w = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = w
+                .lock()
+                .map_err(|_| StoreError::Other(anyhow::anyhow!("sqlite writer poisoned")))?;
+            write_commit(&mut c, &commit)
+        })
+        .await
+        .map_err(|e| StoreError::Other(anyhow::anyhow!("sqlite writer task: {e}")))?
+    }
+}
+
+fn write_commit(c: &mut Connection, commit: &Commit) -> Result<(), StoreError> {
+    let other =
+        |e: rusqlite::Error| StoreError::Other(anyhow::Error::from(e).context("sqlite commit"));
+    let tx = c.transaction().map_err(other)?;
+    {
+        let mut ins = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO events (entity_type, entity_id, position, event_id, source, event_type, time, data, origin)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .map_err(other)?;
+        for e in &commit.events {
+            ins.execute(params![
+                e.key.entity_type,
+                e.key.entity_id,
+                e.position as i64,
+                e.id,
+                e.source,
+                e.event_type,
+                e.time,
+                e.data.to_string(),
+                e.origin
+                    .as_ref()
+                    .map(|o| serde_json::to_string(o).unwrap_or_default()),
+            ])
+            .map_err(other)?;
+        }
+        let mut upd = tx
+            .prepare_cached(
+                "UPDATE entities SET state = ?3, position = ?4, head = ?5, plugin_name = ?6, plugin_version = ?7,
+                        plugin_digest = ?8, quarantined = ?9
+                 WHERE entity_type = ?1 AND entity_id = ?2 AND head = ?10",
+            )
+            .map_err(other)?;
+        let mut ins_ent = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO entities (entity_type, entity_id, state, position, head, plugin_name, plugin_version, plugin_digest, quarantined)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .map_err(other)?;
+        for u in &commit.entities {
+            let p = u.plugin.as_ref();
+            let state = u.state.to_string();
+            let args = params![
+                u.key.entity_type,
+                u.key.entity_id,
+                state,
+                u.position as i64,
+                u.head as i64,
+                p.map(|p| &p.name),
+                p.map(|p| &p.version),
+                p.map(|p| &p.digest),
+                u.quarantined as i64,
+            ];
+            let changed = if u.expected_head == 0 {
+                ins_ent.execute(args).map_err(other)?
+            } else {
+                upd.execute(params![
+                    u.key.entity_type,
+                    u.key.entity_id,
+                    state,
+                    u.position as i64,
+                    u.head as i64,
+                    p.map(|p| &p.name),
+                    p.map(|p| &p.version),
+                    p.map(|p| &p.digest),
+                    u.quarantined as i64,
+                    u.expected_head as i64,
+                ])
+                .map_err(other)?
+            };
+            if changed != 1 {
+                // Dropping `tx` rolls everything back.
+                return Err(StoreError::Fenced(format!(
+                    "{} moved past head {} under us",
+                    u.key, u.expected_head
+                )));
+            }
+        }
+        let mut q = tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO quarantine (entity_type, entity_id, event_id, event_position, kind, error, plugin_name, plugin_version, plugin_digest, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .map_err(other)?;
+        for r in &commit.quarantines {
+            q.execute(params![
+                r.key.entity_type,
+                r.key.entity_id,
+                r.event_id,
+                r.event_position as i64,
+                r.kind,
+                r.error,
+                r.plugin.name,
+                r.plugin.version,
+                r.plugin.digest,
+                r.recorded_at,
+            ])
+            .map_err(other)?;
+        }
+        let mut up = tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO projections (projection, key, body) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(other)?;
+        let mut del = tx
+            .prepare_cached("DELETE FROM projections WHERE projection = ?1 AND key = ?2")
+            .map_err(other)?;
+        for p in &commit.projections {
+            match p {
+                ProjectionWrite::Upsert {
+                    projection,
+                    key,
+                    body,
+                } => {
+                    up.execute(params![projection, key, body.to_string()])
+                        .map_err(other)?;
+                }
+                ProjectionWrite::Delete { projection, key } => {
+                    del.execute(params![projection, key]).map_err(other)?;
+                }
+            }
+        }
+        let mut dl = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO dead_letters (id, code, reason, payload, origin, event_id, entity_type, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(other)?;
+        for d in &commit.dead_letters {
+            dl.execute(params![
+                d.id,
+                d.code,
+                d.reason,
+                d.payload,
+                d.origin
+                    .as_ref()
+                    .map(|o| serde_json::to_string(o).unwrap_or_default()),
+                d.event_id,
+                d.entity_type,
+                d.recorded_at,
+            ])
+            .map_err(other)?;
+        }
+        let mut cp = tx
+            .prepare_cached("INSERT OR REPLACE INTO checkpoints (source, partition, offset) VALUES (?1, ?2, ?3)")
+            .map_err(other)?;
+        for k in &commit.checkpoints {
+            cp.execute(params![k.source, k.partition, k.offset])
+                .map_err(other)?;
+        }
+    }
+    tx.commit().map_err(other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(key: &EntityKey, pos: u64, id: &str) -> StoredEvent {
+        StoredEvent {
+            key: key.clone(),
+            position: pos,
+            id: id.into(),
+            source: "/t".into(),
+            event_type: "t".into(),
+            time: None,
+            data: json!({"n": pos}),
+            origin: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn commit_is_atomic_and_fenced() {
+        let s = SqliteStore::in_memory().unwrap();
+        let k = EntityKey::new("account", "a1");
+        let update = |head, expected| super::super::EntityUpdate {
+            key: k.clone(),
+            state: json!({"head": head}),
+            position: head,
+            head,
+            expected_head: expected,
+            plugin: None,
+            quarantined: false,
+        };
+        let c1 = Commit {
+            events: vec![ev(&k, 1, "e1"), ev(&k, 2, "e2")],
+            entities: vec![update(2, 0)],
+            checkpoints: vec![Checkpoint {
+                source: "f".into(),
+                partition: 0,
+                offset: 10,
+            }],
+            ..Default::default()
+        };
+        s.commit(c1).await.unwrap();
+        assert_eq!(s.load(&[k.clone()]).await.unwrap()[&k].head, 2);
+        assert_eq!(
+            s.known_ids(&[(k.clone(), "e1".into()), (k.clone(), "zz".into())])
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+
+        // A stale writer (expects head 0 again) is fenced and changes nothing.
+        let stale = Commit {
+            events: vec![ev(&k, 3, "e3")],
+            entities: vec![update(3, 1)],
+            checkpoints: vec![Checkpoint {
+                source: "f".into(),
+                partition: 0,
+                offset: 99,
+            }],
+            ..Default::default()
+        };
+        assert!(matches!(s.commit(stale).await, Err(StoreError::Fenced(_))));
+        assert_eq!(s.history(&k, 0, None).await.unwrap().len(), 2);
+        assert_eq!(s.checkpoints("f").await.unwrap()[0].offset, 10);
+        assert_eq!(s.history(&k, 1, Some(1)).await.unwrap().len(), 0);
+    }
+}

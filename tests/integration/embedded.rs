@@ -1,0 +1,327 @@
+//! Embedded mode end to end: quick start, plugin testing, inspection, the
+//! query API over a followed file, and crash safety.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+#[test]
+fn demo_prints_the_example_states() {
+    let (code, out, err) = refold(&["demo"], &root());
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("account") && out.contains("order"), "{out}");
+    assert!(
+        out.contains("dead letters") && out.contains("quarantined"),
+        "{out}"
+    );
+}
+
+#[test]
+fn example_fixtures_pass_refold_test() {
+    for (plugin, dir) in [
+        ("examples/bank/bank.wasm", "examples/bank"),
+        ("examples/orders/orders.wasm", "examples/orders"),
+    ] {
+        let (code, out, err) = refold(&["test", "--plugin", plugin, dir, "--json"], &root());
+        assert_eq!(code, 0, "{dir}: stdout:\n{out}\nstderr:\n{err}");
+        let v: Value = serde_json::from_str(&out).expect("--json prints one JSON object");
+        assert_eq!(v["mismatches"], 0, "{v}");
+        assert!(v["entities_checked"].as_u64().unwrap() >= 5, "{v}");
+        assert!(
+            v["dead_letters"].as_u64().unwrap() >= 4,
+            "fixtures carry malformed lines: {v}"
+        );
+        assert_eq!(
+            v["quarantined"].as_array().unwrap().len(),
+            1,
+            "one poison event: {v}"
+        );
+        assert!(v["duplicates"].as_u64().unwrap() >= 1, "{v}");
+        assert_eq!(v["deterministic"], true);
+    }
+}
+
+#[test]
+fn the_committed_example_components_are_reproducible_from_source() {
+    for name in ["bank", "orders"] {
+        let built = std::fs::read(component(name)).unwrap();
+        let committed = std::fs::read(root().join(format!("examples/{name}/{name}.wasm"))).unwrap();
+        assert!(
+            built == committed,
+            "examples/{name}/{name}.wasm differs from a build of plugins/{name}: run plugins/build.sh --examples"
+        );
+    }
+}
+
+#[test]
+fn refold_test_reports_a_mismatch_with_a_readable_diff() {
+    let dir = tempdir();
+    std::fs::copy(
+        root().join("examples/bank/events.jsonl"),
+        dir.path().join("events.jsonl"),
+    )
+    .unwrap();
+    let expected = std::fs::read_to_string(root().join("examples/bank/expected.jsonl")).unwrap();
+    let mut lines: Vec<Value> = expected
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let victim = lines
+        .iter()
+        .position(|l| l["state"]["balance"].as_i64().is_some())
+        .unwrap();
+    let old = lines[victim]["state"]["balance"].as_i64().unwrap();
+    lines[victim]["state"]["balance"] = json!(old + 1);
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(dir.path().join("expected.jsonl"), text.join("\n")).unwrap();
+    let plugin = root().join("examples/bank/bank.wasm");
+    let (code, out, _) = refold(
+        &[
+            "test",
+            "--plugin",
+            plugin.to_str().unwrap(),
+            dir.path().to_str().unwrap(),
+        ],
+        &root(),
+    );
+    assert_ne!(code, 0, "a mismatch must fail: {out}");
+    assert!(
+        out.contains(&format!("$.balance: expected {}, got {old}", old + 1)),
+        "{out}"
+    );
+    let (code, out, _) = refold(
+        &[
+            "test",
+            "--plugin",
+            plugin.to_str().unwrap(),
+            dir.path().to_str().unwrap(),
+            "--json",
+        ],
+        &root(),
+    );
+    assert_ne!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["mismatches"], 1, "{v}");
+}
+
+#[test]
+fn inspect_tells_what_a_component_is() {
+    let (code, out, _) = refold(&["inspect", "examples/bank/bank.wasm"], &root());
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["matches_world"], true);
+    assert_eq!(v["describe"]["entity_type"], "account");
+    assert_eq!(v["describe"]["name"], "bank");
+    assert!(v["digest"].as_str().unwrap().starts_with("sha256:"));
+
+    let dir = tempdir();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm\x01\0\0\0").unwrap(); // a core module, not a component
+    let (code, out, _) = refold(&["inspect", junk.to_str().unwrap()], &root());
+    assert_eq!(code, 1, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["matches_world"], false);
+}
+
+/// Bank semantics, as the reference the engine's results are checked against.
+fn reference_bank(events: &[(String, String, Value)]) -> BTreeMap<String, Value> {
+    let mut out: BTreeMap<String, Value> = BTreeMap::new();
+    for (id, ty, data) in events {
+        let s = out.entry(id.clone()).or_insert_with(
+            || json!({"owner": null, "balance": 0, "transactions": 0, "open": false}),
+        );
+        match ty.as_str() {
+            "account.opened" => {
+                s["owner"] = data["owner"].clone();
+                s["open"] = json!(true);
+            }
+            "account.deposited" => {
+                s["balance"] =
+                    json!(s["balance"].as_i64().unwrap() + data["amount"].as_i64().unwrap());
+                s["transactions"] = json!(s["transactions"].as_i64().unwrap() + 1);
+            }
+            "account.withdrawn" => {
+                s["balance"] =
+                    json!(s["balance"].as_i64().unwrap() - data["amount"].as_i64().unwrap());
+                s["transactions"] = json!(s["transactions"].as_i64().unwrap() + 1);
+            }
+            "account.closed" => s["open"] = json!(false),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `n` bank events over `accounts` accounts, with some exact duplicates.
+pub fn generated_bank(
+    n: usize,
+    accounts: usize,
+    seed: u64,
+) -> (Vec<String>, BTreeMap<String, Value>) {
+    let mut lines = Vec::new();
+    let mut applied = Vec::new();
+    let mut x = seed;
+    for i in 0..n {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let acc = format!(
+            "c-{}",
+            if i < accounts {
+                i
+            } else {
+                (x >> 33) as usize % accounts
+            }
+        );
+        let (ty, data) = if i < accounts {
+            ("account.opened", json!({"owner": format!("o-{i}")}))
+        } else if (x >> 20) % 3 == 0 {
+            ("account.withdrawn", json!({"amount": (x >> 40) % 500}))
+        } else {
+            ("account.deposited", json!({"amount": (x >> 40) % 1000}))
+        };
+        let line = ce(&format!("e-{i}"), "account", &acc, ty, data.clone());
+        lines.push(line.clone());
+        applied.push((acc, ty.to_string(), data));
+        if i % 97 == 0 {
+            lines.push(line); // an exact duplicate: must be applied once
+        }
+    }
+    (lines, reference_bank(&applied))
+}
+
+#[test]
+fn run_serves_states_history_projections_dead_letters_and_follows_the_file() {
+    let dir = tempdir();
+    let events = dir.path().join("events.jsonl");
+    append(&events, &[
+        ce("a1", "account", "acc-1", "account.opened", json!({"owner": "ann"})),
+        ce("a2", "account", "acc-1", "account.deposited", json!({"amount": 1500})),
+        ce("a2", "account", "acc-1", "account.deposited", json!({"amount": 1500})),
+        "{this is not json".to_string(),
+        ce("u1", "ledger", "l-1", "ledger.posted", json!({})),
+        json!({"specversion":"1.0","id":"m1","type":"account.deposited","entitytype":"account","data":{}}).to_string(),
+    ]);
+    let cfg = embedded_config(
+        dir.path(),
+        &[events.clone()],
+        &[root().join("examples/bank/bank.wasm")],
+        "",
+    );
+    let host = Host::start(&cfg, dir.path(), &[]);
+    let s = wait_for(Duration::from_secs(30), "acc-1 at position 2", || {
+        let (c, v) = host.get("/v1/entities/account/acc-1");
+        (c == 200 && v["position"] == 2).then_some(v)
+    });
+    assert_eq!(
+        s["state"],
+        json!({"owner": "ann", "balance": 1500, "transactions": 1, "open": true})
+    );
+    assert_eq!(s["plugin"]["name"], "bank");
+    assert_eq!(s["plugin"]["version"], "1.0.0");
+    assert_eq!(s["plugin"]["digest"].as_str().unwrap().len(), 64);
+
+    // The file grows: the host follows it.
+    append(
+        &events,
+        &[ce(
+            "a3",
+            "account",
+            "acc-1",
+            "account.withdrawn",
+            json!({"amount": 500}),
+        )],
+    );
+    let s = wait_for(Duration::from_secs(30), "acc-1 at position 3", || {
+        let (c, v) = host.get("/v1/entities/account/acc-1");
+        (c == 200 && v["position"] == 3).then_some(v)
+    });
+    assert_eq!(s["state"]["balance"], 1000);
+
+    // Point in time: folded from the stored raw events.
+    let (c, past) = host.get("/v1/entities/account/acc-1?at=1");
+    assert_eq!(c, 200, "{past}");
+    assert_eq!(past["position"], 1);
+    assert_eq!(
+        past["state"],
+        json!({"owner": "ann", "balance": 0, "transactions": 0, "open": true})
+    );
+    let (_, past2) = host.get("/v1/entities/account/acc-1?at=2");
+    assert_eq!(past2["state"]["balance"], 1500);
+
+    let (c, doc) = host.get("/v1/projections/balances/ann");
+    assert_eq!(c, 200, "{doc}");
+    assert_eq!(doc["document"]["balance"], 1000);
+
+    let (_, dl) = host.get("/v1/dead-letters");
+    let codes: Vec<&str> = dl["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(dl["count"], 3, "{dl}");
+    assert!(
+        codes.contains(&"malformed_json")
+            && codes.contains(&"unknown_entity_type")
+            && codes.contains(&"missing_attribute"),
+        "{dl}"
+    );
+    let missing = dl["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["code"] == "missing_attribute")
+        .unwrap();
+    assert!(
+        missing["reason"].as_str().unwrap().contains("subject"),
+        "{missing}"
+    );
+    assert!(
+        missing["payload"].as_str().unwrap().contains("\"m1\""),
+        "the record is kept: {missing}"
+    );
+
+    let (c, _) = host.get("/v1/entities/account/nobody");
+    assert_eq!(c, 404);
+    let (c, h) = host.get("/healthz");
+    assert_eq!(c, 200, "{h}");
+}
+
+#[test]
+fn sigkill_in_the_middle_loses_nothing_and_applies_nothing_twice() {
+    let dir = tempdir();
+    let events = dir.path().join("events.jsonl");
+    let (lines, expected) = generated_bank(20_000, 150, 7);
+    append(&events, &lines);
+    let cfg = embedded_config(
+        dir.path(),
+        &[events],
+        &[root().join("examples/bank/bank.wasm")],
+        "",
+    );
+    let mut rng = 12345u64;
+    for round in 0..4 {
+        let mut host = Host::start(&cfg, dir.path(), &[]);
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1);
+        std::thread::sleep(Duration::from_millis(150 + (rng >> 33) % 700));
+        host.kill();
+        eprintln!("crash round {round}: killed");
+    }
+    let host = Host::start(&cfg, dir.path(), &[]);
+    for (id, want) in &expected {
+        let path = format!("/v1/entities/account/{id}");
+        let got = wait_for(Duration::from_secs(120), &path, || {
+            let (c, v) = host.get(&path);
+            (c == 200 && v["state"] == *want).then_some(v)
+        });
+        assert_eq!(got["quarantined"], false);
+    }
+    // Each event stored once: the head of every entity equals its number of distinct events.
+    let (_, dl) = host.get("/v1/dead-letters");
+    assert_eq!(dl["count"], 0, "{dl}");
+}

@@ -1,0 +1,7 @@
+//! Black-box integration tests: they drive the `refold` binary and its HTTP
+//! API, with fixtures from `examples/` and guest components built from
+//! `plugins/` during the run.
+
+mod common;
+mod embedded;
+mod sandbox;
