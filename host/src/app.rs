@@ -16,7 +16,8 @@ use crate::registry::Registry;
 use crate::runtime::{Engine, Plugin};
 use crate::source::EventSource;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Storage, StoreError};
+use crate::lifecycle::RebuildStatus;
+use crate::store::{PluginStore, Storage, StoreError};
 
 /// Progress of one partition, for `/healthz`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -122,20 +123,41 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Liveness.
     pub health: Arc<Health>,
+    /// The plugin registry's persistence.
+    pub plugin_store: Arc<dyn PluginStore>,
+    /// Compiled plugin versions by digest.
+    pub compiled: Arc<Mutex<HashMap<String, Arc<Plugin>>>>,
+    /// Rebuilds by id.
+    pub rebuilds: Arc<Mutex<HashMap<String, RebuildStatus>>>,
+    /// Held by the consume loop for each batch, and by anything that must
+    /// land between two batches (swaps, retries, re-submissions).
+    pub gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl App {
     /// Open the configured storage and load the configured plugin files.
     pub async fn open(config: Config) -> anyhow::Result<App> {
-        let storage: Arc<dyn Storage> = match config.store.kind {
-            StoreKind::Sqlite => Arc::new(SqliteStore::open(&config.store.path)?),
-            StoreKind::Cassandra => crate::store::open_cassandra(&config.cassandra).await?,
+        let (storage, plugin_store): (Arc<dyn Storage>, Arc<dyn PluginStore>) = match config.store.kind {
+            StoreKind::Sqlite => {
+                let s = Arc::new(SqliteStore::open(&config.store.path)?);
+                (s.clone(), s)
+            }
+            StoreKind::Cassandra => {
+                let s = crate::store::open_cassandra(&config.cassandra).await?;
+                (s.clone(), s)
+            }
         };
-        Self::with_storage(config, storage)
+        let app = Self::with_storage(config, storage, plugin_store)?;
+        crate::lifecycle::register_configured(&app).await?;
+        Ok(app)
     }
 
     /// Build on an already opened storage.
-    pub fn with_storage(config: Config, storage: Arc<dyn Storage>) -> anyhow::Result<App> {
+    pub fn with_storage(
+        config: Config,
+        storage: Arc<dyn Storage>,
+        plugin_store: Arc<dyn PluginStore>,
+    ) -> anyhow::Result<App> {
         let engine = Engine::new()?;
         let app = App {
             health: Arc::new(Health::new(Duration::from_secs(
@@ -146,6 +168,10 @@ impl App {
             registry: Arc::new(Registry::new()),
             engine,
             metrics: Arc::new(Metrics::new()),
+            plugin_store,
+            compiled: Arc::new(Mutex::new(HashMap::new())),
+            rebuilds: Arc::new(Mutex::new(HashMap::new())),
+            gate: Arc::new(tokio::sync::Mutex::new(())),
         };
         for f in app.config.plugins.files.clone() {
             let p = app.load_plugin_file(&f)?;
@@ -224,7 +250,10 @@ impl App {
             }
             let mut backoff = Duration::from_millis(100);
             let report = loop {
-                match pipeline.process(records.clone()).await {
+                let gate = self.gate.lock().await;
+                let result = pipeline.process(records.clone()).await;
+                drop(gate);
+                match result {
                     Ok(r) => break r,
                     Err(StoreError::Unavailable(e)) => {
                         tracing::warn!(error = %e, retry_in = ?backoff, "store unavailable; retrying the batch");

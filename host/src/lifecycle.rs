@@ -1,19 +1,726 @@
-//! Installing plugin versions: validate, register, activate.
+//! Plugin versions over time: install (validate → store), activate
+//! (forward or rebuild), roll back, retry a quarantined entity, re-submit a
+//! dead letter, and keep the local registry in line with the stored one.
+//!
+//! Everything that changes which version applies, or that writes states
+//! outside the consume loop, takes the app's batch gate: it lands between
+//! two batches, never inside one.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::app::App;
+use crate::event::EntityKey;
+use crate::fold;
+use crate::pipeline::{Work, fold_one, sandbox_for};
+use crate::registry::plugin_ref;
+use crate::runtime::{LoadError, Plugin, Sandbox};
+use crate::source::SourceRecord;
+use crate::store::{
+    Activation, Commit, EntityRecord, EntityUpdate, Origin, PluginVersion, ProjectionWrite,
+    now_rfc3339,
+};
 
-/// Load a component file and activate it (forward mode).
-pub async fn install_file(app: &App, path: &Path) -> anyhow::Result<String> {
-    let bytes = tokio::fs::read(path).await?;
-    let app2 = app.clone();
-    let plugin = tokio::task::spawn_blocking(move || app2.load_plugin_bytes(&bytes)).await??;
-    let msg = format!(
-        "activated {} for entity type {}",
-        plugin.tag(),
-        plugin.info.entity_type
-    );
-    app.registry.activate(plugin);
-    Ok(msg)
+/// How a new version takes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SwapMode {
+    /// From the next batch on; states already computed stay.
+    Forward,
+    /// Refold every entity from its raw events into a new generation in the
+    /// background, then cut over in one step.
+    Rebuild,
 }
+
+impl SwapMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            SwapMode::Forward => "forward",
+            SwapMode::Rebuild => "rebuild",
+        }
+    }
+}
+
+/// Why an upload or an activation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// Not a component of our world, or `describe()` failed.
+    #[error(transparent)]
+    Invalid(#[from] LoadError),
+    /// `describe()` names another entity type than the one uploaded to.
+    #[error("the component describes entity type `{got}`, not `{expected}`")]
+    WrongEntityType {
+        /// Entity type of the request.
+        expected: String,
+        /// Entity type the component describes.
+        got: String,
+    },
+    /// It failed to fold a sample of stored events within its limits.
+    #[error("sample fold failed: {0}")]
+    SampleFold(String),
+    /// No such version, or nothing to roll back to.
+    #[error("{0}")]
+    NotFound(String),
+    /// A rebuild of this entity type is already running.
+    #[error("{0}")]
+    Conflict(String),
+    /// Storage or internal failure.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// Outcome of an install.
+#[derive(Debug, Clone, Serialize)]
+pub struct Installed {
+    /// The stored version.
+    pub version: PluginVersion,
+    /// What the sample fold did.
+    pub sample: SampleReport,
+    /// Whether it is now active (forward) or being rebuilt.
+    pub activation: Option<String>,
+    /// The rebuild started, if any.
+    pub rebuild: Option<String>,
+}
+
+/// What the validation fold did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SampleReport {
+    /// Entities folded.
+    pub entities: usize,
+    /// Events folded.
+    pub events: usize,
+}
+
+/// Progress of a rebuild.
+#[derive(Debug, Clone, Serialize)]
+pub struct RebuildStatus {
+    /// Rebuild id.
+    pub id: String,
+    /// Entity type.
+    pub entity_type: String,
+    /// Digest being built.
+    pub digest: String,
+    /// `running`, `catching_up`, `done`, `failed`.
+    pub state: String,
+    /// Entities refolded.
+    pub entities_done: u64,
+    /// Entities to refold.
+    pub entities_total: u64,
+    /// Events refolded.
+    pub events_done: u64,
+    /// Events to refold (at start).
+    pub events_total: u64,
+    /// Events per second so far.
+    pub rate: f64,
+    /// Estimated seconds left.
+    pub eta_seconds: Option<f64>,
+    /// Entities the new version quarantined.
+    pub quarantined: u64,
+    /// Error, when failed.
+    pub error: Option<String>,
+    /// Seconds since start.
+    pub elapsed_seconds: f64,
+}
+
+/// Compile and validate bytes; `expected` is the entity type the caller
+/// meant (the upload URL or the watched file name).
+pub async fn validate(app: &App, bytes: Vec<u8>, expected: Option<&str>) -> Result<(Arc<Plugin>, SampleReport), InstallError> {
+    let app2 = app.clone();
+    let plugin = tokio::task::spawn_blocking(move || app2.load_plugin_bytes(&bytes))
+        .await
+        .map_err(|e| anyhow::anyhow!("compile task: {e}"))?
+        .map_err(|e| match e.downcast::<LoadError>() {
+            Ok(l) => InstallError::Invalid(l),
+            Err(e) => InstallError::Internal(e),
+        })?;
+    if let Some(expected) = expected {
+        if plugin.info.entity_type != expected {
+            return Err(InstallError::WrongEntityType { expected: expected.to_string(), got: plugin.info.entity_type.clone() });
+        }
+    }
+    let sample = sample_fold(app, &plugin).await?;
+    Ok((plugin, sample))
+}
+
+/// Fold up to 16 entities' first 256 events with the candidate. A trap or
+/// an output over the limits refuses it; so does a plugin error on an event
+/// the active version applied.
+async fn sample_fold(app: &App, plugin: &Arc<Plugin>) -> Result<SampleReport, InstallError> {
+    let t = plugin.info.entity_type.clone();
+    let ids = app.storage.entity_ids(&t).await?;
+    let keys: Vec<EntityKey> = ids.into_iter().take(16).map(|id| EntityKey::new(t.clone(), id)).collect();
+    let records = app.storage.load(&keys).await?;
+    let mut cases = Vec::new();
+    for k in keys {
+        let applied = records.get(&k).map(|r| r.position).unwrap_or(0);
+        let events = app.storage.history(&k, 0, Some(256)).await?;
+        cases.push((k, applied, events));
+    }
+    let p = plugin.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut report = SampleReport::default();
+        let mut sandbox = Sandbox::new(p);
+        for (k, applied, events) in cases {
+            let init = fold::init_state(&mut sandbox, &k.entity_id).map_err(|e| InstallError::SampleFold(format!("init({}) failed: {e}", k.entity_id)))?;
+            let o = fold::fold_and_project(&mut sandbox, &k.entity_id, init, &events, true);
+            report.entities += 1;
+            report.events += o.applied;
+            if let Some((i, e)) = o.failure {
+                let is_plugin_error = matches!(e, crate::runtime::CallError::Plugin(_));
+                if !is_plugin_error || events[i].position <= applied {
+                    return Err(InstallError::SampleFold(format!("{k} event {} (position {}): {e}", events[i].id, events[i].position)));
+                }
+            }
+            sandbox.recycle();
+        }
+        Ok(report)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("sample fold task: {e}"))?
+}
+
+/// Validate, store, and optionally activate.
+pub async fn install(app: &App, bytes: Vec<u8>, expected: Option<&str>, mode: Option<SwapMode>) -> Result<Installed, InstallError> {
+    let raw = bytes.clone();
+    let (plugin, sample) = validate(app, bytes, expected).await?;
+    let version = PluginVersion {
+        entity_type: plugin.info.entity_type.clone(),
+        name: plugin.info.name.clone(),
+        version: plugin.info.version.clone(),
+        digest: plugin.digest.clone(),
+        size: plugin.size as u64,
+        uploaded_at: now_rfc3339(),
+    };
+    app.plugin_store.put_plugin(&version, &raw).await?;
+    app.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(plugin.digest.clone(), plugin.clone());
+    let (activation, rebuild) = match mode {
+        None => (None, None),
+        Some(m) => {
+            let r = activate(app, &version.entity_type, &version.digest, m).await?;
+            (Some(m.as_str().to_string()), r)
+        }
+    };
+    Ok(Installed { version, sample, activation, rebuild })
+}
+
+/// A compiled plugin by digest, from the cache or the plugin store.
+pub async fn compiled(app: &App, digest: &str) -> Result<Arc<Plugin>, InstallError> {
+    if let Some(p) = app.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(digest) {
+        return Ok(p.clone());
+    }
+    let bytes = app
+        .plugin_store
+        .plugin_bytes(digest)
+        .await?
+        .ok_or_else(|| InstallError::NotFound(format!("no plugin version with digest {digest}")))?;
+    let app2 = app.clone();
+    let p = tokio::task::spawn_blocking(move || app2.load_plugin_bytes(&bytes))
+        .await
+        .map_err(|e| anyhow::anyhow!("compile task: {e}"))??;
+    app.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_string(), p.clone());
+    Ok(p)
+}
+
+async fn current_activation(app: &App, entity_type: &str) -> anyhow::Result<Option<Activation>> {
+    Ok(app.plugin_store.activations().await?.into_iter().find(|a| a.entity_type == entity_type))
+}
+
+/// Make `digest` the active version of `entity_type`. Forward: at the next
+/// batch boundary. Rebuild: starts a background rebuild and returns its id.
+pub async fn activate(app: &App, entity_type: &str, digest: &str, mode: SwapMode) -> Result<Option<String>, InstallError> {
+    let plugin = compiled(app, digest).await?;
+    if plugin.info.entity_type != entity_type {
+        return Err(InstallError::WrongEntityType { expected: entity_type.to_string(), got: plugin.info.entity_type.clone() });
+    }
+    match mode {
+        SwapMode::Forward => {
+            let _gate = app.gate.lock().await;
+            let cur = current_activation(app, entity_type).await?;
+            if cur.as_ref().is_some_and(|c| c.digest == digest) && app.registry.get(entity_type).is_some_and(|p| p.digest == digest) {
+                return Ok(None);
+            }
+            record_activation(app, entity_type, digest, cur, "forward").await?;
+            app.registry.activate(plugin);
+            app.metrics.swapped(entity_type, "forward");
+            Ok(None)
+        }
+        SwapMode::Rebuild => start_rebuild(app, plugin).await.map(Some),
+    }
+}
+
+async fn record_activation(app: &App, entity_type: &str, digest: &str, cur: Option<Activation>, mode: &str) -> anyhow::Result<()> {
+    let a = Activation {
+        entity_type: entity_type.to_string(),
+        digest: digest.to_string(),
+        previous: cur.as_ref().map(|c| c.digest.clone()).filter(|d| d != digest),
+        mode: mode.to_string(),
+        seq: cur.map(|c| c.seq + 1).unwrap_or(1),
+        activated_at: now_rfc3339(),
+    };
+    app.plugin_store.put_activation(&a).await
+}
+
+/// Return to the previously active version. After a rebuild the previous
+/// generation is restored as it was (caught up with the events that arrived
+/// since), without refolding history.
+pub async fn rollback(app: &App, entity_type: &str) -> Result<Activation, InstallError> {
+    let cur = current_activation(app, entity_type)
+        .await?
+        .ok_or_else(|| InstallError::NotFound(format!("no active version for {entity_type}")))?;
+    let prev = cur
+        .previous
+        .clone()
+        .ok_or_else(|| InstallError::NotFound(format!("nothing to roll back to for {entity_type}")))?;
+    let plugin = compiled(app, &prev).await?;
+    let _gate = app.gate.lock().await;
+    if cur.mode == "rebuild" {
+        let archive = namespace(entity_type, &prev);
+        let shadow_of_current = namespace(entity_type, &cur.digest);
+        // Bring the archived generation up to the live heads, then swap back.
+        catch_up(app, &plugin, entity_type, &archive, None).await?;
+        app.storage.promote(entity_type, &archive, &shadow_of_current).await?;
+    }
+    record_activation(app, entity_type, &prev, Some(cur), "rollback").await?;
+    app.registry.activate(plugin);
+    app.metrics.swapped(entity_type, "rollback");
+    Ok(current_activation(app, entity_type).await?.expect("just recorded"))
+}
+
+/// The state namespace of a generation: live states use the entity type
+/// itself; a built or archived generation uses `type#digest-prefix`.
+pub fn namespace(entity_type: &str, digest: &str) -> String {
+    format!("{entity_type}#{}", &digest[..digest.len().min(16)])
+}
+
+async fn start_rebuild(app: &App, plugin: Arc<Plugin>) -> Result<String, InstallError> {
+    let t = plugin.info.entity_type.clone();
+    {
+        let r = app.rebuilds.lock().unwrap_or_else(|e| e.into_inner());
+        if r.values().any(|s| s.entity_type == t && (s.state == "running" || s.state == "catching_up")) {
+            return Err(InstallError::Conflict(format!("a rebuild of {t} is already running")));
+        }
+    }
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let id = format!("rb-{}-{}", t, NEXT.fetch_add(1, Ordering::Relaxed));
+    let status = RebuildStatus {
+        id: id.clone(),
+        entity_type: t.clone(),
+        digest: plugin.digest.clone(),
+        state: "running".into(),
+        entities_done: 0,
+        entities_total: 0,
+        events_done: 0,
+        events_total: 0,
+        rate: 0.0,
+        eta_seconds: None,
+        quarantined: 0,
+        error: None,
+        elapsed_seconds: 0.0,
+    };
+    app.rebuilds.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), status);
+    let app2 = app.clone();
+    let id2 = id.clone();
+    tokio::spawn(async move {
+        let result = run_rebuild(&app2, &plugin, &id2).await;
+        let mut r = app2.rebuilds.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = r.get_mut(&id2) {
+            match result {
+                Ok(()) => {
+                    s.state = "done".into();
+                    s.eta_seconds = Some(0.0);
+                    app2.metrics.rebuilt(&s.entity_type, "done");
+                }
+                Err(e) => {
+                    tracing::error!(rebuild = %id2, error = %format!("{e:#}"), "rebuild failed; the old generation keeps serving");
+                    s.state = "failed".into();
+                    s.error = Some(format!("{e:#}"));
+                    app2.metrics.rebuilt(&s.entity_type, "failed");
+                }
+            }
+        }
+    });
+    Ok(id)
+}
+
+fn update_status(app: &App, id: &str, f: impl FnOnce(&mut RebuildStatus)) {
+    if let Some(s) = app.rebuilds.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
+        f(s);
+    }
+}
+
+async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Result<()> {
+    let t = plugin.info.entity_type.clone();
+    let shadow = namespace(&t, &plugin.digest);
+    let started = Instant::now();
+    // A previous, abandoned build of the same digest is discarded.
+    app.storage.drop_namespace(&shadow).await?;
+    let ids = app.storage.entity_ids(&t).await?;
+    let live: Vec<EntityKey> = ids.iter().map(|i| EntityKey::new(t.clone(), i.clone())).collect();
+    let heads = app.storage.load(&live).await?;
+    let events_total: u64 = heads.values().map(|r| r.head).sum();
+    update_status(app, id, |s| {
+        s.entities_total = ids.len() as u64;
+        s.events_total = events_total;
+    });
+    let done_events = Arc::new(AtomicU64::new(0));
+    let done_entities = Arc::new(AtomicU64::new(0));
+    let quarantined = Arc::new(AtomicU64::new(0));
+    let workers = app.config.engine.rebuild_workers.max(1);
+    // Entities are refolded in chunks, `workers` chunks at a time; each
+    // chunk gets one sandbox on a blocking thread.
+    let chunks: Vec<Vec<String>> = ids.chunks(64).map(|c| c.to_vec()).collect();
+    let mut stream = futures::stream::iter(chunks.into_iter().map(|chunk| {
+        let (app, plugin, shadow) = (app.clone(), plugin.clone(), shadow.clone());
+        let (de, dn, q) = (done_events.clone(), done_entities.clone(), quarantined.clone());
+        async move {
+            let n = refold_into(&app, &plugin, &shadow, &chunk, None).await?;
+            de.fetch_add(n.0, Ordering::Relaxed);
+            dn.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            q.fetch_add(n.1, Ordering::Relaxed);
+            anyhow::Ok(())
+        }
+    }))
+    .buffer_unordered(workers);
+    while let Some(r) = stream.next().await {
+        r?;
+        let (ev, en) = (done_events.load(Ordering::Relaxed), done_entities.load(Ordering::Relaxed));
+        let secs = started.elapsed().as_secs_f64().max(1e-6);
+        let rate = ev as f64 / secs;
+        update_status(app, id, |s| {
+            s.events_done = ev;
+            s.entities_done = en;
+            s.rate = rate;
+            s.quarantined = quarantined.load(Ordering::Relaxed);
+            s.elapsed_seconds = secs;
+            s.eta_seconds = (rate > 0.0).then(|| (events_total.saturating_sub(ev)) as f64 / rate);
+        });
+    }
+    // Catch up with what arrived meanwhile, without holding the live loop.
+    update_status(app, id, |s| s.state = "catching_up".into());
+    for _ in 0..5 {
+        if catch_up(app, plugin, &t, &shadow, None).await? < 50 {
+            break;
+        }
+    }
+    // Cut over between two batches: the last few events, then one swap.
+    let _gate = app.gate.lock().await;
+    catch_up(app, plugin, &t, &shadow, None).await?;
+    let cur = current_activation(app, &t).await?;
+    let archive = namespace(&t, cur.as_ref().map(|c| c.digest.as_str()).unwrap_or("none"));
+    app.storage.promote(&t, &shadow, &archive).await?;
+    record_activation(app, &t, &plugin.digest, cur, "rebuild").await?;
+    app.registry.activate(plugin.clone());
+    app.metrics.swapped(&t, "rebuild");
+    update_status(app, id, |s| {
+        s.elapsed_seconds = started.elapsed().as_secs_f64();
+        s.events_done = s.events_done.max(s.events_total);
+        s.entities_done = s.entities_total;
+    });
+    Ok(())
+}
+
+/// Bring generation `ns` of `entity_type` up to the live heads: entities
+/// missing from it are folded from scratch, entities behind are folded from
+/// where they are. Returns how many entities were behind.
+async fn catch_up(app: &App, plugin: &Arc<Plugin>, entity_type: &str, ns: &str, only: Option<&[String]>) -> anyhow::Result<usize> {
+    let ids = match only {
+        Some(ids) => ids.to_vec(),
+        None => app.storage.entity_ids(entity_type).await?,
+    };
+    let live: Vec<EntityKey> = ids.iter().map(|i| EntityKey::new(entity_type, i.clone())).collect();
+    let shadow: Vec<EntityKey> = ids.iter().map(|i| EntityKey::new(ns, i.clone())).collect();
+    let live_recs = app.storage.load(&live).await?;
+    let shadow_recs = app.storage.load(&shadow).await?;
+    let behind: Vec<String> = ids
+        .into_iter()
+        .filter(|i| {
+            let head = live_recs.get(&EntityKey::new(entity_type, i.clone())).map(|r| r.head).unwrap_or(0);
+            let s = shadow_recs.get(&EntityKey::new(ns, i.clone()));
+            match s {
+                None => head > 0,
+                Some(s) => !s.quarantined && s.position < head,
+            }
+        })
+        .collect();
+    for chunk in behind.chunks(64) {
+        refold_into(app, plugin, ns, chunk, Some(&shadow_recs)).await?;
+    }
+    Ok(behind.len())
+}
+
+/// Fold `ids` into namespace `ns` from where each stands there. Returns
+/// (events applied, entities quarantined).
+async fn refold_into(
+    app: &App,
+    plugin: &Arc<Plugin>,
+    ns: &str,
+    ids: &[String],
+    known: Option<&HashMap<EntityKey, EntityRecord>>,
+) -> anyhow::Result<(u64, u64)> {
+    let t = plugin.info.entity_type.clone();
+    let keys: Vec<EntityKey> = ids.iter().map(|i| EntityKey::new(ns, i.clone())).collect();
+    let recs = match known {
+        Some(k) => keys.iter().filter_map(|key| k.get(key).map(|r| (key.clone(), r.clone()))).collect(),
+        None => app.storage.load(&keys).await?,
+    };
+    let mut work = Vec::new();
+    for id in ids {
+        let key = EntityKey::new(ns, id.clone());
+        let rec = recs.get(&key).cloned().unwrap_or_else(|| EntityRecord::new(key.clone()));
+        let events = app.storage.history(&EntityKey::new(t.clone(), id.clone()), rec.position, None).await?;
+        if events.is_empty() {
+            continue;
+        }
+        work.push((rec, events));
+    }
+    let p = plugin.clone();
+    let ns2 = ns.to_string();
+    let (commit, applied, quarantined) = tokio::task::spawn_blocking(move || {
+        let mut boxes = HashMap::new();
+        let mut plugins = HashMap::new();
+        plugins.insert(t.clone(), p.clone());
+        let mut commit = Commit::default();
+        let (mut applied, mut quarantined) = (0u64, 0u64);
+        for (rec, events) in work {
+            let expected_head = rec.head;
+            // Fold under the real entity type (the plugin owns it), then
+            // file the result under the generation's namespace.
+            let mut real = rec.clone();
+            real.key = EntityKey::new(t.clone(), rec.key.entity_id.clone());
+            real.head = real.position;
+            let head = events.last().map(|e| e.position).unwrap_or(rec.position);
+            let mut d = fold_one(&mut boxes, &plugins, Work { record: real, gap: Vec::new(), events });
+            let q = d.quarantine();
+            if let Some(mut q) = q {
+                q.key = rec.key.clone();
+                commit.quarantines.push(q);
+                quarantined += 1;
+            }
+            if let Some(o) = &d.outcome {
+                applied += o.applied as u64;
+                commit.projections.extend(o.projections.iter().map(|w| suffix_projection(w, &ns2)));
+            }
+            d.update.key = rec.key.clone();
+            d.update.expected_head = expected_head;
+            d.update.head = head;
+            commit.entities.push(d.update);
+        }
+        let _ = sandbox_for;
+        (commit, applied, quarantined)
+    })
+    .await?;
+    app.storage.commit(commit).await?;
+    Ok((applied, quarantined))
+}
+
+/// Projections built by a generation that is not live yet are kept apart
+/// under `name@ns` and merged into `name` when the generation is promoted.
+fn suffix_projection(w: &ProjectionWrite, ns: &str) -> ProjectionWrite {
+    match w {
+        ProjectionWrite::Upsert { projection, key, body } => ProjectionWrite::Upsert { projection: format!("{projection}@{ns}"), key: key.clone(), body: body.clone() },
+        ProjectionWrite::Delete { projection, key } => ProjectionWrite::Delete { projection: format!("{projection}@{ns}"), key: key.clone() },
+    }
+}
+
+/// Re-apply a quarantined entity's held events with the active version.
+pub async fn retry(app: &App, key: &EntityKey) -> Result<Value, InstallError> {
+    let plugin = app.registry.get(&key.entity_type).ok_or_else(|| InstallError::NotFound(format!("no active plugin for {}", key.entity_type)))?;
+    let _gate = app.gate.lock().await;
+    let rec = app
+        .storage
+        .load(std::slice::from_ref(key))
+        .await?
+        .remove(key)
+        .ok_or_else(|| InstallError::NotFound(format!("no entity {key}")))?;
+    if !rec.quarantined {
+        return Err(InstallError::NotFound(format!("{key} is not quarantined")));
+    }
+    let held = app.storage.history(key, rec.position, None).await?;
+    let held_count = held.len();
+    let p = plugin.clone();
+    let mut free = rec.clone();
+    free.quarantined = false;
+    let d = tokio::task::spawn_blocking(move || {
+        let mut boxes = HashMap::new();
+        let mut plugins = HashMap::new();
+        plugins.insert(p.info.entity_type.clone(), p.clone());
+        let head = free.head;
+        free.head = free.position;
+        let mut d = fold_one(&mut boxes, &plugins, Work { record: free, gap: Vec::new(), events: held });
+        d.update.head = head;
+        d.update.expected_head = head;
+        d
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("retry task: {e}"))?;
+    let mut commit = Commit { released: vec![key.clone()], ..Default::default() };
+    let q = d.quarantine();
+    if let Some(o) = &d.outcome {
+        commit.projections.extend(o.projections.iter().cloned());
+    }
+    let update: EntityUpdate = d.update.clone();
+    commit.entities.push(d.update);
+    if let Some(q) = &q {
+        commit.quarantines.push(q.clone());
+    }
+    app.storage.commit(commit).await.map_err(|e| anyhow::anyhow!(e))?;
+    Ok(serde_json::json!({
+        "entity_type": key.entity_type,
+        "entity_id": key.entity_id,
+        "held_events": held_count,
+        "position": update.position,
+        "head": update.head,
+        "quarantined": update.quarantined,
+        "plugin": plugin_ref(&plugin),
+        "error": q.map(|q| q.error),
+        "state": update.state,
+    }))
+}
+
+/// A quarantined case as a fixture: the entity's stored events and the
+/// state it is held at, ready for `refold test`.
+pub async fn fixture(app: &App, key: &EntityKey) -> Result<Value, InstallError> {
+    let rec = app
+        .storage
+        .load(std::slice::from_ref(key))
+        .await?
+        .remove(key)
+        .ok_or_else(|| InstallError::NotFound(format!("no entity {key}")))?;
+    let q = app.storage.quarantined().await?.into_iter().find(|q| &q.key == key);
+    let events = app.storage.history(key, 0, None).await?;
+    let lines: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            crate::event::to_structured(&crate::event::Envelope {
+                id: e.id.clone(),
+                source: e.source.clone(),
+                event_type: e.event_type.clone(),
+                key: key.clone(),
+                time: e.time.clone(),
+                data: e.data.clone(),
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "entity_type": key.entity_type,
+        "entity_id": key.entity_id,
+        "quarantine": q,
+        "state_before": rec.state,
+        "position": rec.position,
+        "events": lines,
+        "expected": [{"entity_type": key.entity_type, "entity_id": key.entity_id, "state": rec.state}],
+    }))
+}
+
+/// Re-submit a dead letter: its original record, or a corrected one.
+pub async fn resubmit(app: &App, id: &str, corrected: Option<Vec<u8>>) -> Result<Value, InstallError> {
+    let dl = app
+        .storage
+        .dead_letters(usize::MAX >> 1)
+        .await?
+        .into_iter()
+        .find(|d| d.id == id)
+        .ok_or_else(|| InstallError::NotFound(format!("no dead letter {id}")))?;
+    let payload = corrected.unwrap_or_else(|| dl.payload.clone().into_bytes());
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let offset = (now.as_micros() as i64) * 16 + (SEQ.fetch_add(1, Ordering::Relaxed) % 16) as i64;
+    let record = SourceRecord {
+        origin: Origin { source: "resubmit".into(), partition: 0, offset },
+        next_offset: offset + 1,
+        key: None,
+        headers: Vec::new(),
+        payload,
+    };
+    let _gate = app.gate.lock().await;
+    let mut pipeline = app.pipeline();
+    let report = pipeline.process(vec![record]).await.map_err(|e| anyhow::anyhow!(e))?;
+    if report.dead_lettered == 0 {
+        app.storage.remove_dead_letter(id).await?;
+    }
+    Ok(serde_json::json!({
+        "dead_letter": id,
+        "accepted": report.dead_lettered == 0,
+        "stored": report.stored,
+        "duplicates": report.duplicates,
+        "applied": report.applied,
+        "quarantined": report.quarantined,
+    }))
+}
+
+/// Bring the local registry in line with the stored activations (newer
+/// `seq` wins). Run at start and then every `poll`, so an activation made
+/// on one host reaches every host within `poll` plus compile time.
+pub async fn sync_registry(app: &App) -> anyhow::Result<()> {
+    for a in app.plugin_store.activations().await? {
+        let local = app.registry.get(&a.entity_type);
+        if local.as_ref().is_some_and(|p| p.digest == a.digest) {
+            continue;
+        }
+        match compiled(app, &a.digest).await {
+            Ok(p) => {
+                let _gate = app.gate.lock().await;
+                app.registry.activate(p);
+                tracing::info!(entity_type = %a.entity_type, digest = %a.digest, "activation picked up from the registry");
+            }
+            Err(e) => tracing::error!(entity_type = %a.entity_type, error = %e, "cannot load the activated version"),
+        }
+    }
+    Ok(())
+}
+
+/// At start: store the configured plugin files and activate each one whose
+/// entity type has no activation yet (a rollback made through the API
+/// survives restarts).
+pub async fn register_configured(app: &App) -> anyhow::Result<()> {
+    let actives = app.plugin_store.activations().await?;
+    for p in app.registry.snapshot().values() {
+        let bytes = std::fs::read(
+            app.config.plugins.files.iter().find(|f| std::fs::read(f).map(|b| crate::runtime::digest_of(&b) == p.digest).unwrap_or(false)).cloned().unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        if !bytes.is_empty() {
+            app.plugin_store
+                .put_plugin(
+                    &PluginVersion {
+                        entity_type: p.info.entity_type.clone(),
+                        name: p.info.name.clone(),
+                        version: p.info.version.clone(),
+                        digest: p.digest.clone(),
+                        size: p.size as u64,
+                        uploaded_at: now_rfc3339(),
+                    },
+                    &bytes,
+                )
+                .await?;
+        }
+        app.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(p.digest.clone(), p.clone());
+        if !actives.iter().any(|a| a.entity_type == p.info.entity_type) {
+            record_activation(app, &p.info.entity_type, &p.digest, None, "forward").await?;
+        }
+    }
+    sync_registry(app).await
+}
+
+/// Watched directory: load `path` (its stem should name the entity type)
+/// and activate it forward.
+pub async fn install_file(app: &App, path: &std::path::Path) -> anyhow::Result<String> {
+    let bytes = tokio::fs::read(path).await?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+    // `account.wasm` must describe `account`; `account-v2.wasm` too.
+    let expected = stem.split(['-', '@']).next().unwrap_or_default().to_string();
+    let installed = install(app, bytes, Some(&expected), Some(SwapMode::Forward)).await.map_err(anyhow::Error::from)?;
+    Ok(format!(
+        "activated {}@{} ({}) for entity type {}",
+        installed.version.name, installed.version.version, &installed.version.digest[..12], installed.version.entity_type
+    ))
+}
+
+/// The registry poll interval.
+pub const REGISTRY_POLL: Duration = Duration::from_millis(1000);

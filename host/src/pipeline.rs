@@ -63,17 +63,35 @@ pub struct Pipeline {
 }
 
 /// One entity's share of a batch.
-struct Work {
-    record: EntityRecord,
-    events: Vec<StoredEvent>,
+pub(crate) struct Work {
+    pub(crate) record: EntityRecord,
+    /// Stored events the state has not caught up with yet (after a swap of
+    /// generations), folded before the new ones.
+    pub(crate) gap: Vec<StoredEvent>,
+    pub(crate) events: Vec<StoredEvent>,
 }
 
 /// What folding did to one entity.
-struct Done {
-    update: EntityUpdate,
-    outcome: Option<FoldOutcome>,
-    failed_event: Option<(StoredEvent, CallError)>,
-    plugin: Arc<Plugin>,
+pub(crate) struct Done {
+    pub(crate) update: EntityUpdate,
+    pub(crate) outcome: Option<FoldOutcome>,
+    pub(crate) failed_event: Option<(StoredEvent, CallError)>,
+    pub(crate) plugin: Arc<Plugin>,
+}
+
+impl Done {
+    /// The quarantine record of a failure, if any.
+    pub(crate) fn quarantine(&self) -> Option<QuarantineRecord> {
+        self.failed_event.as_ref().map(|(ev, err)| QuarantineRecord {
+            key: self.update.key.clone(),
+            event_id: ev.id.clone(),
+            event_position: ev.position,
+            kind: err.kind().to_string(),
+            error: err.to_string(),
+            plugin: plugin_ref(&self.plugin),
+            recorded_at: now_rfc3339(),
+        })
+    }
 }
 
 impl Pipeline {
@@ -200,7 +218,12 @@ impl Pipeline {
                 .collect();
             report.stored += events.len();
             commit.events.extend(events.iter().cloned());
-            work.push(Work { record, events });
+            let gap = if !record.quarantined && record.position < record.head {
+                self.storage.history(key, record.position, Some(record.head)).await?
+            } else {
+                Vec::new()
+            };
+            work.push(Work { record, gap, events });
         }
 
         // 5. Fold, off the async threads: guest calls are CPU-bound.
@@ -235,19 +258,13 @@ impl Pipeline {
             if d.outcome.is_none() && d.failed_event.is_none() {
                 report.held += (d.update.head - d.update.expected_head) as usize;
             }
-            if let Some((ev, err)) = d.failed_event {
+            if let Some((ev, err)) = &d.failed_event {
                 self.metrics.quarantined(tag.0, tag.1);
                 tracing::warn!(entity = %d.update.key, event = %ev.id, error = %err, "entity quarantined");
                 report.quarantined.push(d.update.key.clone());
-                commit.quarantines.push(QuarantineRecord {
-                    key: d.update.key.clone(),
-                    event_id: ev.id.clone(),
-                    event_position: ev.position,
-                    kind: err.kind().to_string(),
-                    error: err.to_string(),
-                    plugin: plugin_ref(&d.plugin),
-                    recorded_at: now_rfc3339(),
-                });
+            }
+            if let Some(q) = d.quarantine() {
+                commit.quarantines.push(q);
             }
             commit.entities.push(d.update);
         }
@@ -265,9 +282,10 @@ impl Pipeline {
 }
 
 /// Fold one entity's new events with the active plugin of its type.
-fn fold_one(sandboxes: &mut HashMap<String, Sandbox>, plugins: &Active, w: Work) -> Done {
-    let Work { record, events } = w;
+pub(crate) fn fold_one(sandboxes: &mut HashMap<String, Sandbox>, plugins: &Active, w: Work) -> Done {
+    let Work { record, gap, events } = w;
     let head = events.last().map(|e| e.position).unwrap_or(record.head);
+    let events: Vec<StoredEvent> = gap.into_iter().chain(events).collect();
     let plugin = plugins
         .get(&record.key.entity_type)
         .expect("events of types without a plugin were dead-lettered")
@@ -282,7 +300,7 @@ fn fold_one(sandboxes: &mut HashMap<String, Sandbox>, plugins: &Active, w: Work)
         plugin: record.plugin.clone(),
         quarantined: record.quarantined,
     };
-    if record.quarantined || record.position < record.head {
+    if record.quarantined {
         // Held: store the events, apply nothing until the entity is retried.
         update.quarantined = true;
         return Done {

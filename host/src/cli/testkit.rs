@@ -37,7 +37,8 @@ pub async fn run_fixture(
     let mut config = Config::default();
     config.plugins.files = vec![plugin.to_path_buf()];
     config.source.batch_size = batch_size;
-    let app = App::with_storage(config, Arc::new(SqliteStore::in_memory()?))?;
+    let store = Arc::new(SqliteStore::in_memory()?);
+    let app = App::with_storage(config, store.clone(), store)?;
     let source = JsonlSource::new(
         &[events.to_path_buf()],
         &[],

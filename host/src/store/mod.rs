@@ -6,7 +6,10 @@
 //! SQLite in one transaction, Cassandra in one single-partition batch per
 //! entity (raw events + state together), fenced by position.
 
+pub mod plugins;
 pub mod sqlite;
+
+pub use plugins::{Activation, PluginStore, PluginVersion};
 
 use std::collections::{HashMap, HashSet};
 
@@ -199,6 +202,9 @@ pub struct Commit {
     pub quarantines: Vec<QuarantineRecord>,
     /// Source positions reached by this batch.
     pub checkpoints: Vec<Checkpoint>,
+    /// Entities whose quarantine is lifted by this commit (their records are
+    /// removed; their `EntityUpdate` carries the new flag).
+    pub released: Vec<EntityKey>,
 }
 
 /// Failure of a storage operation.
@@ -248,11 +254,19 @@ pub trait StateStore: Send + Sync {
     async fn release(&self, key: &EntityKey) -> anyhow::Result<()>;
     /// Checkpoints recorded for a source.
     async fn checkpoints(&self, source: &str) -> anyhow::Result<Vec<Checkpoint>>;
+    /// Make generation `shadow` (states kept under the entity type
+    /// `shadow`, projections under `name@shadow`) the live one of
+    /// `entity_type`, keeping the live generation under `archive` so that it
+    /// can be restored. One atomic step where the backend allows it.
+    async fn promote(&self, entity_type: &str, shadow: &str, archive: &str) -> anyhow::Result<()>;
+    /// Forget every state, quarantine and projection of namespace `ns`.
+    async fn drop_namespace(&self, ns: &str) -> anyhow::Result<()>;
 }
 
-/// A complete backend: both stores plus the atomic batch commit.
+/// A complete backend: both stores, the plugin registry, plus the atomic
+/// batch commit.
 #[async_trait]
-pub trait Storage: EventStore + StateStore {
+pub trait Storage: EventStore + StateStore + PluginStore {
     /// Apply a batch: raw events, states (fenced by `expected_head`),
     /// quarantines, projections, dead letters, then checkpoints. When this
     /// returns `Ok`, all of it is durable.

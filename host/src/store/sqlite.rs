@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
+use super::plugins::{Activation, PluginStore, PluginVersion};
 use super::{
     Checkpoint, Commit, DeadLetter, EntityRecord, EventStore, PluginRef, ProjectionWrite,
     QuarantineRecord, StateStore, Storage, StoreError, StoredEvent,
@@ -75,6 +76,24 @@ CREATE TABLE IF NOT EXISTS quarantine (
     recorded_at    TEXT NOT NULL,
     PRIMARY KEY (entity_type, entity_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS plugin_versions (
+    digest      TEXT PRIMARY KEY,
+    entity_type TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    uploaded_at TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    bytes       BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS activations (
+    entity_type  TEXT PRIMARY KEY,
+    digest       TEXT NOT NULL,
+    previous     TEXT,
+    mode         TEXT NOT NULL,
+    seq          INTEGER NOT NULL,
+    activated_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     source    TEXT NOT NULL,
     partition INTEGER NOT NULL,
@@ -128,6 +147,19 @@ impl SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
         })
+    }
+
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let conn = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = conn.lock().map_err(|_| anyhow::anyhow!("sqlite writer poisoned"))?;
+            f(&mut c).map_err(anyhow::Error::from)
+        })
+        .await
+        .context("sqlite writer task")?
     }
 
     async fn read<R: Send + 'static>(
@@ -362,6 +394,42 @@ impl StateStore for SqliteStore {
         .await?
     }
 
+    async fn promote(&self, entity_type: &str, shadow: &str, archive: &str) -> anyhow::Result<()> {
+        let (live, shadow, archive) = (entity_type.to_string(), shadow.to_string(), archive.to_string());
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            for table in ["entities", "quarantine"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE entity_type = ?1"), params![archive])?;
+                tx.execute(&format!("UPDATE {table} SET entity_type = ?2 WHERE entity_type = ?1"), params![live, archive])?;
+                tx.execute(&format!("UPDATE {table} SET entity_type = ?2 WHERE entity_type = ?1"), params![shadow, live])?;
+            }
+            // The shadow's read model replaces documents of the same keys.
+            let suffix = format!("@{shadow}");
+            tx.execute(
+                "INSERT OR REPLACE INTO projections (projection, key, body)
+                 SELECT substr(projection, 1, length(projection) - length(?1)), key, body FROM projections
+                 WHERE substr(projection, length(projection) - length(?1) + 1) = ?1",
+                params![suffix],
+            )?;
+            tx.execute("DELETE FROM projections WHERE substr(projection, length(projection) - length(?1) + 1) = ?1", params![suffix])?;
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn drop_namespace(&self, ns: &str) -> anyhow::Result<()> {
+        let ns = ns.to_string();
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM entities WHERE entity_type = ?1", params![ns])?;
+            tx.execute("DELETE FROM quarantine WHERE entity_type = ?1", params![ns])?;
+            let suffix = format!("@{ns}");
+            tx.execute("DELETE FROM projections WHERE substr(projection, length(projection) - length(?1) + 1) = ?1", params![suffix])?;
+            tx.commit()
+        })
+        .await
+    }
+
     async fn checkpoints(&self, source: &str) -> anyhow::Result<Vec<Checkpoint>> {
         let s = source.to_string();
         self.read(move |c| {
@@ -475,6 +543,12 @@ fn write_commit(c: &mut Connection, commit: &Commit) -> Result<(), StoreError> {
                 )));
             }
         }
+        let mut rel = tx
+            .prepare_cached("DELETE FROM quarantine WHERE entity_type = ?1 AND entity_id = ?2")
+            .map_err(other)?;
+        for k in &commit.released {
+            rel.execute(params![k.entity_type, k.entity_id]).map_err(other)?;
+        }
         let mut q = tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO quarantine (entity_type, entity_id, event_id, event_position, kind, error, plugin_name, plugin_version, plugin_digest, recorded_at)
@@ -549,6 +623,85 @@ fn write_commit(c: &mut Connection, commit: &Commit) -> Result<(), StoreError> {
         }
     }
     tx.commit().map_err(other)
+}
+
+#[async_trait]
+impl PluginStore for SqliteStore {
+    async fn put_plugin(&self, v: &PluginVersion, bytes: &[u8]) -> anyhow::Result<()> {
+        let (v, bytes) = (v.clone(), bytes.to_vec());
+        self.write(move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO plugin_versions (digest, entity_type, name, version, size, uploaded_at, seq, bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT COALESCE(MAX(seq), 0) + 1 FROM plugin_versions), ?7)",
+                params![v.digest, v.entity_type, v.name, v.version, v.size as i64, v.uploaded_at, bytes],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn plugin_versions(&self, entity_type: &str) -> anyhow::Result<Vec<PluginVersion>> {
+        let t = entity_type.to_string();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT entity_type, name, version, digest, size, uploaded_at FROM plugin_versions
+                 WHERE entity_type = ?1 ORDER BY seq",
+            )?;
+            let rows = st.query_map(params![t], |r| {
+                Ok(PluginVersion {
+                    entity_type: r.get(0)?,
+                    name: r.get(1)?,
+                    version: r.get(2)?,
+                    digest: r.get(3)?,
+                    size: r.get::<_, i64>(4)? as u64,
+                    uploaded_at: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn plugin_bytes(&self, digest: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let d = digest.to_string();
+        self.read(move |c| {
+            c.query_row("SELECT bytes FROM plugin_versions WHERE digest = ?1", params![d], |r| r.get(0)).optional()
+        })
+        .await
+    }
+
+    async fn activations(&self) -> anyhow::Result<Vec<Activation>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT entity_type, digest, previous, mode, seq, activated_at FROM activations ORDER BY entity_type",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(Activation {
+                    entity_type: r.get(0)?,
+                    digest: r.get(1)?,
+                    previous: r.get(2)?,
+                    mode: r.get(3)?,
+                    seq: r.get(4)?,
+                    activated_at: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn put_activation(&self, a: &Activation) -> anyhow::Result<()> {
+        let a = a.clone();
+        self.write(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO activations (entity_type, digest, previous, mode, seq, activated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![a.entity_type, a.digest, a.previous, a.mode, a.seq, a.activated_at],
+            )?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

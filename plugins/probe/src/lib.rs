@@ -1,0 +1,188 @@
+//! A hostile plugin for testing the host's sandbox. Entity type `probe`.
+//!
+//! State `{"count": int, "peek": object|null, "blob": string|null}`,
+//! initially `{"count":0,"peek":null,"blob":null}`.
+//!
+//! | event type    | data                | behaviour                                              |
+//! |---------------|---------------------|--------------------------------------------------------|
+//! | `probe.count` | anything            | `count += 1` (well-behaved)                            |
+//! | `probe.loop`  | anything            | spins forever                                          |
+//! | `probe.alloc` | `{"mib": int}`      | allocates and touches `mib` MiB, keeps it, `count += 1` |
+//! | `probe.panic` | `{"message": string}` | panics with exactly that message                     |
+//! | `probe.big`   | `{"bytes": int}`    | `blob` = `"x"` repeated `bytes` times                  |
+//! | `probe.peek`  | anything            | tries ambient capabilities, records results in `peek`  |
+//! | `probe.log`   | `{"message": string}` | logs it at info, and prints it to stdout and stderr  |
+//! | other         | anything            | nothing                                                |
+//!
+//! `peek` is `{"file", "dir", "env", "home", "args", "time", "random"}`:
+//!
+//! * `file`: reading `/etc/hostname`: `{"ok": <length in bytes>}` or `{"err": <message>}`;
+//! * `dir`: listing `/` and `.`: `{"/": <result>, ".": <result>}`, each
+//!   `{"ok": <number of entries>}` or `{"err": <message>}`;
+//! * `env`: number of environment variables;
+//! * `home`: `$HOME`: `{"ok": <value>}` or `{"err": <message>}`;
+//! * `args`: number of command-line arguments;
+//! * `time`: seconds since the Unix epoch by the system clock:
+//!   `{"ok": <secs>}` or `{"err": <message>}`;
+//! * `random`: a `u64` from std's randomly seeded hasher of a constant; equal
+//!   in two peeks only if the host's randomness is not random.
+//!
+//! A sandboxed host gives errors for `file` and `dir`, 0 for `env` and
+//! `args`, an error for `home`; `time` and `random` show what its clock and
+//! random source return.
+//!
+//! Cargo features make variants for refusal tests: `trap-describe`,
+//! `fail-all`, `entity-orders` (see Cargo.toml).
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::hint::black_box;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use refold_sdk::serde_json::{Value, json};
+use refold_sdk::{Descriptor, Error, Event, Plugin};
+use serde::{Deserialize, Serialize};
+
+/// The probe's state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProbeState {
+    /// Events counted by `probe.count` and `probe.alloc`.
+    pub count: u64,
+    /// What the last `probe.peek` found.
+    pub peek: Option<Value>,
+    /// Set by `probe.big`.
+    pub blob: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Mib {
+    mib: usize,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct Bytes {
+    bytes: usize,
+}
+
+/// The plugin.
+#[derive(Debug)]
+pub struct Probe;
+
+const MIB: usize = 1 << 20;
+const PAGE: usize = 4096;
+
+impl Plugin for Probe {
+    type State = ProbeState;
+
+    fn describe() -> Descriptor {
+        if cfg!(feature = "trap-describe") {
+            panic!("describe exploded");
+        }
+        Descriptor {
+            name: "probe".into(),
+            version: "1.0.0".into(),
+            entity_type: if cfg!(feature = "entity-orders") {
+                "order"
+            } else {
+                "probe"
+            }
+            .into(),
+            event_types: [
+                "probe.count",
+                "probe.loop",
+                "probe.alloc",
+                "probe.panic",
+                "probe.big",
+                "probe.peek",
+                "probe.log",
+            ]
+            .map(String::from)
+            .to_vec(),
+            state_schema_version: 1,
+        }
+    }
+
+    fn init(_entity_id: &str) -> ProbeState {
+        ProbeState {
+            count: 0,
+            peek: None,
+            blob: None,
+        }
+    }
+
+    fn apply(state: &mut ProbeState, event: &Event) -> Result<(), Error> {
+        if cfg!(feature = "fail-all") {
+            return Err(Error::new("always fails"));
+        }
+        match event.event_type.as_str() {
+            "probe.count" => state.count += 1,
+            "probe.loop" => spin(),
+            "probe.alloc" => {
+                let Mib { mib } = event.data()?;
+                let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(mib);
+                for _ in 0..mib {
+                    let mut chunk = vec![0u8; MIB];
+                    for i in (0..MIB).step_by(PAGE) {
+                        chunk[i] = 1;
+                    }
+                    chunks.push(black_box(chunk));
+                }
+                black_box(&chunks);
+                state.count += 1;
+            }
+            "probe.panic" => {
+                let Message { message } = event.data()?;
+                panic!("{message}");
+            }
+            "probe.big" => {
+                let Bytes { bytes } = event.data()?;
+                state.blob = Some("x".repeat(bytes));
+            }
+            "probe.peek" => state.peek = Some(peek()),
+            "probe.log" => {
+                let Message { message } = event.data()?;
+                refold_sdk::log::info(&message);
+                println!("{message}");
+                eprintln!("{message}");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Never returns; `black_box` keeps the optimizer from proving the loop
+/// has no effect.
+fn spin() -> ! {
+    let mut n: u64 = 0;
+    loop {
+        n = black_box(n.wrapping_add(1));
+    }
+}
+
+fn result<T: Into<Value>, E: ToString>(r: Result<T, E>) -> Value {
+    match r {
+        Ok(v) => json!({ "ok": v.into() }),
+        Err(e) => json!({ "err": e.to_string() }),
+    }
+}
+
+fn peek() -> Value {
+    let dir = |path: &str| result(std::fs::read_dir(path).map(|entries| entries.count() as u64));
+    json!({
+        "file": result(std::fs::read_to_string("/etc/hostname").map(|s| s.len() as u64)),
+        "dir": { "/": dir("/"), ".": dir(".") },
+        "env": std::env::vars().count(),
+        "home": result(std::env::var("HOME")),
+        "args": std::env::args().count(),
+        "time": result(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs())),
+        "random": RandomState::new().hash_one("refold probe"),
+    })
+}
+
+refold_sdk::export!(Probe);
