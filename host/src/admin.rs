@@ -1,11 +1,194 @@
-//! The admin API: plugin upload, versions, activation, rollback, rebuilds,
-//! quarantine retry and dead-letter re-submission.
+//! The admin API: plugin upload, versions, activation, rollback, rebuild
+//! status, quarantine retry and export, dead-letter re-submission. Every
+//! route requires `Authorization: Bearer <admin.token>`; without a
+//! configured token the admin API refuses everything unless
+//! `admin.disable_auth` is set explicitly.
 
-use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
 
+use crate::api::{ApiError, ApiResult};
 use crate::app::App;
+use crate::event::EntityKey;
+use crate::lifecycle::{self, InstallError, SwapMode};
 
-/// The admin routes.
-pub fn router(_app: App) -> Router<App> {
+/// The admin routes, behind the token check.
+pub fn router(app: App) -> Router<App> {
     Router::new()
+        .route("/v1/plugins", get(list_all))
+        .route("/v1/plugins/{entity_type}", put(upload).get(list_type))
+        .route("/v1/plugins/{entity_type}/activate", post(activate))
+        .route("/v1/plugins/{entity_type}/rollback", post(rollback))
+        .route("/v1/rebuilds", get(rebuilds))
+        .route("/v1/rebuilds/{id}", get(rebuild))
+        .route("/v1/quarantine/{entity_type}/{entity_id}/retry", post(retry))
+        .route("/v1/quarantine/{entity_type}/{entity_id}/fixture", get(fixture))
+        .route("/v1/dead-letters/{id}/resubmit", post(resubmit))
+        .layer(middleware::from_fn_with_state(app, require_token))
+}
+
+async fn require_token(State(app): State<App>, req: Request, next: Next) -> Result<Response, ApiError> {
+    if app.config.admin.disable_auth {
+        return Ok(next.run(req).await);
+    }
+    let Some(token) = app.config.admin.token.as_deref().filter(|t| !t.is_empty()) else {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "the admin API is disabled: set admin.token (or admin.disable_auth = true)".into(),
+        ));
+    };
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(next.run(req).await),
+        Some(_) => Err(ApiError(StatusCode::UNAUTHORIZED, "invalid admin token".into())),
+        None => Err(ApiError(StatusCode::UNAUTHORIZED, "missing bearer token".into())),
+    }
+}
+
+/// Compare without an early exit, so timing does not reveal the prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl From<InstallError> for ApiError {
+    fn from(e: InstallError) -> Self {
+        let status = match &e {
+            InstallError::Invalid(_) | InstallError::WrongEntityType { .. } | InstallError::SampleFold(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            InstallError::NotFound(_) => StatusCode::NOT_FOUND,
+            InstallError::Conflict(_) => StatusCode::CONFLICT,
+            InstallError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    /// `forward` (default), `rebuild`, or `none` to only store it.
+    mode: Option<String>,
+}
+
+fn parse_mode(m: Option<&str>) -> Result<Option<SwapMode>, ApiError> {
+    match m.unwrap_or("forward") {
+        "forward" => Ok(Some(SwapMode::Forward)),
+        "rebuild" => Ok(Some(SwapMode::Rebuild)),
+        "none" => Ok(None),
+        other => Err(ApiError(StatusCode::BAD_REQUEST, format!("unknown mode {other:?}: forward, rebuild or none"))),
+    }
+}
+
+async fn upload(
+    State(app): State<App>,
+    Path(entity_type): Path<String>,
+    Query(q): Query<UploadQuery>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let mode = parse_mode(q.mode.as_deref())?;
+    if body.is_empty() {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "empty body: send the component bytes".into()));
+    }
+    let installed = lifecycle::install(&app, body.to_vec(), Some(&entity_type), mode).await?;
+    Ok((StatusCode::CREATED, Json(serde_json::to_value(installed).unwrap_or_default())))
+}
+
+async fn describe_type(app: &App, entity_type: &str) -> ApiResult<Value> {
+    let versions = app.plugin_store.plugin_versions(entity_type).await?;
+    let activation = app.plugin_store.activations().await?.into_iter().find(|a| a.entity_type == entity_type);
+    let running = app.registry.get(entity_type).map(|p| p.digest.clone());
+    Ok(json!({
+        "entity_type": entity_type,
+        "active": activation,
+        "running_digest": running,
+        "versions": versions,
+    }))
+}
+
+async fn list_type(State(app): State<App>, Path(entity_type): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(describe_type(&app, &entity_type).await?))
+}
+
+async fn list_all(State(app): State<App>) -> ApiResult<Json<Value>> {
+    let mut types: Vec<String> = app.plugin_store.activations().await?.into_iter().map(|a| a.entity_type).collect();
+    for t in app.registry.snapshot().keys() {
+        if !types.contains(t) {
+            types.push(t.clone());
+        }
+    }
+    types.sort();
+    let mut out = Vec::new();
+    for t in types {
+        out.push(describe_type(&app, &t).await?);
+    }
+    Ok(Json(json!({ "plugins": out })))
+}
+
+#[derive(Deserialize)]
+struct ActivateBody {
+    digest: String,
+    mode: Option<String>,
+}
+
+async fn activate(
+    State(app): State<App>,
+    Path(entity_type): Path<String>,
+    Json(b): Json<ActivateBody>,
+) -> ApiResult<Json<Value>> {
+    let mode = parse_mode(b.mode.as_deref())?.unwrap_or(SwapMode::Forward);
+    let rebuild = lifecycle::activate(&app, &entity_type, &b.digest, mode).await?;
+    Ok(Json(json!({ "entity_type": entity_type, "digest": b.digest, "mode": mode, "rebuild": rebuild })))
+}
+
+async fn rollback(State(app): State<App>, Path(entity_type): Path<String>) -> ApiResult<Json<Value>> {
+    let a = lifecycle::rollback(&app, &entity_type).await?;
+    Ok(Json(serde_json::to_value(a).unwrap_or_default()))
+}
+
+async fn rebuilds(State(app): State<App>) -> ApiResult<Json<Value>> {
+    let mut all: Vec<_> = app.rebuilds.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Json(json!({ "rebuilds": all })))
+}
+
+async fn rebuild(State(app): State<App>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let r = app.rebuilds.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+    match r {
+        Some(r) => Ok(Json(serde_json::to_value(r).unwrap_or_default())),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no rebuild {id}"))),
+    }
+}
+
+async fn retry(State(app): State<App>, Path((t, id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+    Ok(Json(lifecycle::retry(&app, &EntityKey::new(t, id)).await?))
+}
+
+async fn fixture(State(app): State<App>, Path((t, id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+    Ok(Json(lifecycle::fixture(&app, &EntityKey::new(t, id)).await?))
+}
+
+async fn resubmit(State(app): State<App>, Path(id): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+    let corrected = (!body.is_empty()).then(|| body.to_vec());
+    Ok(Json(lifecycle::resubmit(&app, &id, corrected).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn token_comparison() {
+        assert!(super::constant_time_eq(b"abc", b"abc"));
+        assert!(!super::constant_time_eq(b"abc", b"abd"));
+        assert!(!super::constant_time_eq(b"abc", b"abcd"));
+    }
 }
