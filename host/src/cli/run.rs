@@ -25,6 +25,22 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
         tracing::info!(%addr, "HTTP API listening");
         println!("refold: HTTP API on http://{addr}");
     }
+    // Activations made on any host (or before a restart) reach this one.
+    {
+        let app = app.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(crate::lifecycle::REGISTRY_POLL) => {}
+                    r = stop.changed() => if r.is_err() || *stop.borrow() { break },
+                }
+                if let Err(e) = crate::lifecycle::sync_registry(&app).await {
+                    tracing::warn!(error = %format!("{e:#}"), "registry poll failed");
+                }
+            }
+        });
+    }
     if let Some(dir) = &config.plugins.dir {
         crate::reload::watch_dir(app.clone(), dir.clone(), stop_rx.clone())?;
     }

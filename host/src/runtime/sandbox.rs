@@ -41,7 +41,7 @@ pub enum CallError {
         message: String,
     },
     /// The guest returned its own error for one event of the batch.
-    #[error("plugin error at event {} ({}): {}", .0.event_index, .0.event_id, .0.message)]
+    #[error("plugin error on event {}: {}", .0.event_id, .0.message)]
     Plugin(PluginError),
     /// The guest returned more than the limits allow; the host refused it.
     #[error("{what} of {size} bytes exceeds the limit of {max} bytes")]

@@ -1,0 +1,183 @@
+//! `refold plugin push|list|activate|rollback|status` and
+//! `refold quarantine export`: thin clients of the admin API.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+/// Where the admin API is and how to authenticate.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Endpoint {
+    /// Base URL of a refold host.
+    #[arg(long, env = "REFOLD_API", default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+    /// Admin bearer token.
+    #[arg(long, env = "REFOLD_TOKEN")]
+    pub token: Option<String>,
+}
+
+impl Endpoint {
+    fn client(&self) -> anyhow::Result<reqwest::Client> {
+        Ok(reqwest::Client::builder().timeout(Duration::from_secs(300)).build()?)
+    }
+
+    fn auth(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let resp = self.auth(r).send().await.with_context(|| format!("calling {}", self.api))?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let msg = body.get("error").and_then(Value::as_str).unwrap_or("(no message)").to_string();
+            anyhow::bail!("{status}: {msg}");
+        }
+        Ok(body)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api.trim_end_matches('/'))
+    }
+}
+
+/// `plugin push`: upload, then (for a rebuild) follow its progress.
+pub async fn push(ep: &Endpoint, file: &Path, entity_type: &str, mode: &str) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let c = ep.client()?;
+    let body = ep
+        .send(c.put(ep.url(&format!("/v1/plugins/{entity_type}?mode={mode}"))).body(bytes))
+        .await?;
+    println!(
+        "stored {}@{} sha256:{} (sample fold: {} entities, {} events)",
+        body["version"]["name"].as_str().unwrap_or("?"),
+        body["version"]["version"].as_str().unwrap_or("?"),
+        body["version"]["digest"].as_str().unwrap_or("?"),
+        body["sample"]["entities"],
+        body["sample"]["events"],
+    );
+    if let Some(id) = body["rebuild"].as_str() {
+        follow_rebuild(ep, id).await?;
+    } else if let Some(m) = body["activation"].as_str() {
+        println!("activated ({m})");
+    }
+    Ok(())
+}
+
+/// Print a progress bar until the rebuild ends.
+pub async fn follow_rebuild(ep: &Endpoint, id: &str) -> anyhow::Result<()> {
+    let c = ep.client()?;
+    loop {
+        let s = ep.send(c.get(ep.url(&format!("/v1/rebuilds/{id}")))).await?;
+        let done = s["events_done"].as_f64().unwrap_or(0.0);
+        let total = s["events_total"].as_f64().unwrap_or(0.0).max(1.0);
+        let frac = (done / total).min(1.0);
+        let width = 30;
+        let filled = (frac * width as f64) as usize;
+        let eta = s["eta_seconds"].as_f64().map(|e| format!("{e:.0}s")).unwrap_or_else(|| "?".into());
+        print!(
+            "\r{id} [{}{}] {:>3.0}% {}/{} events, {} entities, {:.0} ev/s, ETA {eta}, {}   ",
+            "#".repeat(filled),
+            " ".repeat(width - filled),
+            frac * 100.0,
+            done,
+            total,
+            s["entities_done"],
+            s["rate"].as_f64().unwrap_or(0.0),
+            s["state"].as_str().unwrap_or("?"),
+        );
+        let _ = std::io::stdout().flush();
+        match s["state"].as_str() {
+            Some("done") => {
+                println!("\ncut over");
+                return Ok(());
+            }
+            Some("failed") => {
+                println!();
+                anyhow::bail!("rebuild failed: {}", s["error"].as_str().unwrap_or("?"));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// `plugin list [TYPE]`
+pub async fn list(ep: &Endpoint, entity_type: Option<&str>) -> anyhow::Result<()> {
+    let c = ep.client()?;
+    let path = match entity_type {
+        Some(t) => format!("/v1/plugins/{t}"),
+        None => "/v1/plugins".into(),
+    };
+    let v = ep.send(c.get(ep.url(&path))).await?;
+    let items: Vec<Value> = match v.get("plugins") {
+        Some(Value::Array(a)) => a.clone(),
+        _ => vec![v],
+    };
+    println!("{:<10} {:<10} {:<10} {:<14} {:<8}", "TYPE", "NAME", "VERSION", "DIGEST", "ACTIVE");
+    for t in items {
+        let active = t["active"]["digest"].as_str().unwrap_or("");
+        for ver in t["versions"].as_array().cloned().unwrap_or_default() {
+            let d = ver["digest"].as_str().unwrap_or("");
+            println!(
+                "{:<10} {:<10} {:<10} {:<14} {:<8}",
+                ver["entity_type"].as_str().unwrap_or(""),
+                ver["name"].as_str().unwrap_or(""),
+                ver["version"].as_str().unwrap_or(""),
+                &d[..d.len().min(12)],
+                if d == active { "*" } else { "" }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `plugin activate TYPE DIGEST [--mode]`
+pub async fn activate(ep: &Endpoint, entity_type: &str, digest: &str, mode: &str) -> anyhow::Result<()> {
+    let c = ep.client()?;
+    let v = ep
+        .send(c.post(ep.url(&format!("/v1/plugins/{entity_type}/activate"))).json(&serde_json::json!({"digest": digest, "mode": mode})))
+        .await?;
+    if let Some(id) = v["rebuild"].as_str() {
+        follow_rebuild(ep, id).await
+    } else {
+        println!("activated {digest} for {entity_type}");
+        Ok(())
+    }
+}
+
+/// `plugin rollback TYPE`
+pub async fn rollback(ep: &Endpoint, entity_type: &str) -> anyhow::Result<()> {
+    let c = ep.client()?;
+    let v = ep.send(c.post(ep.url(&format!("/v1/plugins/{entity_type}/rollback")))).await?;
+    println!("rolled back {entity_type} to {}", v["digest"].as_str().unwrap_or("?"));
+    Ok(())
+}
+
+/// `quarantine export TYPE ID DIR`: a fixture directory `refold test` runs.
+pub async fn export(ep: &Endpoint, entity_type: &str, entity_id: &str, dir: &Path) -> anyhow::Result<()> {
+    let c = ep.client()?;
+    let v = ep.send(c.get(ep.url(&format!("/v1/quarantine/{entity_type}/{entity_id}/fixture")))).await?;
+    std::fs::create_dir_all(dir)?;
+    let mut events = String::new();
+    for e in v["events"].as_array().cloned().unwrap_or_default() {
+        events.push_str(&e.to_string());
+        events.push('\n');
+    }
+    std::fs::write(dir.join("events.jsonl"), events)?;
+    let mut expected = String::new();
+    for e in v["expected"].as_array().cloned().unwrap_or_default() {
+        expected.push_str(&e.to_string());
+        expected.push('\n');
+    }
+    std::fs::write(dir.join("expected.jsonl"), expected)?;
+    std::fs::write(dir.join("state_before.json"), serde_json::to_string_pretty(&v["state_before"])?)?;
+    std::fs::write(dir.join("quarantine.json"), serde_json::to_string_pretty(&v["quarantine"])?)?;
+    println!("wrote {} (run: refold test --plugin PLUGIN.wasm {})", dir.display(), dir.display());
+    Ok(())
+}
