@@ -386,9 +386,13 @@ fn dead_letter(r: &SourceRecord, why: &Rejection) -> DeadLetter {
         payload.push_str("…(truncated)");
     }
     DeadLetter {
+        // Derived from the origin, so re-reading the record after a crash
+        // yields the same id; hashed, so it is safe in a URL.
         id: format!(
-            "{}:{}:{}",
-            r.origin.source, r.origin.partition, r.origin.offset
+            "dl-{}",
+            &crate::runtime::digest_of(
+                format!("{}\u{0}{}\u{0}{}", r.origin.source, r.origin.partition, r.origin.offset).as_bytes()
+            )[..20]
         ),
         code: why.code().to_string(),
         reason: why.to_string(),

@@ -2,6 +2,8 @@
 //! API, with fixtures from `examples/` and guest components built from
 //! `plugins/` during the run.
 
+mod cluster;
 mod common;
 mod embedded;
+mod lifecycle;
 mod sandbox;

@@ -15,7 +15,11 @@ use crate::store::{Checkpoint, Origin};
 struct FileCursor {
     path: PathBuf,
     name: String,
+    /// Next byte to read.
     offset: u64,
+    /// Everything before this byte is durable: lag is measured from here,
+    /// so a batch stuck in processing shows as lag, not as progress.
+    committed: u64,
     done: bool,
 }
 
@@ -47,6 +51,7 @@ impl JsonlSource {
                     path: p.clone(),
                     name,
                     offset,
+                    committed: offset,
                     done: false,
                 }
             })
@@ -149,8 +154,14 @@ impl EventSource for JsonlSource {
         }
     }
 
-    async fn commit(&mut self, _checkpoints: &[Checkpoint]) -> anyhow::Result<()> {
-        // The checkpoint was written with the batch, in the same transaction.
+    async fn commit(&mut self, checkpoints: &[Checkpoint]) -> anyhow::Result<()> {
+        // The checkpoint itself was written with the batch, in the same
+        // transaction; here we only track it for the lag.
+        for c in checkpoints {
+            if let Some(f) = self.files.iter_mut().find(|f| f.name == c.source) {
+                f.committed = f.committed.max(c.offset.max(0) as u64);
+            }
+        }
         Ok(())
     }
 

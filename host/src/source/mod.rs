@@ -1,6 +1,7 @@
 //! Event sources: where records come from, and how consumption is checkpointed.
 
 pub mod jsonl;
+pub mod kafka;
 
 use async_trait::async_trait;
 
@@ -65,6 +66,7 @@ pub fn checkpoints_of(records: &[SourceRecord]) -> Vec<Checkpoint> {
 }
 
 /// Open the Kafka source of the configured consumer group.
-pub async fn open_kafka(_app: &crate::app::App) -> anyhow::Result<Box<dyn EventSource>> {
-    anyhow::bail!("the Kafka source is not available in this build")
+pub async fn open_kafka(app: &crate::app::App) -> anyhow::Result<Box<dyn EventSource>> {
+    let linger = std::time::Duration::from_millis(app.config.source.linger_ms);
+    Ok(Box::new(kafka::KafkaSource::new(&app.config.kafka, linger)?))
 }

@@ -7,6 +7,7 @@
 //! entity (raw events + state together), fenced by position.
 
 pub mod plugins;
+pub mod cassandra;
 pub mod sqlite;
 
 pub use plugins::{Activation, PluginStore, PluginVersion};
@@ -315,7 +316,7 @@ mod tests {
 
 /// Open the Cassandra storage.
 pub async fn open_cassandra(
-    _config: &crate::config::CassandraConfig,
+    config: &crate::config::CassandraConfig,
 ) -> anyhow::Result<std::sync::Arc<dyn Storage>> {
-    anyhow::bail!("the Cassandra store is not available in this build")
+    Ok(std::sync::Arc::new(cassandra::CassandraStore::open(config).await?))
 }

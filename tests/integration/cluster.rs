@@ -1,0 +1,461 @@
+//! Cluster mode end to end, against real servers: Kafka at
+//! `$REFOLD_TEST_KAFKA` (default 127.0.0.1:9092) and Cassandra at
+//! `$REFOLD_TEST_CASSANDRA` (default 127.0.0.1:9042), as started by
+//! `deploy/local/up`. A test whose server is unreachable fails, it never
+//! skips. Each test has its own topic, consumer group and keyspace, so they
+//! can run in parallel; the one that freezes Cassandra runs alone.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{TcpStream, ToSocketAddrs as _};
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use serde_json::{Value, json};
+
+use crate::common::*;
+use crate::embedded::generated_bank;
+
+const PARTITIONS: i32 = 4;
+
+/// Tests share the servers; the Cassandra-freezing test takes it exclusively.
+static SERVERS: RwLock<()> = RwLock::new(());
+
+fn shared() -> RwLockReadGuard<'static, ()> {
+    SERVERS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    SERVERS.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn kafka_addr() -> String {
+    std::env::var("REFOLD_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+fn cassandra_addr() -> String {
+    std::env::var("REFOLD_TEST_CASSANDRA").unwrap_or_else(|_| "127.0.0.1:9042".into())
+}
+
+/// Fail (never skip) with a clear message when a server is not reachable.
+fn require_servers() {
+    for (name, addr, var) in [
+        ("Kafka", kafka_addr(), "REFOLD_TEST_KAFKA"),
+        ("Cassandra", cassandra_addr(), "REFOLD_TEST_CASSANDRA"),
+    ] {
+        let first = addr.split(',').next().unwrap_or_default().to_string();
+        let reachable = first
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .map(|sa| TcpStream::connect_timeout(&sa, Duration::from_secs(3)));
+        match reachable {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!(
+                "{name} is not reachable at {first} ({e}). The cluster tests need real servers: \
+                 start them with deploy/local/up, or point {var} at yours."
+            ),
+            None => panic!("{name} address {first:?} ({var}) does not resolve"),
+        }
+    }
+}
+
+/// A name unique to this run and test: a topic, group and keyspace.
+fn unique(what: &str) -> String {
+    format!("it_{what}_{}_{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+/// Create a topic with [`PARTITIONS`] partitions.
+fn create_topic(name: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_addr())
+        .create()
+        .expect("creating a Kafka admin client");
+    let topic = NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = futures::executor::block_on(admin.create_topics([&topic], &opts))
+        .unwrap_or_else(|e| panic!("creating topic {name} on {}: {e}", kafka_addr()));
+    for r in results {
+        if let Err((t, e)) = r {
+            panic!("creating topic {t}: {e}");
+        }
+    }
+}
+
+/// Produce a JSONL file with `refold produce`.
+fn produce(dir: &Path, topic: &str, file: &Path, binary: bool) -> Value {
+    let brokers = kafka_addr();
+    let mut args = vec!["produce", "--brokers", &brokers, "--topic", topic, file.to_str().unwrap()];
+    if binary {
+        args.push("--binary");
+    }
+    let (code, out, err) = refold(&args, dir);
+    assert_eq!(code, 0, "refold produce failed:\nstdout: {out}\nstderr: {err}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("refold produce printed {out:?}"))
+}
+
+/// One test's names and files.
+struct Cluster {
+    dir: tempfile::TempDir,
+    topic: String,
+    group: String,
+    keyspace: String,
+}
+
+impl Cluster {
+    fn new(what: &str) -> Cluster {
+        require_servers();
+        let name = unique(what);
+        create_topic(&name);
+        Cluster { dir: tempdir(), topic: name.clone(), group: name.clone(), keyspace: name }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Write a cluster-mode config; `kafka_extra` and `cassandra_extra` are
+    /// more keys of those sections.
+    fn config(&self, name: &str, batch_size: usize, kafka_extra: &str, cassandra_extra: &str) -> PathBuf {
+        let q = |p: PathBuf| format!("{:?}", p.display().to_string());
+        let cfg = format!(
+            "[source]\nkind = \"kafka\"\nbatch_size = {batch_size}\nlinger_ms = 50\n\n\
+             [kafka]\nbrokers = {brokers:?}\ntopics = [{topic:?}]\ngroup_id = {group:?}\n{kafka_extra}\n\n\
+             [store]\nkind = \"cassandra\"\n\n\
+             [cassandra]\nnodes = [{nodes:?}]\nkeyspace = {ks:?}\n{cassandra_extra}\n\n\
+             [plugins]\nfiles = [{bank}, {orders}]\n",
+            brokers = kafka_addr(),
+            topic = self.topic,
+            group = self.group,
+            nodes = cassandra_addr(),
+            ks = self.keyspace,
+            bank = q(root().join("examples/bank/bank.wasm")),
+            orders = q(root().join("examples/orders/orders.wasm")),
+        );
+        let p = self.path().join(format!("{name}.toml"));
+        std::fs::write(&p, cfg).unwrap();
+        p
+    }
+
+    fn write_lines(&self, name: &str, lines: &[String]) -> PathBuf {
+        let p = self.path().join(name);
+        append(&p, lines);
+        p
+    }
+}
+
+/// Wait until every entity has its expected state; returns the last
+/// answers, by entity id.
+fn wait_for_states(host: &Host, entity_type: &str, expected: &BTreeMap<String, Value>, limit: Duration) -> HashMap<String, Value> {
+    let start = Instant::now();
+    let mut got = HashMap::new();
+    for (id, want) in expected {
+        let path = format!("/v1/entities/{entity_type}/{id}");
+        let left = limit.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
+        let mut last = Value::Null;
+        let ok = poll(left, || {
+            let (c, v) = host.get(&path);
+            let done = c == 200 && v["state"] == *want;
+            last = v.clone();
+            done.then_some(v)
+        });
+        let v = ok.unwrap_or_else(|| {
+            panic!(
+                "{path}: expected state {want}, last answer {last} (after {:?})\nhost log tail:\n{}",
+                start.elapsed(),
+                tail(&host.log_text(), 40)
+            )
+        });
+        got.insert(id.clone(), v);
+    }
+    got
+}
+
+fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `(entity_type, entity_id) -> distinct event ids` of the lines that are
+/// events of a known type: what the event store must hold.
+fn distinct_events(lines: &[String], known_types: &[&str]) -> BTreeMap<(String, String), HashSet<String>> {
+    let mut out: BTreeMap<(String, String), HashSet<String>> = BTreeMap::new();
+    for l in lines {
+        let Ok(v) = serde_json::from_str::<Value>(l) else { continue };
+        let s = |k: &str| v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+        let (Some(id), Some(_), Some(subject), Some(t)) = (s("id"), s("type"), s("subject"), s("entitytype")) else {
+            continue;
+        };
+        if known_types.contains(&t.as_str()) {
+            out.entry((t, subject)).or_default().insert(id);
+        }
+    }
+    out
+}
+
+fn expected_states(file: &Path) -> BTreeMap<(String, String), Value> {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                (v["entity_type"].as_str().unwrap().to_string(), v["entity_id"].as_str().unwrap().to_string()),
+                v["state"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn read_lines(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p).unwrap().lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect()
+}
+
+/// Every generated account at its reference state, each event stored once.
+fn check_bank(host: &Host, lines: &[String], expected: &BTreeMap<String, Value>, limit: Duration) {
+    let got = wait_for_states(host, "account", expected, limit);
+    let distinct = distinct_events(lines, &["account"]);
+    for ((_, id), ids) in &distinct {
+        let v = &got[id];
+        assert_eq!(v["head"], json!(ids.len()), "account {id}: every distinct event stored once: {v}");
+        assert_eq!(v["position"], json!(ids.len()), "account {id}: every event applied once: {v}");
+        assert_eq!(v["quarantined"], false, "{v}");
+    }
+}
+
+#[test]
+fn kafka_fixtures_fold_to_the_expected_states_in_cassandra() {
+    let _g = shared();
+    let c = Cluster::new("fixtures");
+    let bank = root().join("examples/bank/events.jsonl");
+    let orders = root().join("examples/orders/events.jsonl");
+    let p1 = produce(c.path(), &c.topic, &bank, false);
+    let p2 = produce(c.path(), &c.topic, &orders, true);
+    assert_eq!(p1["records"], json!(read_lines(&bank).len()), "{p1}");
+    assert_eq!(p2["mode"], "binary", "{p2}");
+
+    let cfg = c.config("host", 16, "", "");
+    let host = Host::start(&cfg, c.path(), &[]);
+    let mut expected = expected_states(&root().join("examples/bank/expected.jsonl"));
+    expected.extend(expected_states(&root().join("examples/orders/expected.jsonl")));
+    let mut lines = read_lines(&bank);
+    lines.extend(read_lines(&orders));
+    let distinct = distinct_events(&lines, &["account", "order"]);
+    for ((t, id), want) in &expected {
+        let one: BTreeMap<String, Value> = [(id.clone(), want.clone())].into();
+        let v = &wait_for_states(&host, t, &one, Duration::from_secs(90))[id];
+        let n = distinct.get(&(t.clone(), id.clone())).map(HashSet::len).unwrap_or(0);
+        assert_eq!(v["head"], json!(n), "{t}/{id}: the raw events are exactly the distinct valid input events: {v}");
+    }
+    // No entity beyond the expected ones got a state (dead letters added none).
+    assert_eq!(distinct.len(), expected.len(), "fixtures: {:?}", distinct.keys().collect::<Vec<_>>());
+
+    // One poison event per fixture: quarantined, with its held events stored.
+    let (_, q) = host.get("/v1/quarantine");
+    let quarantined: HashSet<String> =
+        q["items"].as_array().unwrap().iter().map(|i| i["key"]["entity_id"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(quarantined, HashSet::from(["acc-5".to_string(), "order-6".to_string()]), "{q}");
+    let (_, acc5) = host.get("/v1/entities/account/acc-5");
+    assert_eq!(acc5["quarantined"], true, "{acc5}");
+    assert!(acc5["position"].as_u64().unwrap() < acc5["head"].as_u64().unwrap(), "held events are stored: {acc5}");
+
+    // The read model, from Cassandra: one balance document per owner.
+    for ((t, _), state) in &expected {
+        if t == "account" {
+            let owner = state["owner"].as_str().unwrap();
+            let (code, doc) = host.get(&format!("/v1/projections/balances/{owner}"));
+            assert_eq!(code, 200, "balances/{owner}: {doc}");
+            assert_eq!(doc["document"]["balance"], state["balance"], "balances/{owner}: {doc}");
+        }
+    }
+    let (code, _) = host.get("/v1/projections/balances/grace");
+    assert_eq!(code, 404, "grace's document is deleted when acc-7 changes owner");
+
+    // Point in time, folded from the raw events kept in Cassandra.
+    let (code, past) = host.get("/v1/entities/account/acc-1?at=1");
+    assert_eq!(code, 200, "{past}");
+    assert_eq!(past["state"]["balance"], 0, "{past}");
+
+    // Bad lines of both files are dead letters, with their Kafka origin.
+    let (_, dl) = host.get("/v1/dead-letters");
+    assert!(dl["count"].as_u64().unwrap() >= 10, "{dl}");
+    for d in dl["items"].as_array().unwrap() {
+        assert_eq!(d["origin"]["source"], json!(c.topic), "{d}");
+    }
+}
+
+#[test]
+fn bad_records_become_dead_letters_with_their_kafka_origin() {
+    let _g = shared();
+    let c = Cluster::new("deadletters");
+    let lines = vec![
+        ce("d1", "account", "dl-1", "account.opened", json!({"owner": "ann"})),
+        "{this is not json".to_string(),
+        json!({"specversion": "1.0", "id": "m1", "type": "account.deposited", "entitytype": "account", "data": {"amount": 5}})
+            .to_string(),
+        ce("u1", "ledger", "l-1", "ledger.posted", json!({})),
+        ce("d2", "account", "dl-1", "account.deposited", json!({"amount": 70})),
+    ];
+    let file = c.write_lines("bad.jsonl", &lines);
+    produce(c.path(), &c.topic, &file, false);
+    let host = Host::start(&c.config("host", 100, "", ""), c.path(), &[]);
+    let want: BTreeMap<String, Value> =
+        [("dl-1".to_string(), json!({"owner": "ann", "balance": 70, "transactions": 1, "open": true}))].into();
+    wait_for_states(&host, "account", &want, Duration::from_secs(60));
+    let dl = poll(Duration::from_secs(30), || {
+        let (_, dl) = host.get("/v1/dead-letters");
+        (dl["count"] == 3).then_some(dl)
+    })
+    .unwrap_or_else(|| panic!("3 dead letters expected: {}", host.get("/v1/dead-letters").1));
+    let items = dl["items"].as_array().unwrap();
+    let by_code: HashMap<&str, &Value> = items.iter().map(|d| (d["code"].as_str().unwrap(), d)).collect();
+    for code in ["malformed_json", "missing_attribute", "unknown_entity_type"] {
+        let d = by_code.get(code).unwrap_or_else(|| panic!("no {code} dead letter: {dl}"));
+        assert!(!d["reason"].as_str().unwrap().is_empty(), "{d}");
+        let o = &d["origin"];
+        assert_eq!(o["source"], json!(c.topic), "{d}");
+        let partition = o["partition"].as_i64().unwrap();
+        assert!((0..PARTITIONS as i64).contains(&partition), "{d}");
+        assert!(o["offset"].as_i64().unwrap() >= 0, "{d}");
+        assert_eq!(d["id"], json!(format!("{}:{}:{}", c.topic, partition, o["offset"])), "{d}");
+    }
+    assert!(by_code["missing_attribute"]["reason"].as_str().unwrap().contains("subject"), "{dl}");
+    assert!(by_code["malformed_json"]["payload"].as_str().unwrap().contains("this is not json"), "{dl}");
+    assert_eq!(by_code["unknown_entity_type"]["entity_type"], "ledger", "{dl}");
+}
+
+#[test]
+fn sigkill_at_random_points_loses_nothing_and_applies_nothing_twice() {
+    let _g = shared();
+    let c = Cluster::new("crash");
+    let (lines, expected) = generated_bank(20_000, 150, 11);
+    let file = c.write_lines("events.jsonl", &lines);
+    produce(c.path(), &c.topic, &file, false);
+    // Small buckets: entities move to new partitions while hosts die.
+    // A static group member: a restarted host takes its partitions back at once.
+    let cfg = c.config("host", 300, "properties = { \"group.instance.id\" = \"crash-host\" }", "bucket_size = 40");
+    let mut rng = 0x5eed_u64;
+    for round in 0..4 {
+        let mut host = Host::start(&cfg, c.path(), &[]);
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(1500 + (rng >> 33) % 2500));
+        host.kill();
+        eprintln!("crash round {round}: killed");
+    }
+    let host = Host::start(&cfg, c.path(), &[]);
+    check_bank(&host, &lines, &expected, Duration::from_secs(150));
+    let (_, dl) = host.get("/v1/dead-letters");
+    assert_eq!(dl["count"], 0, "{dl}");
+    // Histories span several buckets and read back whole, in order.
+    let (code, v) = host.get("/v1/entities/account/c-0?at=45");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["position"], 45, "{v}");
+}
+
+#[test]
+fn a_rebalance_moves_partitions_without_loss_or_double_apply() {
+    let _g = shared();
+    let c = Cluster::new("rebalance");
+    let (lines, expected) = generated_bank(20_000, 120, 23);
+    let file = c.write_lines("events.jsonl", &lines);
+    let cfg = c.config("host", 200, "", "");
+    let mut a = Host::start(&cfg, c.path(), &[]);
+    produce(c.path(), &c.topic, &file, false);
+    // Something is folded by A before B joins.
+    let (seen_id, seen) = poll(Duration::from_secs(60), || {
+        expected.keys().find_map(|id| {
+            let (code, v) = a.get(&format!("/v1/entities/account/{id}"));
+            (code == 200 && v["position"].as_u64().unwrap_or(0) > 0).then(|| (id.clone(), v))
+        })
+    })
+    .unwrap_or_else(|| panic!("host A folded nothing:\n{}", tail(&a.log_text(), 40)));
+    let b = Host::start(&cfg, c.path(), &[]);
+    // Both share the partitions for a while, then A dies without leaving.
+    poll(Duration::from_secs(30), || b.log_text().contains("Kafka partitions assigned").then_some(()))
+        .unwrap_or_else(|| panic!("host B was never assigned partitions:\n{}", tail(&b.log_text(), 40)));
+    std::thread::sleep(Duration::from_secs(2));
+    a.kill();
+    // B serves what A stored, and ends with everything exactly once.
+    let (code, v) = b.get(&format!("/v1/entities/account/{seen_id}"));
+    assert_eq!(code, 200, "{v}");
+    assert!(v["position"].as_u64().unwrap() >= seen["position"].as_u64().unwrap(), "B sees A's work: {v} vs {seen}");
+    check_bank(&b, &lines, &expected, Duration::from_secs(150));
+}
+
+/// SIGSTOP/SIGCONT of the local Cassandra: an unresponsive node (requests
+/// time out, connections stall) rather than a restart, which is slow and
+/// racy to automate. The host must wait, retry, and end exactly right.
+struct Frozen(i32);
+
+impl Frozen {
+    fn freeze(pid: i32) -> Frozen {
+        signal(pid, "STOP");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+fn signal(pid: i32, sig: &str) {
+    let ok = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().map(|s| s.success());
+    assert!(matches!(ok, Ok(true)), "kill -{sig} {pid} failed");
+}
+
+fn cassandra_pid() -> i32 {
+    let home = std::env::var("REFOLD_LOCAL_HOME").unwrap_or_else(|_| "/tmp/refold-local".into());
+    let file = Path::new(&home).join("cassandra/cassandra.pid");
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| {
+        panic!("{}: {e}: this test freezes the Cassandra started by deploy/local/up", file.display())
+    });
+    text.trim().parse().unwrap_or_else(|_| panic!("{} holds {text:?}", file.display()))
+}
+
+#[test]
+fn an_unresponsive_cassandra_is_waited_out() {
+    let _g = exclusive();
+    let c = Cluster::new("freeze");
+    let pid = cassandra_pid();
+    let (lines, expected) = generated_bank(12_000, 100, 5);
+    let file = c.write_lines("events.jsonl", &lines);
+    produce(c.path(), &c.topic, &file, false);
+    let host = Host::start(&c.config("host", 200, "", ""), c.path(), &[]);
+    poll(Duration::from_secs(60), || {
+        let (code, v) = host.get("/v1/entities/account/c-0");
+        (code == 200).then_some(v)
+    })
+    .unwrap_or_else(|| panic!("nothing folded before the freeze:\n{}", tail(&host.log_text(), 40)));
+    {
+        let _frozen = Frozen::freeze(pid);
+        eprintln!("cassandra (pid {pid}) frozen");
+        std::thread::sleep(Duration::from_secs(15));
+    }
+    eprintln!("cassandra thawed");
+    check_bank(&host, &lines, &expected, Duration::from_secs(150));
+    let log = host.log_text();
+    assert!(
+        log.contains("store unavailable") || log.contains("Cassandra unavailable"),
+        "the host should have seen the outage:\n{}",
+        tail(&log, 40)
+    );
+}
