@@ -28,13 +28,23 @@ pub fn router(app: App) -> Router<App> {
         .route("/v1/plugins/{entity_type}/rollback", post(rollback))
         .route("/v1/rebuilds", get(rebuilds))
         .route("/v1/rebuilds/{id}", get(rebuild))
-        .route("/v1/quarantine/{entity_type}/{entity_id}/retry", post(retry))
-        .route("/v1/quarantine/{entity_type}/{entity_id}/fixture", get(fixture))
+        .route(
+            "/v1/quarantine/{entity_type}/{entity_id}/retry",
+            post(retry),
+        )
+        .route(
+            "/v1/quarantine/{entity_type}/{entity_id}/fixture",
+            get(fixture),
+        )
         .route("/v1/dead-letters/{id}/resubmit", post(resubmit))
         .layer(middleware::from_fn_with_state(app, require_token))
 }
 
-async fn require_token(State(app): State<App>, req: Request, next: Next) -> Result<Response, ApiError> {
+async fn require_token(
+    State(app): State<App>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     if app.config.admin.disable_auth {
         return Ok(next.run(req).await);
     }
@@ -51,8 +61,14 @@ async fn require_token(State(app): State<App>, req: Request, next: Next) -> Resu
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(next.run(req).await),
-        Some(_) => Err(ApiError(StatusCode::UNAUTHORIZED, "invalid admin token".into())),
-        None => Err(ApiError(StatusCode::UNAUTHORIZED, "missing bearer token".into())),
+        Some(_) => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "invalid admin token".into(),
+        )),
+        None => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token".into(),
+        )),
     }
 }
 
@@ -64,9 +80,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 impl From<InstallError> for ApiError {
     fn from(e: InstallError) -> Self {
         let status = match &e {
-            InstallError::Invalid(_) | InstallError::WrongEntityType { .. } | InstallError::SampleFold(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            InstallError::Invalid(_)
+            | InstallError::WrongEntityType { .. }
+            | InstallError::SampleFold(_) => StatusCode::UNPROCESSABLE_ENTITY,
             InstallError::NotFound(_) => StatusCode::NOT_FOUND,
             InstallError::Conflict(_) => StatusCode::CONFLICT,
             InstallError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -86,7 +102,10 @@ fn parse_mode(m: Option<&str>) -> Result<Option<SwapMode>, ApiError> {
         "forward" => Ok(Some(SwapMode::Forward)),
         "rebuild" => Ok(Some(SwapMode::Rebuild)),
         "none" => Ok(None),
-        other => Err(ApiError(StatusCode::BAD_REQUEST, format!("unknown mode {other:?}: forward, rebuild or none"))),
+        other => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("unknown mode {other:?}: forward, rebuild or none"),
+        )),
     }
 }
 
@@ -98,15 +117,26 @@ async fn upload(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let mode = parse_mode(q.mode.as_deref())?;
     if body.is_empty() {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "empty body: send the component bytes".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "empty body: send the component bytes".into(),
+        ));
     }
     let installed = lifecycle::install(&app, body.to_vec(), Some(&entity_type), mode).await?;
-    Ok((StatusCode::CREATED, Json(serde_json::to_value(installed).unwrap_or_default())))
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::to_value(installed).unwrap_or_default()),
+    ))
 }
 
 async fn describe_type(app: &App, entity_type: &str) -> ApiResult<Value> {
     let versions = app.plugin_store.plugin_versions(entity_type).await?;
-    let activation = app.plugin_store.activations().await?.into_iter().find(|a| a.entity_type == entity_type);
+    let activation = app
+        .plugin_store
+        .activations()
+        .await?
+        .into_iter()
+        .find(|a| a.entity_type == entity_type);
     let running = app.registry.get(entity_type).map(|p| p.digest.clone());
     Ok(json!({
         "entity_type": entity_type,
@@ -116,12 +146,21 @@ async fn describe_type(app: &App, entity_type: &str) -> ApiResult<Value> {
     }))
 }
 
-async fn list_type(State(app): State<App>, Path(entity_type): Path<String>) -> ApiResult<Json<Value>> {
+async fn list_type(
+    State(app): State<App>,
+    Path(entity_type): Path<String>,
+) -> ApiResult<Json<Value>> {
     Ok(Json(describe_type(&app, &entity_type).await?))
 }
 
 async fn list_all(State(app): State<App>) -> ApiResult<Json<Value>> {
-    let mut types: Vec<String> = app.plugin_store.activations().await?.into_iter().map(|a| a.entity_type).collect();
+    let mut types: Vec<String> = app
+        .plugin_store
+        .activations()
+        .await?
+        .into_iter()
+        .map(|a| a.entity_type)
+        .collect();
     for t in app.registry.snapshot().keys() {
         if !types.contains(t) {
             types.push(t.clone());
@@ -148,37 +187,65 @@ async fn activate(
 ) -> ApiResult<Json<Value>> {
     let mode = parse_mode(b.mode.as_deref())?.unwrap_or(SwapMode::Forward);
     let rebuild = lifecycle::activate(&app, &entity_type, &b.digest, mode).await?;
-    Ok(Json(json!({ "entity_type": entity_type, "digest": b.digest, "mode": mode, "rebuild": rebuild })))
+    Ok(Json(
+        json!({ "entity_type": entity_type, "digest": b.digest, "mode": mode, "rebuild": rebuild }),
+    ))
 }
 
-async fn rollback(State(app): State<App>, Path(entity_type): Path<String>) -> ApiResult<Json<Value>> {
+async fn rollback(
+    State(app): State<App>,
+    Path(entity_type): Path<String>,
+) -> ApiResult<Json<Value>> {
     let a = lifecycle::rollback(&app, &entity_type).await?;
     Ok(Json(serde_json::to_value(a).unwrap_or_default()))
 }
 
 async fn rebuilds(State(app): State<App>) -> ApiResult<Json<Value>> {
-    let mut all: Vec<_> = app.rebuilds.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+    let mut all: Vec<_> = app
+        .rebuilds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
     all.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(Json(json!({ "rebuilds": all })))
 }
 
 async fn rebuild(State(app): State<App>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let r = app.rebuilds.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+    let r = app
+        .rebuilds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&id)
+        .cloned();
     match r {
         Some(r) => Ok(Json(serde_json::to_value(r).unwrap_or_default())),
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no rebuild {id}"))),
     }
 }
 
-async fn retry(State(app): State<App>, Path((t, id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+async fn retry(
+    State(app): State<App>,
+    Path((t, id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
     Ok(Json(lifecycle::retry(&app, &EntityKey::new(t, id)).await?))
 }
 
-async fn fixture(State(app): State<App>, Path((t, id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
-    Ok(Json(lifecycle::fixture(&app, &EntityKey::new(t, id)).await?))
+async fn fixture(
+    State(app): State<App>,
+    Path((t, id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        lifecycle::fixture(&app, &EntityKey::new(t, id)).await?,
+    ))
 }
 
-async fn resubmit(State(app): State<App>, Path(id): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+async fn resubmit(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
     let corrected = (!body.is_empty()).then(|| body.to_vec());
     Ok(Json(lifecycle::resubmit(&app, &id, corrected).await?))
 }

@@ -10,13 +10,13 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use crate::config::{Config, StoreKind};
+use crate::lifecycle::RebuildStatus;
 use crate::metrics::Metrics;
 use crate::pipeline::{BatchReport, Pipeline, PipelineConfig};
 use crate::registry::Registry;
 use crate::runtime::{Engine, Plugin};
 use crate::source::EventSource;
 use crate::store::sqlite::SqliteStore;
-use crate::lifecycle::RebuildStatus;
 use crate::store::{PluginStore, Storage, StoreError};
 
 /// Progress of one partition, for `/healthz`.
@@ -137,16 +137,17 @@ pub struct App {
 impl App {
     /// Open the configured storage and load the configured plugin files.
     pub async fn open(config: Config) -> anyhow::Result<App> {
-        let (storage, plugin_store): (Arc<dyn Storage>, Arc<dyn PluginStore>) = match config.store.kind {
-            StoreKind::Sqlite => {
-                let s = Arc::new(SqliteStore::open(&config.store.path)?);
-                (s.clone(), s)
-            }
-            StoreKind::Cassandra => {
-                let s = crate::store::open_cassandra(&config.cassandra).await?;
-                (s.clone(), s)
-            }
-        };
+        let (storage, plugin_store): (Arc<dyn Storage>, Arc<dyn PluginStore>) =
+            match config.store.kind {
+                StoreKind::Sqlite => {
+                    let s = Arc::new(SqliteStore::open(&config.store.path)?);
+                    (s.clone(), s)
+                }
+                StoreKind::Cassandra => {
+                    let s = crate::store::open_cassandra(&config.cassandra).await?;
+                    (s.clone(), s)
+                }
+            };
         let app = Self::with_storage(config, storage, plugin_store)?;
         crate::lifecycle::register_configured(&app).await?;
         Ok(app)

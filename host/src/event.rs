@@ -175,10 +175,8 @@ pub fn parse_binary(
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
             .filter(|s| !s.is_empty())
     };
-    if let Some(v) = header("ce_specversion") {
-        if v != "1.0" {
-            return Err(Rejection::SpecVersion(v));
-        }
+    if let Some(v) = header("ce_specversion").filter(|v| v != "1.0") {
+        return Err(Rejection::SpecVersion(v));
     }
     let req =
         |name: &'static str, short: &'static str| header(name).ok_or(Rejection::Missing(short));

@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::app::App;
 use crate::event::EntityKey;
 use crate::fold;
-use crate::pipeline::{Work, fold_one, sandbox_for};
+use crate::pipeline::{Work, fold_one};
 use crate::registry::plugin_ref;
 use crate::runtime::{LoadError, Plugin, Sandbox};
 use crate::source::SourceRecord;
@@ -130,7 +130,11 @@ pub struct RebuildStatus {
 
 /// Compile and validate bytes; `expected` is the entity type the caller
 /// meant (the upload URL or the watched file name).
-pub async fn validate(app: &App, bytes: Vec<u8>, expected: Option<&str>) -> Result<(Arc<Plugin>, SampleReport), InstallError> {
+pub async fn validate(
+    app: &App,
+    bytes: Vec<u8>,
+    expected: Option<&str>,
+) -> Result<(Arc<Plugin>, SampleReport), InstallError> {
     let app2 = app.clone();
     let plugin = tokio::task::spawn_blocking(move || app2.load_plugin_bytes(&bytes))
         .await
@@ -139,10 +143,11 @@ pub async fn validate(app: &App, bytes: Vec<u8>, expected: Option<&str>) -> Resu
             Ok(l) => InstallError::Invalid(l),
             Err(e) => InstallError::Internal(e),
         })?;
-    if let Some(expected) = expected {
-        if plugin.info.entity_type != expected {
-            return Err(InstallError::WrongEntityType { expected: expected.to_string(), got: plugin.info.entity_type.clone() });
-        }
+    if let Some(expected) = expected.filter(|e| *e != plugin.info.entity_type) {
+        return Err(InstallError::WrongEntityType {
+            expected: expected.to_string(),
+            got: plugin.info.entity_type.clone(),
+        });
     }
     let sample = sample_fold(app, &plugin).await?;
     Ok((plugin, sample))
@@ -154,7 +159,11 @@ pub async fn validate(app: &App, bytes: Vec<u8>, expected: Option<&str>) -> Resu
 async fn sample_fold(app: &App, plugin: &Arc<Plugin>) -> Result<SampleReport, InstallError> {
     let t = plugin.info.entity_type.clone();
     let ids = app.storage.entity_ids(&t).await?;
-    let keys: Vec<EntityKey> = ids.into_iter().take(16).map(|id| EntityKey::new(t.clone(), id)).collect();
+    let keys: Vec<EntityKey> = ids
+        .into_iter()
+        .take(16)
+        .map(|id| EntityKey::new(t.clone(), id))
+        .collect();
     let records = app.storage.load(&keys).await?;
     let mut cases = Vec::new();
     for k in keys {
@@ -167,14 +176,19 @@ async fn sample_fold(app: &App, plugin: &Arc<Plugin>) -> Result<SampleReport, In
         let mut report = SampleReport::default();
         let mut sandbox = Sandbox::new(p);
         for (k, applied, events) in cases {
-            let init = fold::init_state(&mut sandbox, &k.entity_id).map_err(|e| InstallError::SampleFold(format!("init({}) failed: {e}", k.entity_id)))?;
+            let init = fold::init_state(&mut sandbox, &k.entity_id).map_err(|e| {
+                InstallError::SampleFold(format!("init({}) failed: {e}", k.entity_id))
+            })?;
             let o = fold::fold_and_project(&mut sandbox, &k.entity_id, init, &events, true);
             report.entities += 1;
             report.events += o.applied;
             if let Some((i, e)) = o.failure {
                 let is_plugin_error = matches!(e, crate::runtime::CallError::Plugin(_));
                 if !is_plugin_error || events[i].position <= applied {
-                    return Err(InstallError::SampleFold(format!("{k} event {} (position {}): {e}", events[i].id, events[i].position)));
+                    return Err(InstallError::SampleFold(format!(
+                        "{k} event {} (position {}): {e}",
+                        events[i].id, events[i].position
+                    )));
                 }
             }
             sandbox.recycle();
@@ -186,7 +200,12 @@ async fn sample_fold(app: &App, plugin: &Arc<Plugin>) -> Result<SampleReport, In
 }
 
 /// Validate, store, and optionally activate.
-pub async fn install(app: &App, bytes: Vec<u8>, expected: Option<&str>, mode: Option<SwapMode>) -> Result<Installed, InstallError> {
+pub async fn install(
+    app: &App,
+    bytes: Vec<u8>,
+    expected: Option<&str>,
+    mode: Option<SwapMode>,
+) -> Result<Installed, InstallError> {
     let raw = bytes.clone();
     let (plugin, sample) = validate(app, bytes, expected).await?;
     let version = PluginVersion {
@@ -198,7 +217,10 @@ pub async fn install(app: &App, bytes: Vec<u8>, expected: Option<&str>, mode: Op
         uploaded_at: now_rfc3339(),
     };
     app.plugin_store.put_plugin(&version, &raw).await?;
-    app.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(plugin.digest.clone(), plugin.clone());
+    app.compiled
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(plugin.digest.clone(), plugin.clone());
     let (activation, rebuild) = match mode {
         None => (None, None),
         Some(m) => {
@@ -206,12 +228,22 @@ pub async fn install(app: &App, bytes: Vec<u8>, expected: Option<&str>, mode: Op
             (Some(m.as_str().to_string()), r)
         }
     };
-    Ok(Installed { version, sample, activation, rebuild })
+    Ok(Installed {
+        version,
+        sample,
+        activation,
+        rebuild,
+    })
 }
 
 /// A compiled plugin by digest, from the cache or the plugin store.
 pub async fn compiled(app: &App, digest: &str) -> Result<Arc<Plugin>, InstallError> {
-    if let Some(p) = app.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(digest) {
+    if let Some(p) = app
+        .compiled
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(digest)
+    {
         return Ok(p.clone());
     }
     let bytes = app
@@ -223,26 +255,47 @@ pub async fn compiled(app: &App, digest: &str) -> Result<Arc<Plugin>, InstallErr
     let p = tokio::task::spawn_blocking(move || app2.load_plugin_bytes(&bytes))
         .await
         .map_err(|e| anyhow::anyhow!("compile task: {e}"))??;
-    app.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_string(), p.clone());
+    app.compiled
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(digest.to_string(), p.clone());
     Ok(p)
 }
 
 async fn current_activation(app: &App, entity_type: &str) -> anyhow::Result<Option<Activation>> {
-    Ok(app.plugin_store.activations().await?.into_iter().find(|a| a.entity_type == entity_type))
+    Ok(app
+        .plugin_store
+        .activations()
+        .await?
+        .into_iter()
+        .find(|a| a.entity_type == entity_type))
 }
 
 /// Make `digest` the active version of `entity_type`. Forward: at the next
 /// batch boundary. Rebuild: starts a background rebuild and returns its id.
-pub async fn activate(app: &App, entity_type: &str, digest: &str, mode: SwapMode) -> Result<Option<String>, InstallError> {
+pub async fn activate(
+    app: &App,
+    entity_type: &str,
+    digest: &str,
+    mode: SwapMode,
+) -> Result<Option<String>, InstallError> {
     let plugin = compiled(app, digest).await?;
     if plugin.info.entity_type != entity_type {
-        return Err(InstallError::WrongEntityType { expected: entity_type.to_string(), got: plugin.info.entity_type.clone() });
+        return Err(InstallError::WrongEntityType {
+            expected: entity_type.to_string(),
+            got: plugin.info.entity_type.clone(),
+        });
     }
     match mode {
         SwapMode::Forward => {
             let _gate = app.gate.lock().await;
             let cur = current_activation(app, entity_type).await?;
-            if cur.as_ref().is_some_and(|c| c.digest == digest) && app.registry.get(entity_type).is_some_and(|p| p.digest == digest) {
+            if cur.as_ref().is_some_and(|c| c.digest == digest)
+                && app
+                    .registry
+                    .get(entity_type)
+                    .is_some_and(|p| p.digest == digest)
+            {
                 return Ok(None);
             }
             record_activation(app, entity_type, digest, cur, "forward").await?;
@@ -254,11 +307,20 @@ pub async fn activate(app: &App, entity_type: &str, digest: &str, mode: SwapMode
     }
 }
 
-async fn record_activation(app: &App, entity_type: &str, digest: &str, cur: Option<Activation>, mode: &str) -> anyhow::Result<()> {
+async fn record_activation(
+    app: &App,
+    entity_type: &str,
+    digest: &str,
+    cur: Option<Activation>,
+    mode: &str,
+) -> anyhow::Result<()> {
     let a = Activation {
         entity_type: entity_type.to_string(),
         digest: digest.to_string(),
-        previous: cur.as_ref().map(|c| c.digest.clone()).filter(|d| d != digest),
+        previous: cur
+            .as_ref()
+            .map(|c| c.digest.clone())
+            .filter(|d| d != digest),
         mode: mode.to_string(),
         seq: cur.map(|c| c.seq + 1).unwrap_or(1),
         activated_at: now_rfc3339(),
@@ -273,10 +335,9 @@ pub async fn rollback(app: &App, entity_type: &str) -> Result<Activation, Instal
     let cur = current_activation(app, entity_type)
         .await?
         .ok_or_else(|| InstallError::NotFound(format!("no active version for {entity_type}")))?;
-    let prev = cur
-        .previous
-        .clone()
-        .ok_or_else(|| InstallError::NotFound(format!("nothing to roll back to for {entity_type}")))?;
+    let prev = cur.previous.clone().ok_or_else(|| {
+        InstallError::NotFound(format!("nothing to roll back to for {entity_type}"))
+    })?;
     let plugin = compiled(app, &prev).await?;
     let _gate = app.gate.lock().await;
     if cur.mode == "rebuild" {
@@ -284,12 +345,16 @@ pub async fn rollback(app: &App, entity_type: &str) -> Result<Activation, Instal
         let shadow_of_current = namespace(entity_type, &cur.digest);
         // Bring the archived generation up to the live heads, then swap back.
         catch_up(app, &plugin, entity_type, &archive, None).await?;
-        app.storage.promote(entity_type, &archive, &shadow_of_current).await?;
+        app.storage
+            .promote(entity_type, &archive, &shadow_of_current)
+            .await?;
     }
     record_activation(app, entity_type, &prev, Some(cur), "rollback").await?;
     app.registry.activate(plugin);
     app.metrics.swapped(entity_type, "rollback");
-    Ok(current_activation(app, entity_type).await?.expect("just recorded"))
+    Ok(current_activation(app, entity_type)
+        .await?
+        .expect("just recorded"))
 }
 
 /// The state namespace of a generation: live states use the entity type
@@ -302,8 +367,12 @@ async fn start_rebuild(app: &App, plugin: Arc<Plugin>) -> Result<String, Install
     let t = plugin.info.entity_type.clone();
     {
         let r = app.rebuilds.lock().unwrap_or_else(|e| e.into_inner());
-        if r.values().any(|s| s.entity_type == t && (s.state == "running" || s.state == "catching_up")) {
-            return Err(InstallError::Conflict(format!("a rebuild of {t} is already running")));
+        if r.values()
+            .any(|s| s.entity_type == t && (s.state == "running" || s.state == "catching_up"))
+        {
+            return Err(InstallError::Conflict(format!(
+                "a rebuild of {t} is already running"
+            )));
         }
     }
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -323,7 +392,10 @@ async fn start_rebuild(app: &App, plugin: Arc<Plugin>) -> Result<String, Install
         error: None,
         elapsed_seconds: 0.0,
     };
-    app.rebuilds.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), status);
+    app.rebuilds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.clone(), status);
     let app2 = app.clone();
     let id2 = id.clone();
     tokio::spawn(async move {
@@ -349,7 +421,12 @@ async fn start_rebuild(app: &App, plugin: Arc<Plugin>) -> Result<String, Install
 }
 
 fn update_status(app: &App, id: &str, f: impl FnOnce(&mut RebuildStatus)) {
-    if let Some(s) = app.rebuilds.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
+    if let Some(s) = app
+        .rebuilds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_mut(id)
+    {
         f(s);
     }
 }
@@ -361,7 +438,10 @@ async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Resul
     // A previous, abandoned build of the same digest is discarded.
     app.storage.drop_namespace(&shadow).await?;
     let ids = app.storage.entity_ids(&t).await?;
-    let live: Vec<EntityKey> = ids.iter().map(|i| EntityKey::new(t.clone(), i.clone())).collect();
+    let live: Vec<EntityKey> = ids
+        .iter()
+        .map(|i| EntityKey::new(t.clone(), i.clone()))
+        .collect();
     let heads = app.storage.load(&live).await?;
     let events_total: u64 = heads.values().map(|r| r.head).sum();
     update_status(app, id, |s| {
@@ -377,7 +457,11 @@ async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Resul
     let chunks: Vec<Vec<String>> = ids.chunks(64).map(|c| c.to_vec()).collect();
     let mut stream = futures::stream::iter(chunks.into_iter().map(|chunk| {
         let (app, plugin, shadow) = (app.clone(), plugin.clone(), shadow.clone());
-        let (de, dn, q) = (done_events.clone(), done_entities.clone(), quarantined.clone());
+        let (de, dn, q) = (
+            done_events.clone(),
+            done_entities.clone(),
+            quarantined.clone(),
+        );
         async move {
             let n = refold_into(&app, &plugin, &shadow, &chunk, None).await?;
             de.fetch_add(n.0, Ordering::Relaxed);
@@ -389,7 +473,10 @@ async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Resul
     .buffer_unordered(workers);
     while let Some(r) = stream.next().await {
         r?;
-        let (ev, en) = (done_events.load(Ordering::Relaxed), done_entities.load(Ordering::Relaxed));
+        let (ev, en) = (
+            done_events.load(Ordering::Relaxed),
+            done_entities.load(Ordering::Relaxed),
+        );
         let secs = started.elapsed().as_secs_f64().max(1e-6);
         let rate = ev as f64 / secs;
         update_status(app, id, |s| {
@@ -412,7 +499,10 @@ async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Resul
     let _gate = app.gate.lock().await;
     catch_up(app, plugin, &t, &shadow, None).await?;
     let cur = current_activation(app, &t).await?;
-    let archive = namespace(&t, cur.as_ref().map(|c| c.digest.as_str()).unwrap_or("none"));
+    let archive = namespace(
+        &t,
+        cur.as_ref().map(|c| c.digest.as_str()).unwrap_or("none"),
+    );
     app.storage.promote(&t, &shadow, &archive).await?;
     record_activation(app, &t, &plugin.digest, cur, "rebuild").await?;
     app.registry.activate(plugin.clone());
@@ -428,19 +518,31 @@ async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Resul
 /// Bring generation `ns` of `entity_type` up to the live heads: entities
 /// missing from it are folded from scratch, entities behind are folded from
 /// where they are. Returns how many entities were behind.
-async fn catch_up(app: &App, plugin: &Arc<Plugin>, entity_type: &str, ns: &str, only: Option<&[String]>) -> anyhow::Result<usize> {
+async fn catch_up(
+    app: &App,
+    plugin: &Arc<Plugin>,
+    entity_type: &str,
+    ns: &str,
+    only: Option<&[String]>,
+) -> anyhow::Result<usize> {
     let ids = match only {
         Some(ids) => ids.to_vec(),
         None => app.storage.entity_ids(entity_type).await?,
     };
-    let live: Vec<EntityKey> = ids.iter().map(|i| EntityKey::new(entity_type, i.clone())).collect();
+    let live: Vec<EntityKey> = ids
+        .iter()
+        .map(|i| EntityKey::new(entity_type, i.clone()))
+        .collect();
     let shadow: Vec<EntityKey> = ids.iter().map(|i| EntityKey::new(ns, i.clone())).collect();
     let live_recs = app.storage.load(&live).await?;
     let shadow_recs = app.storage.load(&shadow).await?;
     let behind: Vec<String> = ids
         .into_iter()
         .filter(|i| {
-            let head = live_recs.get(&EntityKey::new(entity_type, i.clone())).map(|r| r.head).unwrap_or(0);
+            let head = live_recs
+                .get(&EntityKey::new(entity_type, i.clone()))
+                .map(|r| r.head)
+                .unwrap_or(0);
             let s = shadow_recs.get(&EntityKey::new(ns, i.clone()));
             match s {
                 None => head > 0,
@@ -466,14 +568,23 @@ async fn refold_into(
     let t = plugin.info.entity_type.clone();
     let keys: Vec<EntityKey> = ids.iter().map(|i| EntityKey::new(ns, i.clone())).collect();
     let recs = match known {
-        Some(k) => keys.iter().filter_map(|key| k.get(key).map(|r| (key.clone(), r.clone()))).collect(),
+        Some(k) => keys
+            .iter()
+            .filter_map(|key| k.get(key).map(|r| (key.clone(), r.clone())))
+            .collect(),
         None => app.storage.load(&keys).await?,
     };
     let mut work = Vec::new();
     for id in ids {
         let key = EntityKey::new(ns, id.clone());
-        let rec = recs.get(&key).cloned().unwrap_or_else(|| EntityRecord::new(key.clone()));
-        let events = app.storage.history(&EntityKey::new(t.clone(), id.clone()), rec.position, None).await?;
+        let rec = recs
+            .get(&key)
+            .cloned()
+            .unwrap_or_else(|| EntityRecord::new(key.clone()));
+        let events = app
+            .storage
+            .history(&EntityKey::new(t.clone(), id.clone()), rec.position, None)
+            .await?;
         if events.is_empty() {
             continue;
         }
@@ -495,7 +606,15 @@ async fn refold_into(
             real.key = EntityKey::new(t.clone(), rec.key.entity_id.clone());
             real.head = real.position;
             let head = events.last().map(|e| e.position).unwrap_or(rec.position);
-            let mut d = fold_one(&mut boxes, &plugins, Work { record: real, gap: Vec::new(), events });
+            let mut d = fold_one(
+                &mut boxes,
+                &plugins,
+                Work {
+                    record: real,
+                    gap: Vec::new(),
+                    events,
+                },
+            );
             let q = d.quarantine();
             if let Some(mut q) = q {
                 q.key = rec.key.clone();
@@ -504,14 +623,15 @@ async fn refold_into(
             }
             if let Some(o) = &d.outcome {
                 applied += o.applied as u64;
-                commit.projections.extend(o.projections.iter().map(|w| suffix_projection(w, &ns2)));
+                commit
+                    .projections
+                    .extend(o.projections.iter().map(|w| suffix_projection(w, &ns2)));
             }
             d.update.key = rec.key.clone();
             d.update.expected_head = expected_head;
             d.update.head = head;
             commit.entities.push(d.update);
         }
-        let _ = sandbox_for;
         (commit, applied, quarantined)
     })
     .await?;
@@ -523,21 +643,37 @@ async fn refold_into(
 /// under `name@ns` and merged into `name` when the generation is promoted.
 fn suffix_projection(w: &ProjectionWrite, ns: &str) -> ProjectionWrite {
     match w {
-        ProjectionWrite::Upsert { projection, key, body } => ProjectionWrite::Upsert { projection: format!("{projection}@{ns}"), key: key.clone(), body: body.clone() },
-        ProjectionWrite::Delete { projection, key } => ProjectionWrite::Delete { projection: format!("{projection}@{ns}"), key: key.clone() },
+        ProjectionWrite::Upsert {
+            projection,
+            key,
+            body,
+        } => ProjectionWrite::Upsert {
+            projection: format!("{projection}@{ns}"),
+            key: key.clone(),
+            body: body.clone(),
+        },
+        ProjectionWrite::Delete { projection, key } => ProjectionWrite::Delete {
+            projection: format!("{projection}@{ns}"),
+            key: key.clone(),
+        },
     }
+}
+
+async fn load_one(app: &App, key: &EntityKey) -> Result<EntityRecord, InstallError> {
+    app.storage
+        .load(std::slice::from_ref(key))
+        .await?
+        .remove(key)
+        .ok_or_else(|| InstallError::NotFound(format!("no entity {key}")))
 }
 
 /// Re-apply a quarantined entity's held events with the active version.
 pub async fn retry(app: &App, key: &EntityKey) -> Result<Value, InstallError> {
-    let plugin = app.registry.get(&key.entity_type).ok_or_else(|| InstallError::NotFound(format!("no active plugin for {}", key.entity_type)))?;
+    let plugin = app.registry.get(&key.entity_type).ok_or_else(|| {
+        InstallError::NotFound(format!("no active plugin for {}", key.entity_type))
+    })?;
     let _gate = app.gate.lock().await;
-    let rec = app
-        .storage
-        .load(std::slice::from_ref(key))
-        .await?
-        .remove(key)
-        .ok_or_else(|| InstallError::NotFound(format!("no entity {key}")))?;
+    let rec = load_one(app, key).await?;
     if !rec.quarantined {
         return Err(InstallError::NotFound(format!("{key} is not quarantined")));
     }
@@ -552,14 +688,25 @@ pub async fn retry(app: &App, key: &EntityKey) -> Result<Value, InstallError> {
         plugins.insert(p.info.entity_type.clone(), p.clone());
         let head = free.head;
         free.head = free.position;
-        let mut d = fold_one(&mut boxes, &plugins, Work { record: free, gap: Vec::new(), events: held });
+        let mut d = fold_one(
+            &mut boxes,
+            &plugins,
+            Work {
+                record: free,
+                gap: Vec::new(),
+                events: held,
+            },
+        );
         d.update.head = head;
         d.update.expected_head = head;
         d
     })
     .await
     .map_err(|e| anyhow::anyhow!("retry task: {e}"))?;
-    let mut commit = Commit { released: vec![key.clone()], ..Default::default() };
+    let mut commit = Commit {
+        released: vec![key.clone()],
+        ..Default::default()
+    };
     let q = d.quarantine();
     if let Some(o) = &d.outcome {
         commit.projections.extend(o.projections.iter().cloned());
@@ -569,7 +716,10 @@ pub async fn retry(app: &App, key: &EntityKey) -> Result<Value, InstallError> {
     if let Some(q) = &q {
         commit.quarantines.push(q.clone());
     }
-    app.storage.commit(commit).await.map_err(|e| anyhow::anyhow!(e))?;
+    app.storage
+        .commit(commit)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
     Ok(serde_json::json!({
         "entity_type": key.entity_type,
         "entity_id": key.entity_id,
@@ -586,13 +736,13 @@ pub async fn retry(app: &App, key: &EntityKey) -> Result<Value, InstallError> {
 /// A quarantined case as a fixture: the entity's stored events and the
 /// state it is held at, ready for `refold test`.
 pub async fn fixture(app: &App, key: &EntityKey) -> Result<Value, InstallError> {
-    let rec = app
+    let rec = load_one(app, key).await?;
+    let q = app
         .storage
-        .load(std::slice::from_ref(key))
+        .quarantined()
         .await?
-        .remove(key)
-        .ok_or_else(|| InstallError::NotFound(format!("no entity {key}")))?;
-    let q = app.storage.quarantined().await?.into_iter().find(|q| &q.key == key);
+        .into_iter()
+        .find(|q| &q.key == key);
     let events = app.storage.history(key, 0, None).await?;
     let lines: Vec<Value> = events
         .iter()
@@ -619,7 +769,11 @@ pub async fn fixture(app: &App, key: &EntityKey) -> Result<Value, InstallError> 
 }
 
 /// Re-submit a dead letter: its original record, or a corrected one.
-pub async fn resubmit(app: &App, id: &str, corrected: Option<Vec<u8>>) -> Result<Value, InstallError> {
+pub async fn resubmit(
+    app: &App,
+    id: &str,
+    corrected: Option<Vec<u8>>,
+) -> Result<Value, InstallError> {
     let dl = app
         .storage
         .dead_letters(usize::MAX >> 1)
@@ -629,10 +783,16 @@ pub async fn resubmit(app: &App, id: &str, corrected: Option<Vec<u8>>) -> Result
         .ok_or_else(|| InstallError::NotFound(format!("no dead letter {id}")))?;
     let payload = corrected.unwrap_or_else(|| dl.payload.clone().into_bytes());
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let offset = (now.as_micros() as i64) * 16 + (SEQ.fetch_add(1, Ordering::Relaxed) % 16) as i64;
     let record = SourceRecord {
-        origin: Origin { source: "resubmit".into(), partition: 0, offset },
+        origin: Origin {
+            source: "resubmit".into(),
+            partition: 0,
+            offset,
+        },
         next_offset: offset + 1,
         key: None,
         headers: Vec::new(),
@@ -640,7 +800,10 @@ pub async fn resubmit(app: &App, id: &str, corrected: Option<Vec<u8>>) -> Result
     };
     let _gate = app.gate.lock().await;
     let mut pipeline = app.pipeline();
-    let report = pipeline.process(vec![record]).await.map_err(|e| anyhow::anyhow!(e))?;
+    let report = pipeline
+        .process(vec![record])
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
     if report.dead_lettered == 0 {
         app.storage.remove_dead_letter(id).await?;
     }
@@ -669,7 +832,9 @@ pub async fn sync_registry(app: &App) -> anyhow::Result<()> {
                 app.registry.activate(p);
                 tracing::info!(entity_type = %a.entity_type, digest = %a.digest, "activation picked up from the registry");
             }
-            Err(e) => tracing::error!(entity_type = %a.entity_type, error = %e, "cannot load the activated version"),
+            Err(e) => {
+                tracing::error!(entity_type = %a.entity_type, error = %e, "cannot load the activated version")
+            }
         }
     }
     Ok(())
@@ -682,7 +847,17 @@ pub async fn register_configured(app: &App) -> anyhow::Result<()> {
     let actives = app.plugin_store.activations().await?;
     for p in app.registry.snapshot().values() {
         let bytes = std::fs::read(
-            app.config.plugins.files.iter().find(|f| std::fs::read(f).map(|b| crate::runtime::digest_of(&b) == p.digest).unwrap_or(false)).cloned().unwrap_or_default(),
+            app.config
+                .plugins
+                .files
+                .iter()
+                .find(|f| {
+                    std::fs::read(f)
+                        .map(|b| crate::runtime::digest_of(&b) == p.digest)
+                        .unwrap_or(false)
+                })
+                .cloned()
+                .unwrap_or_default(),
         )
         .unwrap_or_default();
         if !bytes.is_empty() {
@@ -700,7 +875,10 @@ pub async fn register_configured(app: &App) -> anyhow::Result<()> {
                 )
                 .await?;
         }
-        app.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(p.digest.clone(), p.clone());
+        app.compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p.digest.clone(), p.clone());
         if !actives.iter().any(|a| a.entity_type == p.info.entity_type) {
             record_activation(app, &p.info.entity_type, &p.digest, None, "forward").await?;
         }
@@ -712,13 +890,26 @@ pub async fn register_configured(app: &App) -> anyhow::Result<()> {
 /// and activate it forward.
 pub async fn install_file(app: &App, path: &std::path::Path) -> anyhow::Result<String> {
     let bytes = tokio::fs::read(path).await?;
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
     // `account.wasm` must describe `account`; `account-v2.wasm` too.
-    let expected = stem.split(['-', '@']).next().unwrap_or_default().to_string();
-    let installed = install(app, bytes, Some(&expected), Some(SwapMode::Forward)).await.map_err(anyhow::Error::from)?;
+    let expected = stem
+        .split(['-', '@'])
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let installed = install(app, bytes, Some(&expected), Some(SwapMode::Forward))
+        .await
+        .map_err(anyhow::Error::from)?;
     Ok(format!(
         "activated {}@{} ({}) for entity type {}",
-        installed.version.name, installed.version.version, &installed.version.digest[..12], installed.version.entity_type
+        installed.version.name,
+        installed.version.version,
+        &installed.version.digest[..12],
+        installed.version.entity_type
     ))
 }
 

@@ -38,13 +38,22 @@ fn main() -> std::process::ExitCode {
                 json,
             } => refold::cli::testkit::test(&plugin, &fixture_dir, json).await,
             Command::Inspect { file } => refold::cli::inspect::inspect(&file),
-            Command::Plugin { endpoint, action } => refold::cli::dispatch_plugin(&endpoint, action).await.map(|_| true),
+            Command::Plugin { endpoint, action } => refold::cli::dispatch_plugin(&endpoint, action)
+                .await
+                .map(|_| true),
             Command::Quarantine { endpoint, action } => {
-                refold::cli::dispatch_quarantine(&endpoint, action).await.map(|_| true)
+                refold::cli::dispatch_quarantine(&endpoint, action)
+                    .await
+                    .map(|_| true)
             }
-            Command::Produce { brokers, topic, file, binary } => {
-                refold::cli::produce::run(&brokers, &topic, &file, binary).await.map(|_| true)
-            }
+            Command::Produce {
+                brokers,
+                topic,
+                file,
+                binary,
+            } => refold::cli::produce::run(&brokers, &topic, &file, binary)
+                .await
+                .map(|_| true),
         }
     });
     match result {

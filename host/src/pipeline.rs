@@ -82,15 +82,17 @@ pub(crate) struct Done {
 impl Done {
     /// The quarantine record of a failure, if any.
     pub(crate) fn quarantine(&self) -> Option<QuarantineRecord> {
-        self.failed_event.as_ref().map(|(ev, err)| QuarantineRecord {
-            key: self.update.key.clone(),
-            event_id: ev.id.clone(),
-            event_position: ev.position,
-            kind: err.kind().to_string(),
-            error: err.to_string(),
-            plugin: plugin_ref(&self.plugin),
-            recorded_at: now_rfc3339(),
-        })
+        self.failed_event
+            .as_ref()
+            .map(|(ev, err)| QuarantineRecord {
+                key: self.update.key.clone(),
+                event_id: ev.id.clone(),
+                event_position: ev.position,
+                kind: err.kind().to_string(),
+                error: err.to_string(),
+                plugin: plugin_ref(&self.plugin),
+                recorded_at: now_rfc3339(),
+            })
     }
 }
 
@@ -219,11 +221,17 @@ impl Pipeline {
             report.stored += events.len();
             commit.events.extend(events.iter().cloned());
             let gap = if !record.quarantined && record.position < record.head {
-                self.storage.history(key, record.position, Some(record.head)).await?
+                self.storage
+                    .history(key, record.position, Some(record.head))
+                    .await?
             } else {
                 Vec::new()
             };
-            work.push(Work { record, gap, events });
+            work.push(Work {
+                record,
+                gap,
+                events,
+            });
         }
 
         // 5. Fold, off the async threads: guest calls are CPU-bound.
@@ -282,8 +290,16 @@ impl Pipeline {
 }
 
 /// Fold one entity's new events with the active plugin of its type.
-pub(crate) fn fold_one(sandboxes: &mut HashMap<String, Sandbox>, plugins: &Active, w: Work) -> Done {
-    let Work { record, gap, events } = w;
+pub(crate) fn fold_one(
+    sandboxes: &mut HashMap<String, Sandbox>,
+    plugins: &Active,
+    w: Work,
+) -> Done {
+    let Work {
+        record,
+        gap,
+        events,
+    } = w;
     let head = events.last().map(|e| e.position).unwrap_or(record.head);
     let events: Vec<StoredEvent> = gap.into_iter().chain(events).collect();
     let plugin = plugins
@@ -391,7 +407,11 @@ fn dead_letter(r: &SourceRecord, why: &Rejection) -> DeadLetter {
         id: format!(
             "dl-{}",
             &crate::runtime::digest_of(
-                format!("{}\u{0}{}\u{0}{}", r.origin.source, r.origin.partition, r.origin.offset).as_bytes()
+                format!(
+                    "{}\u{0}{}\u{0}{}",
+                    r.origin.source, r.origin.partition, r.origin.offset
+                )
+                .as_bytes()
             )[..20]
         ),
         code: why.code().to_string(),

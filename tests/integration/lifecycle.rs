@@ -15,12 +15,33 @@ use crate::embedded::generated_bank;
 
 const TOKEN: &str = "s3cret-admin";
 
-fn admin_config(dir: &Path, events: &Path, plugins: &[std::path::PathBuf], extra: &str) -> std::path::PathBuf {
-    embedded_config(dir, &[events.to_path_buf()], plugins, &format!("[admin]\ntoken = \"{TOKEN}\"\n{extra}"))
+fn admin_config(
+    dir: &Path,
+    events: &Path,
+    plugins: &[std::path::PathBuf],
+    extra: &str,
+) -> std::path::PathBuf {
+    embedded_config(
+        dir,
+        &[events.to_path_buf()],
+        plugins,
+        &format!("[admin]\ntoken = \"{TOKEN}\"\n{extra}"),
+    )
 }
 
-fn put_plugin(host: &Host, entity_type: &str, file: &Path, mode: &str, token: Option<&str>) -> (u16, Value) {
-    let mut r = http().put(format!("{}/v1/plugins/{entity_type}?mode={mode}", host.base)).body(std::fs::read(file).unwrap());
+fn put_plugin(
+    host: &Host,
+    entity_type: &str,
+    file: &Path,
+    mode: &str,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let mut r = http()
+        .put(format!(
+            "{}/v1/plugins/{entity_type}?mode={mode}",
+            host.base
+        ))
+        .body(std::fs::read(file).unwrap());
     if let Some(t) = token {
         r = r.bearer_auth(t);
     }
@@ -30,7 +51,9 @@ fn put_plugin(host: &Host, entity_type: &str, file: &Path, mode: &str, token: Op
 }
 
 fn post(host: &Host, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut r = http().post(format!("{}{path}", host.base)).bearer_auth(TOKEN);
+    let mut r = http()
+        .post(format!("{}{path}", host.base))
+        .bearer_auth(TOKEN);
     if let Some(b) = body {
         r = r.json(&b);
     }
@@ -40,22 +63,39 @@ fn post(host: &Host, path: &str, body: Option<Value>) -> (u16, Value) {
 }
 
 fn admin_get(host: &Host, path: &str) -> Value {
-    http().get(format!("{}{path}", host.base)).bearer_auth(TOKEN).send().unwrap().json().unwrap()
+    http()
+        .get(format!("{}{path}", host.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
 }
 
 fn running_digest(host: &Host, t: &str) -> String {
-    admin_get(host, &format!("/v1/plugins/{t}"))["running_digest"].as_str().unwrap_or_default().to_string()
+    admin_get(host, &format!("/v1/plugins/{t}"))["running_digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn digest_of(p: &Path) -> String {
     let (_, out, _) = refold(&["inspect", p.to_str().unwrap()], &root());
     let v: Value = serde_json::from_str(&out).unwrap();
-    v["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string()
+    v["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string()
 }
 
 /// Wait until every expected account has exactly the reference balance,
 /// transactions, owner and open flag.
-fn assert_bank_states(host: &Host, expected: &std::collections::BTreeMap<String, Value>, check: impl Fn(&Value)) {
+fn assert_bank_states(
+    host: &Host,
+    expected: &std::collections::BTreeMap<String, Value>,
+    check: impl Fn(&Value),
+) {
     for (id, want) in expected {
         let path = format!("/v1/entities/account/{id}");
         let got = wait_for(Duration::from_secs(120), &path, || {
@@ -77,8 +117,18 @@ fn assert_bank_states(host: &Host, expected: &std::collections::BTreeMap<String,
 fn bad_uploads_are_refused_with_the_reason_and_the_active_version_keeps_running() {
     let dir = tempdir();
     let events = dir.path().join("events.jsonl");
-    append(&events, &[ce("p1", "probe", "p-1", "probe.count", json!({})), ce("p2", "probe", "p-1", "probe.count", json!({}))]);
-    let host = Host::start(&admin_config(dir.path(), &events, &[component("probe")], ""), dir.path(), &[]);
+    append(
+        &events,
+        &[
+            ce("p1", "probe", "p-1", "probe.count", json!({})),
+            ce("p2", "probe", "p-1", "probe.count", json!({})),
+        ],
+    );
+    let host = Host::start(
+        &admin_config(dir.path(), &events, &[component("probe")], ""),
+        dir.path(),
+        &[],
+    );
     state_at_least(&host, "/v1/entities/probe/p-1", 2);
     let active = running_digest(&host, "probe");
     assert_eq!(active.len(), 64);
@@ -97,23 +147,54 @@ fn bad_uploads_are_refused_with_the_reason_and_the_active_version_keeps_running(
     assert!(v["error"].as_str().unwrap().contains("component"), "{v}");
 
     // Describes another entity type.
-    let (c, v) = put_plugin(&host, "probe", &component("probe-entity-orders"), "forward", Some(TOKEN));
+    let (c, v) = put_plugin(
+        &host,
+        "probe",
+        &component("probe-entity-orders"),
+        "forward",
+        Some(TOKEN),
+    );
     assert_eq!(c, 422, "{v}");
     assert!(v["error"].as_str().unwrap().contains("`order`"), "{v}");
 
     // Traps in describe().
-    let (c, v) = put_plugin(&host, "probe", &component("probe-trap-describe"), "forward", Some(TOKEN));
+    let (c, v) = put_plugin(
+        &host,
+        "probe",
+        &component("probe-trap-describe"),
+        "forward",
+        Some(TOKEN),
+    );
     assert_eq!(c, 422, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("describe exploded"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("describe exploded"),
+        "{v}"
+    );
 
     // Fails the sample fold of stored events.
-    let (c, v) = put_plugin(&host, "probe", &component("probe-fail-all"), "forward", Some(TOKEN));
+    let (c, v) = put_plugin(
+        &host,
+        "probe",
+        &component("probe-fail-all"),
+        "forward",
+        Some(TOKEN),
+    );
     assert_eq!(c, 422, "{v}");
     assert!(v["error"].as_str().unwrap().contains("sample fold"), "{v}");
 
-    assert_eq!(running_digest(&host, "probe"), active, "the active version keeps running");
-    append(&events, &[ce("p3", "probe", "p-1", "probe.count", json!({}))]);
-    assert_eq!(state_at_least(&host, "/v1/entities/probe/p-1", 3)["state"]["count"], 3);
+    assert_eq!(
+        running_digest(&host, "probe"),
+        active,
+        "the active version keeps running"
+    );
+    append(
+        &events,
+        &[ce("p3", "probe", "p-1", "probe.count", json!({}))],
+    );
+    assert_eq!(
+        state_at_least(&host, "/v1/entities/probe/p-1", 3)["state"]["count"],
+        3
+    );
 }
 
 #[test]
@@ -123,7 +204,13 @@ fn admin_api_is_refused_without_a_configured_token() {
     append(&events, &[]);
     let cfg = embedded_config(dir.path(), &[events], &[component("probe")], "");
     let host = Host::start(&cfg, dir.path(), &[]);
-    let (c, v) = put_plugin(&host, "probe", &component("probe"), "forward", Some("anything"));
+    let (c, v) = put_plugin(
+        &host,
+        "probe",
+        &component("probe"),
+        "forward",
+        Some("anything"),
+    );
     assert_eq!(c, 403, "{v}");
 }
 
@@ -135,7 +222,12 @@ fn state_at_least(host: &Host, path: &str, pos: u64) -> Value {
 }
 
 /// Appends `lines` to `file` in chunks while a test does something else.
-fn feed(file: std::path::PathBuf, lines: Vec<String>, chunk: usize, pause: Duration) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+fn feed(
+    file: std::path::PathBuf,
+    lines: Vec<String>,
+    chunk: usize,
+    pause: Duration,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let done = Arc::new(AtomicBool::new(false));
     let d2 = done.clone();
     let h = std::thread::spawn(move || {
@@ -153,7 +245,11 @@ fn forward_swaps_under_load_lose_nothing_and_apply_nothing_twice() {
     let dir = tempdir();
     let events = dir.path().join("events.jsonl");
     let (lines, expected) = generated_bank(12_000, 120, 11);
-    let host = Host::start(&admin_config(dir.path(), &events, &[component("bank")], ""), dir.path(), &[]);
+    let host = Host::start(
+        &admin_config(dir.path(), &events, &[component("bank")], ""),
+        dir.path(),
+        &[],
+    );
     let v1 = digest_of(&component("bank"));
     let (c, v) = put_plugin(&host, "account", &component("bank-v2"), "none", Some(TOKEN));
     assert_eq!(c, 201, "{v}");
@@ -162,14 +258,22 @@ fn forward_swaps_under_load_lose_nothing_and_apply_nothing_twice() {
     let mut swaps = 0;
     while !done.load(Ordering::SeqCst) {
         let target = if swaps % 2 == 0 { &v2 } else { &v1 };
-        let (c, v) = post(&host, "/v1/plugins/account/activate", Some(json!({"digest": target, "mode": "forward"})));
+        let (c, v) = post(
+            &host,
+            "/v1/plugins/account/activate",
+            Some(json!({"digest": target, "mode": "forward"})),
+        );
         assert_eq!(c, 200, "{v}");
         swaps += 1;
         std::thread::sleep(Duration::from_millis(150));
     }
     feeder.join().unwrap();
     // End on v2, so that the next touch of each entity shows the tier.
-    let (c, _) = post(&host, "/v1/plugins/account/activate", Some(json!({"digest": v2, "mode": "forward"})));
+    let (c, _) = post(
+        &host,
+        "/v1/plugins/account/activate",
+        Some(json!({"digest": v2, "mode": "forward"})),
+    );
     assert_eq!(c, 200);
     assert!(swaps >= 5, "only {swaps} swaps happened");
     assert_bank_states(&host, &expected, |_| {});
@@ -177,10 +281,24 @@ fn forward_swaps_under_load_lose_nothing_and_apply_nothing_twice() {
     assert_eq!(q["count"], 0, "{q}");
     // The query API tells which version produced each state.
     let (_, s) = host.get("/v1/entities/account/c-0");
-    assert!(s["plugin"]["digest"] == v1 || s["plugin"]["digest"] == v2, "{s}");
-    let m = http().get(format!("{}/metrics", host.base)).send().unwrap().text().unwrap();
-    assert!(m.contains("refold_plugin_swaps_total{entity_type=\"account\",mode=\"forward\"}"), "{m}");
-    assert!(m.contains("refold_events_applied_total{entity_type=\"account\",plugin_version=\"2.0.0\"}"), "{m}");
+    assert!(
+        s["plugin"]["digest"] == v1 || s["plugin"]["digest"] == v2,
+        "{s}"
+    );
+    let m = http()
+        .get(format!("{}/metrics", host.base))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        m.contains("refold_plugin_swaps_total{entity_type=\"account\",mode=\"forward\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("refold_events_applied_total{entity_type=\"account\",plugin_version=\"2.0.0\"}"),
+        "{m}"
+    );
     assert!(m.contains("refold_fold_seconds_bucket"), "{m}");
 }
 
@@ -191,10 +309,25 @@ fn rebuild_under_load_cuts_over_exactly_and_rollback_restores_the_old_generation
     let (lines, expected) = generated_bank(10_000, 100, 23);
     let (head, tail) = lines.split_at(6_000);
     append(&events, head);
-    let host = Host::start(&admin_config(dir.path(), &events, &[component("bank")], ""), dir.path(), &[]);
+    let host = Host::start(
+        &admin_config(dir.path(), &events, &[component("bank")], ""),
+        dir.path(),
+        &[],
+    );
     state_at_least(&host, "/v1/entities/account/c-0", 1);
-    let (done, feeder) = feed(events.clone(), tail.to_vec(), 200, Duration::from_millis(30));
-    let (c, v) = put_plugin(&host, "account", &component("bank-v2"), "rebuild", Some(TOKEN));
+    let (done, feeder) = feed(
+        events.clone(),
+        tail.to_vec(),
+        200,
+        Duration::from_millis(30),
+    );
+    let (c, v) = put_plugin(
+        &host,
+        "account",
+        &component("bank-v2"),
+        "rebuild",
+        Some(TOKEN),
+    );
     assert_eq!(c, 201, "{v}");
     let id = v["rebuild"].as_str().expect("a rebuild id").to_string();
     // The old generation keeps serving while the rebuild runs.
@@ -207,25 +340,44 @@ fn rebuild_under_load_cuts_over_exactly_and_rollback_restores_the_old_generation
     });
     let _ = s;
     assert!(status["events_done"].as_u64().unwrap() > 0, "{status}");
-    assert_eq!(status["entities_done"], status["entities_total"], "{status}");
+    assert_eq!(
+        status["entities_done"], status["entities_total"],
+        "{status}"
+    );
     feeder.join().unwrap();
     assert!(done.load(Ordering::SeqCst));
     // Every state is the new version's, exactly once per event.
     assert_bank_states(&host, &expected, |s| {
-        let tier = if s["balance"].as_i64().unwrap() >= 100_000 { "gold" } else { "standard" };
+        let tier = if s["balance"].as_i64().unwrap() >= 100_000 {
+            "gold"
+        } else {
+            "standard"
+        };
         assert_eq!(s["tier"], tier, "{s}");
     });
     // Roll back: the previous generation returns, caught up, without tiers.
     let (c, v) = post(&host, "/v1/plugins/account/rollback", None);
     assert_eq!(c, 200, "{v}");
-    assert_bank_states(&host, &expected, |s| assert!(s.get("tier").is_none(), "{s}"));
-    let more = vec![ce("after-rb", "account", "c-3", "account.deposited", json!({"amount": 5}))];
+    assert_bank_states(&host, &expected, |s| {
+        assert!(s.get("tier").is_none(), "{s}")
+    });
+    let more = vec![ce(
+        "after-rb",
+        "account",
+        "c-3",
+        "account.deposited",
+        json!({"amount": 5}),
+    )];
     append(&events, &more);
     let want = expected["c-3"]["balance"].as_i64().unwrap() + 5;
-    wait_for(Duration::from_secs(30), "live events after rollback", || {
-        let (_, v) = host.get("/v1/entities/account/c-3");
-        (v["state"]["balance"] == want).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "live events after rollback",
+        || {
+            let (_, v) = host.get("/v1/entities/account/c-3");
+            (v["state"]["balance"] == want).then_some(())
+        },
+    );
 }
 
 #[test]
@@ -233,15 +385,26 @@ fn a_quarantined_entity_is_retried_after_a_fixed_version_is_pushed() {
     let dir = tempdir();
     let events = dir.path().join("events.jsonl");
     append(&events, &[]);
-    let host = Host::start(&admin_config(dir.path(), &events, &[component("probe-fail-all")], ""), dir.path(), &[]);
-    append(&events, &[
-        ce("q1", "probe", "p-q", "probe.count", json!({})),
-        ce("q2", "probe", "p-q", "probe.count", json!({})),
-        ce("q3", "probe", "p-q", "probe.count", json!({})),
-    ]);
+    let host = Host::start(
+        &admin_config(dir.path(), &events, &[component("probe-fail-all")], ""),
+        dir.path(),
+        &[],
+    );
+    append(
+        &events,
+        &[
+            ce("q1", "probe", "p-q", "probe.count", json!({})),
+            ce("q2", "probe", "p-q", "probe.count", json!({})),
+            ce("q3", "probe", "p-q", "probe.count", json!({})),
+        ],
+    );
     let q = wait_for(Duration::from_secs(30), "quarantine", || {
         let (_, q) = host.get("/v1/quarantine");
-        q["items"].as_array()?.iter().find(|i| i["key"]["entity_id"] == "p-q").cloned()
+        q["items"]
+            .as_array()?
+            .iter()
+            .find(|i| i["key"]["entity_id"] == "p-q")
+            .cloned()
     });
     assert!(q["error"].as_str().unwrap().contains("always fails"), "{q}");
     // Held events: the last one arrived after the entity was quarantined.
@@ -253,9 +416,31 @@ fn a_quarantined_entity_is_retried_after_a_fixed_version_is_pushed() {
 
     // Export the case as a fixture; `refold test` reproduces the quarantine.
     let fx = dir.path().join("fixture");
-    let (c, out, err) = refold(&["quarantine", "--api", &host.base, "--token", TOKEN, "export", "probe", "p-q", fx.to_str().unwrap()], dir.path());
+    let (c, out, err) = refold(
+        &[
+            "quarantine",
+            "--api",
+            &host.base,
+            "--token",
+            TOKEN,
+            "export",
+            "probe",
+            "p-q",
+            fx.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
     assert_eq!(c, 0, "{out}{err}");
-    let (c, out, _) = refold(&["test", "--plugin", component("probe-fail-all").to_str().unwrap(), fx.to_str().unwrap(), "--json"], dir.path());
+    let (c, out, _) = refold(
+        &[
+            "test",
+            "--plugin",
+            component("probe-fail-all").to_str().unwrap(),
+            fx.to_str().unwrap(),
+            "--json",
+        ],
+        dir.path(),
+    );
     let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
     assert_eq!(v["quarantined"], json!(["p-q"]), "{out}");
     let _ = c;
@@ -271,8 +456,14 @@ fn a_quarantined_entity_is_retried_after_a_fixed_version_is_pushed() {
     assert_eq!(s["quarantined"], false);
     let (_, q) = host.get("/v1/quarantine");
     assert_eq!(q["count"], 0, "{q}");
-    append(&events, &[ce("q4", "probe", "p-q", "probe.count", json!({}))]);
-    assert_eq!(state_at_least(&host, "/v1/entities/probe/p-q", 4)["state"]["count"], 4);
+    append(
+        &events,
+        &[ce("q4", "probe", "p-q", "probe.count", json!({}))],
+    );
+    assert_eq!(
+        state_at_least(&host, "/v1/entities/probe/p-q", 4)["state"]["count"],
+        4
+    );
 }
 
 #[test]
@@ -284,13 +475,33 @@ fn a_dead_letter_is_resubmitted_once_fixed() {
         json!({"specversion":"1.0","id":"d2","type":"probe.count","entitytype":"probe","data":{}}).to_string(),
     ]);
     // No probe plugin yet: the first is dead-lettered as an unknown type.
-    let host = Host::start(&admin_config(dir.path(), &events, &[component("bank")], ""), dir.path(), &[]);
+    let host = Host::start(
+        &admin_config(dir.path(), &events, &[component("bank")], ""),
+        dir.path(),
+        &[],
+    );
     let dl = wait_for(Duration::from_secs(30), "2 dead letters", || {
         let (_, v) = host.get("/v1/dead-letters");
         (v["count"] == 2).then_some(v)
     });
-    let unknown = dl["items"].as_array().unwrap().iter().find(|d| d["code"] == "unknown_entity_type").unwrap()["id"].as_str().unwrap().to_string();
-    let missing = dl["items"].as_array().unwrap().iter().find(|d| d["code"] == "missing_attribute").unwrap()["id"].as_str().unwrap().to_string();
+    let unknown = dl["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["code"] == "unknown_entity_type")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let missing = dl["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["code"] == "missing_attribute")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (c, v) = put_plugin(&host, "probe", &component("probe"), "forward", Some(TOKEN));
     assert_eq!(c, 201, "{v}");
     let (c, v) = post(&host, &format!("/v1/dead-letters/{unknown}/resubmit"), None);
@@ -298,9 +509,17 @@ fn a_dead_letter_is_resubmitted_once_fixed() {
     assert_eq!(v["accepted"], true, "{v}");
     // The other one needs a correction: send the fixed record.
     let fixed = json!({"specversion":"1.0","id":"d2","type":"probe.count","subject":"p-d","entitytype":"probe","data":{}});
-    let resp = http().post(format!("{}/v1/dead-letters/{missing}/resubmit", host.base)).bearer_auth(TOKEN).body(fixed.to_string()).send().unwrap();
+    let resp = http()
+        .post(format!("{}/v1/dead-letters/{missing}/resubmit", host.base))
+        .bearer_auth(TOKEN)
+        .body(fixed.to_string())
+        .send()
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
-    assert_eq!(state_at_least(&host, "/v1/entities/probe/p-d", 2)["state"]["count"], 2);
+    assert_eq!(
+        state_at_least(&host, "/v1/entities/probe/p-d", 2)["state"]["count"],
+        2
+    );
     let (_, v) = host.get("/v1/dead-letters");
     assert_eq!(v["count"], 0, "{v}");
 }
@@ -309,26 +528,55 @@ fn a_dead_letter_is_resubmitted_once_fixed() {
 fn the_watched_directory_swaps_versions_and_the_cli_drives_the_admin_api() {
     let dir = tempdir();
     let events = dir.path().join("events.jsonl");
-    append(&events, &[ce("w1", "account", "w-1", "account.opened", json!({"owner": "wes"}))]);
+    append(
+        &events,
+        &[ce(
+            "w1",
+            "account",
+            "w-1",
+            "account.opened",
+            json!({"owner": "wes"}),
+        )],
+    );
     let pdir = dir.path().join("plugins.d");
     std::fs::create_dir_all(&pdir).unwrap();
     std::fs::copy(component("bank"), pdir.join("account.wasm")).unwrap();
-    let cfg = admin_config(dir.path(), &events, &[], &format!("[plugins]\ndir = {:?}\ndebounce_ms = 50\n", pdir.display().to_string()));
+    let cfg = admin_config(
+        dir.path(),
+        &events,
+        &[],
+        &format!(
+            "[plugins]\ndir = {:?}\ndebounce_ms = 50\n",
+            pdir.display().to_string()
+        ),
+    );
     // `[plugins]` appears twice otherwise: keep one table.
-    let text = std::fs::read_to_string(&cfg).unwrap().replacen("[plugins]\nfiles = []\n", "", 1);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replacen("[plugins]\nfiles = []\n", "", 1);
     std::fs::write(&cfg, text).unwrap();
     let host = Host::start(&cfg, dir.path(), &[]);
     let v1 = digest_of(&component("bank"));
     let v2 = digest_of(&component("bank-v2"));
-    wait_for(Duration::from_secs(30), "v1 loaded from the directory", || (running_digest(&host, "account") == v1).then_some(()));
+    wait_for(
+        Duration::from_secs(30),
+        "v1 loaded from the directory",
+        || (running_digest(&host, "account") == v1).then_some(()),
+    );
     let mut latencies = Vec::new();
     for i in 0..10 {
-        let (src, want) = if i % 2 == 0 { (component("bank-v2"), &v2) } else { (component("bank"), &v1) };
+        let (src, want) = if i % 2 == 0 {
+            (component("bank-v2"), &v2)
+        } else {
+            (component("bank"), &v1)
+        };
         let tmp = pdir.join("account.wasm.tmp");
         std::fs::copy(&src, &tmp).unwrap();
         let t0 = Instant::now();
         std::fs::rename(&tmp, pdir.join("account.wasm")).unwrap();
-        wait_for(Duration::from_secs(30), "the new version applying", || (running_digest(&host, "account") == *want).then_some(()));
+        wait_for(Duration::from_secs(30), "the new version applying", || {
+            (running_digest(&host, "account") == *want).then_some(())
+        });
         latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -346,10 +594,21 @@ fn the_watched_directory_swaps_versions_and_the_cli_drives_the_admin_api() {
     let (c, out, err) = refold(&[&["plugin"][..], &api, &["list"]].concat(), dir.path());
     assert_eq!(c, 0, "{out}{err}");
     assert!(out.contains(&v1[..12]) && out.contains(&v2[..12]), "{out}");
-    let (c, out, err) = refold(&[&["plugin"][..], &api, &["push", component("bank-v2").to_str().unwrap()]].concat(), dir.path());
+    let (c, out, err) = refold(
+        &[
+            &["plugin"][..],
+            &api,
+            &["push", component("bank-v2").to_str().unwrap()],
+        ]
+        .concat(),
+        dir.path(),
+    );
     assert_eq!(c, 0, "{out}{err}");
     assert_eq!(running_digest(&host, "account"), v2);
-    let (c, out, err) = refold(&[&["plugin"][..], &api, &["rollback", "account"]].concat(), dir.path());
+    let (c, out, err) = refold(
+        &[&["plugin"][..], &api, &["rollback", "account"]].concat(),
+        dir.path(),
+    );
     assert_eq!(c, 0, "{out}{err}");
     assert_eq!(running_digest(&host, "account"), v1);
 }
@@ -358,7 +617,10 @@ fn the_watched_directory_swaps_versions_and_the_cli_drives_the_admin_api() {
 fn healthz_reports_a_stalled_partition() {
     let dir = tempdir();
     let events = dir.path().join("events.jsonl");
-    append(&events, &[ce("s1", "probe", "p-s", "probe.count", json!({}))]);
+    append(
+        &events,
+        &[ce("s1", "probe", "p-s", "probe.count", json!({}))],
+    );
     let cfg = admin_config(
         dir.path(),
         &events,
@@ -370,7 +632,13 @@ fn healthz_reports_a_stalled_partition() {
     let (c, _) = host.get("/healthz");
     assert_eq!(c, 200);
     // A guest that spins keeps the loop busy: lag grows, progress stops.
-    append(&events, &[ce("s2", "probe", "p-s", "probe.loop", json!({})), ce("s3", "probe", "p-s", "probe.count", json!({}))]);
+    append(
+        &events,
+        &[
+            ce("s2", "probe", "p-s", "probe.loop", json!({})),
+            ce("s3", "probe", "p-s", "probe.count", json!({})),
+        ],
+    );
     let body = wait_for(Duration::from_secs(20), "healthz 503", || {
         let (c, v) = host.get("/healthz");
         (c == 503).then_some(v)

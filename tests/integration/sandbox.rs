@@ -196,7 +196,11 @@ fn a_plugin_reaches_no_file_env_clock_or_randomness() {
         peek["dir"].to_string().to_lowercase().contains("err"),
         "{peek}"
     );
-    assert_eq!(peek["time"], json!({"ok": 0}), "the clock is frozen: {peek}");
+    assert_eq!(
+        peek["time"],
+        json!({"ok": 0}),
+        "the clock is frozen: {peek}"
+    );
 }
 
 #[test]

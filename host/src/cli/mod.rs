@@ -156,38 +156,66 @@ pub enum QuarantineAction {
 /// Run a `plugin` action.
 pub async fn dispatch_plugin(ep: &plugin::Endpoint, action: PluginAction) -> anyhow::Result<()> {
     match action {
-        PluginAction::Push { file, entity_type, mode } => {
+        PluginAction::Push {
+            file,
+            entity_type,
+            mode,
+        } => {
             let t = match entity_type {
                 Some(t) => t,
                 None => {
                     let bytes = std::fs::read(&file)?;
                     let engine = crate::runtime::Engine::new()?;
-                    crate::runtime::Plugin::load(&engine, &bytes, Default::default())?.info.entity_type.clone()
+                    crate::runtime::Plugin::load(&engine, &bytes, Default::default())?
+                        .info
+                        .entity_type
+                        .clone()
                 }
             };
             plugin::push(ep, &file, &t, &mode).await
         }
         PluginAction::List { entity_type } => plugin::list(ep, entity_type.as_deref()).await,
-        PluginAction::Activate { entity_type, digest, mode } => plugin::activate(ep, &entity_type, &digest, &mode).await,
+        PluginAction::Activate {
+            entity_type,
+            digest,
+            mode,
+        } => plugin::activate(ep, &entity_type, &digest, &mode).await,
         PluginAction::Rollback { entity_type } => plugin::rollback(ep, &entity_type).await,
         PluginAction::Status { id } => plugin::follow_rebuild(ep, &id).await,
     }
 }
 
 /// Run a `quarantine` action.
-pub async fn dispatch_quarantine(ep: &plugin::Endpoint, action: QuarantineAction) -> anyhow::Result<()> {
+pub async fn dispatch_quarantine(
+    ep: &plugin::Endpoint,
+    action: QuarantineAction,
+) -> anyhow::Result<()> {
     match action {
-        QuarantineAction::Export { entity_type, entity_id, dir } => plugin::export(ep, &entity_type, &entity_id, &dir).await,
-        QuarantineAction::Retry { entity_type, entity_id } => {
+        QuarantineAction::Export {
+            entity_type,
+            entity_id,
+            dir,
+        } => plugin::export(ep, &entity_type, &entity_id, &dir).await,
+        QuarantineAction::Retry {
+            entity_type,
+            entity_id,
+        } => {
             let c = reqwest::Client::new();
-            let mut r = c.post(format!("{}/v1/quarantine/{entity_type}/{entity_id}/retry", ep.api.trim_end_matches('/')));
+            let mut r = c.post(format!(
+                "{}/v1/quarantine/{entity_type}/{entity_id}/retry",
+                ep.api.trim_end_matches('/')
+            ));
             if let Some(t) = &ep.token {
                 r = r.bearer_auth(t);
             }
             let resp = r.send().await?;
             let status = resp.status();
             let v: serde_json::Value = resp.json().await.unwrap_or_default();
-            anyhow::ensure!(status.is_success(), "{status}: {}", v["error"].as_str().unwrap_or("?"));
+            anyhow::ensure!(
+                status.is_success(),
+                "{status}: {}",
+                v["error"].as_str().unwrap_or("?")
+            );
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }

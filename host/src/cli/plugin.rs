@@ -21,7 +21,9 @@ pub struct Endpoint {
 
 impl Endpoint {
     fn client(&self) -> anyhow::Result<reqwest::Client> {
-        Ok(reqwest::Client::builder().timeout(Duration::from_secs(300)).build()?)
+        Ok(reqwest::Client::builder()
+            .timeout(Duration::from_secs(300))
+            .build()?)
     }
 
     fn auth(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -32,11 +34,19 @@ impl Endpoint {
     }
 
     async fn send(&self, r: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-        let resp = self.auth(r).send().await.with_context(|| format!("calling {}", self.api))?;
+        let resp = self
+            .auth(r)
+            .send()
+            .await
+            .with_context(|| format!("calling {}", self.api))?;
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
-            let msg = body.get("error").and_then(Value::as_str).unwrap_or("(no message)").to_string();
+            let msg = body
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("(no message)")
+                .to_string();
             anyhow::bail!("{status}: {msg}");
         }
         Ok(body)
@@ -52,7 +62,10 @@ pub async fn push(ep: &Endpoint, file: &Path, entity_type: &str, mode: &str) -> 
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let c = ep.client()?;
     let body = ep
-        .send(c.put(ep.url(&format!("/v1/plugins/{entity_type}?mode={mode}"))).body(bytes))
+        .send(
+            c.put(ep.url(&format!("/v1/plugins/{entity_type}?mode={mode}")))
+                .body(bytes),
+        )
         .await?;
     println!(
         "stored {}@{} sha256:{} (sample fold: {} entities, {} events)",
@@ -74,13 +87,18 @@ pub async fn push(ep: &Endpoint, file: &Path, entity_type: &str, mode: &str) -> 
 pub async fn follow_rebuild(ep: &Endpoint, id: &str) -> anyhow::Result<()> {
     let c = ep.client()?;
     loop {
-        let s = ep.send(c.get(ep.url(&format!("/v1/rebuilds/{id}")))).await?;
+        let s = ep
+            .send(c.get(ep.url(&format!("/v1/rebuilds/{id}"))))
+            .await?;
         let done = s["events_done"].as_f64().unwrap_or(0.0);
         let total = s["events_total"].as_f64().unwrap_or(0.0).max(1.0);
         let frac = (done / total).min(1.0);
         let width = 30;
         let filled = (frac * width as f64) as usize;
-        let eta = s["eta_seconds"].as_f64().map(|e| format!("{e:.0}s")).unwrap_or_else(|| "?".into());
+        let eta = s["eta_seconds"]
+            .as_f64()
+            .map(|e| format!("{e:.0}s"))
+            .unwrap_or_else(|| "?".into());
         print!(
             "\r{id} [{}{}] {:>3.0}% {}/{} events, {} entities, {:.0} ev/s, ETA {eta}, {}   ",
             "#".repeat(filled),
@@ -119,7 +137,10 @@ pub async fn list(ep: &Endpoint, entity_type: Option<&str>) -> anyhow::Result<()
         Some(Value::Array(a)) => a.clone(),
         _ => vec![v],
     };
-    println!("{:<10} {:<10} {:<10} {:<14} {:<8}", "TYPE", "NAME", "VERSION", "DIGEST", "ACTIVE");
+    println!(
+        "{:<10} {:<10} {:<10} {:<14} {:<8}",
+        "TYPE", "NAME", "VERSION", "DIGEST", "ACTIVE"
+    );
     for t in items {
         let active = t["active"]["digest"].as_str().unwrap_or("");
         for ver in t["versions"].as_array().cloned().unwrap_or_default() {
@@ -138,10 +159,18 @@ pub async fn list(ep: &Endpoint, entity_type: Option<&str>) -> anyhow::Result<()
 }
 
 /// `plugin activate TYPE DIGEST [--mode]`
-pub async fn activate(ep: &Endpoint, entity_type: &str, digest: &str, mode: &str) -> anyhow::Result<()> {
+pub async fn activate(
+    ep: &Endpoint,
+    entity_type: &str,
+    digest: &str,
+    mode: &str,
+) -> anyhow::Result<()> {
     let c = ep.client()?;
     let v = ep
-        .send(c.post(ep.url(&format!("/v1/plugins/{entity_type}/activate"))).json(&serde_json::json!({"digest": digest, "mode": mode})))
+        .send(
+            c.post(ep.url(&format!("/v1/plugins/{entity_type}/activate")))
+                .json(&serde_json::json!({"digest": digest, "mode": mode})),
+        )
         .await?;
     if let Some(id) = v["rebuild"].as_str() {
         follow_rebuild(ep, id).await
@@ -154,15 +183,27 @@ pub async fn activate(ep: &Endpoint, entity_type: &str, digest: &str, mode: &str
 /// `plugin rollback TYPE`
 pub async fn rollback(ep: &Endpoint, entity_type: &str) -> anyhow::Result<()> {
     let c = ep.client()?;
-    let v = ep.send(c.post(ep.url(&format!("/v1/plugins/{entity_type}/rollback")))).await?;
-    println!("rolled back {entity_type} to {}", v["digest"].as_str().unwrap_or("?"));
+    let v = ep
+        .send(c.post(ep.url(&format!("/v1/plugins/{entity_type}/rollback"))))
+        .await?;
+    println!(
+        "rolled back {entity_type} to {}",
+        v["digest"].as_str().unwrap_or("?")
+    );
     Ok(())
 }
 
 /// `quarantine export TYPE ID DIR`: a fixture directory `refold test` runs.
-pub async fn export(ep: &Endpoint, entity_type: &str, entity_id: &str, dir: &Path) -> anyhow::Result<()> {
+pub async fn export(
+    ep: &Endpoint,
+    entity_type: &str,
+    entity_id: &str,
+    dir: &Path,
+) -> anyhow::Result<()> {
     let c = ep.client()?;
-    let v = ep.send(c.get(ep.url(&format!("/v1/quarantine/{entity_type}/{entity_id}/fixture")))).await?;
+    let v = ep
+        .send(c.get(ep.url(&format!("/v1/quarantine/{entity_type}/{entity_id}/fixture"))))
+        .await?;
     std::fs::create_dir_all(dir)?;
     let mut events = String::new();
     for e in v["events"].as_array().cloned().unwrap_or_default() {
@@ -176,8 +217,18 @@ pub async fn export(ep: &Endpoint, entity_type: &str, entity_id: &str, dir: &Pat
         expected.push('\n');
     }
     std::fs::write(dir.join("expected.jsonl"), expected)?;
-    std::fs::write(dir.join("state_before.json"), serde_json::to_string_pretty(&v["state_before"])?)?;
-    std::fs::write(dir.join("quarantine.json"), serde_json::to_string_pretty(&v["quarantine"])?)?;
-    println!("wrote {} (run: refold test --plugin PLUGIN.wasm {})", dir.display(), dir.display());
+    std::fs::write(
+        dir.join("state_before.json"),
+        serde_json::to_string_pretty(&v["state_before"])?,
+    )?;
+    std::fs::write(
+        dir.join("quarantine.json"),
+        serde_json::to_string_pretty(&v["quarantine"])?,
+    )?;
+    println!(
+        "wrote {} (run: refold test --plugin PLUGIN.wasm {})",
+        dir.display(),
+        dir.display()
+    );
     Ok(())
 }

@@ -37,8 +37,14 @@ pub struct Produced {
 }
 
 /// Produce the lines of `file` to `topic`.
-pub async fn produce(brokers: &str, topic: &str, file: &Path, binary: bool) -> anyhow::Result<Produced> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+pub async fn produce(
+    brokers: &str,
+    topic: &str,
+    file: &Path,
+    binary: bool,
+) -> anyhow::Result<Produced> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("acks", "all")
@@ -62,7 +68,10 @@ pub async fn produce(brokers: &str, topic: &str, file: &Path, binary: bool) -> a
                 if binary {
                     let mut h = OwnedHeaders::new();
                     let mut add = |k: &str, v: &str| {
-                        h = std::mem::take(&mut h).insert(Header { key: k, value: Some(v) });
+                        h = std::mem::take(&mut h).insert(Header {
+                            key: k,
+                            value: Some(v),
+                        });
                     };
                     add("ce_specversion", "1.0");
                     add("ce_id", &e.id);
@@ -74,7 +83,11 @@ pub async fn produce(brokers: &str, topic: &str, file: &Path, binary: bool) -> a
                         add("ce_time", t);
                     }
                     add("content-type", "application/json");
-                    let data = if e.data.is_null() { Vec::new() } else { e.data.to_string().into_bytes() };
+                    let data = if e.data.is_null() {
+                        Vec::new()
+                    } else {
+                        e.data.to_string().into_bytes()
+                    };
                     (Some(e.key.entity_id), data, Some(h))
                 } else {
                     (Some(e.key.entity_id), line.as_bytes().to_vec(), None)
@@ -90,7 +103,8 @@ pub async fn produce(brokers: &str, topic: &str, file: &Path, binary: bool) -> a
             }
         };
         loop {
-            let mut record: FutureRecord<'_, String, Vec<u8>> = FutureRecord::to(topic).payload(&value);
+            let mut record: FutureRecord<'_, String, Vec<u8>> =
+                FutureRecord::to(topic).payload(&value);
             if let Some(k) = &key {
                 record = record.key(k);
             }
@@ -102,23 +116,27 @@ pub async fn produce(brokers: &str, topic: &str, file: &Path, binary: bool) -> a
                     pending.push_back(f);
                     break;
                 }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => match pending.pop_front() {
-                    Some(f) => out.records += delivered(f).await?,
-                    None => tokio::time::sleep(Duration::from_millis(10)).await,
-                },
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    match pending.pop_front() {
+                        Some(f) => out.records += delivered(f).await?,
+                        None => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
                 Err((e, _)) => return Err(anyhow::anyhow!("producing to {topic}: {e}")),
             }
         }
-        if pending.len() >= IN_FLIGHT {
-            if let Some(f) = pending.pop_front() {
-                out.records += delivered(f).await?;
-            }
+        if pending.len() >= IN_FLIGHT
+            && let Some(f) = pending.pop_front()
+        {
+            out.records += delivered(f).await?;
         }
     }
     while let Some(f) = pending.pop_front() {
         out.records += delivered(f).await?;
     }
-    producer.flush(Duration::from_secs(30)).context("flushing the Kafka producer")?;
+    producer
+        .flush(Duration::from_secs(30))
+        .context("flushing the Kafka producer")?;
     Ok(out)
 }
 
@@ -126,7 +144,9 @@ async fn delivered(f: DeliveryFuture) -> anyhow::Result<usize> {
     match f.await {
         Ok(Ok(_)) => Ok(1),
         Ok(Err((e, _))) => Err(anyhow::anyhow!("a record was not delivered: {e}")),
-        Err(_) => Err(anyhow::anyhow!("the producer was dropped before a delivery report")),
+        Err(_) => Err(anyhow::anyhow!(
+            "the producer was dropped before a delivery report"
+        )),
     }
 }
 

@@ -33,7 +33,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
@@ -62,11 +64,18 @@ struct Ctx {
 
 impl ClientContext for Ctx {
     fn stats(&self, statistics: Statistics) {
-        let mut offsets = self.shared.offsets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut offsets = self
+            .shared
+            .offsets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for (topic, t) in statistics.topics {
             for (partition, p) in t.partitions {
                 if partition >= 0 && p.hi_offset >= 0 {
-                    offsets.insert((topic.clone(), partition), (p.hi_offset, p.committed_offset, p.app_offset));
+                    offsets.insert(
+                        (topic.clone(), partition),
+                        (p.hi_offset, p.committed_offset, p.app_offset),
+                    );
                 }
             }
         }
@@ -74,14 +83,21 @@ impl ClientContext for Ctx {
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
                 tracing::error!(target: "librdkafka", facility = fac, "{log_message}")
             }
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{log_message}"),
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility = fac, "{log_message}")
+            }
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 tracing::info!(target: "librdkafka", facility = fac, "{log_message}")
             }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility = fac, "{log_message}")
+            }
         }
     }
 
@@ -94,7 +110,11 @@ impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                let mut assigned = self.shared.assigned.lock().unwrap_or_else(|e| e.into_inner());
+                let mut assigned = self
+                    .shared
+                    .assigned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 let revoked: Vec<String> = tpl
                     .elements()
                     .iter()
@@ -112,7 +132,11 @@ impl ConsumerContext for Ctx {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let mut assigned = self.shared.assigned.lock().unwrap_or_else(|e| e.into_inner());
+            let mut assigned = self
+                .shared
+                .assigned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let mut added = Vec::new();
             for e in tpl.elements() {
                 let epoch = self.shared.next_epoch.fetch_add(1, Ordering::Relaxed);
@@ -161,18 +185,31 @@ impl KafkaSource {
         }
         let shared = Arc::new(Shared::default());
         let consumer: StreamConsumer<Ctx> = cc
-            .create_with_context(Ctx { shared: shared.clone() })
-            .map_err(|e| anyhow::anyhow!("creating the Kafka consumer for {}: {e}", config.brokers))?;
+            .create_with_context(Ctx {
+                shared: shared.clone(),
+            })
+            .map_err(|e| {
+                anyhow::anyhow!("creating the Kafka consumer for {}: {e}", config.brokers)
+            })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
             .map_err(|e| anyhow::anyhow!("subscribing to {topics:?}: {e}"))?;
         tracing::info!(brokers = %config.brokers, group = %config.group_id, ?topics, "Kafka consumer subscribed");
-        Ok(KafkaSource { consumer: Arc::new(consumer), shared, linger, positions: HashMap::new() })
+        Ok(KafkaSource {
+            consumer: Arc::new(consumer),
+            shared,
+            linger,
+            positions: HashMap::new(),
+        })
     }
 
     fn assigned(&self) -> HashMap<Tp, u64> {
-        self.shared.assigned.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.shared
+            .assigned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -194,7 +231,10 @@ impl EventSource for KafkaSource {
                     } else {
                         tracing::warn!(error = %e, "Kafka consumer error");
                     }
-                    tokio::time::sleep(Duration::from_millis(50).min(deadline.saturating_duration_since(now))).await;
+                    tokio::time::sleep(
+                        Duration::from_millis(50).min(deadline.saturating_duration_since(now)),
+                    )
+                    .await;
                     continue;
                 }
                 Ok(Ok(m)) => m,
@@ -202,18 +242,38 @@ impl EventSource for KafkaSource {
             let tp = (msg.topic().to_string(), msg.partition());
             // Read after the callbacks that `recv` ran: a record of a partition
             // that is not (or no longer) ours is dropped here.
-            let Some(epoch) = self.shared.assigned.lock().unwrap_or_else(|e| e.into_inner()).get(&tp).copied() else {
+            let Some(epoch) = self
+                .shared
+                .assigned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&tp)
+                .copied()
+            else {
                 continue;
             };
             let headers = msg
                 .headers()
-                .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
             let offset = msg.offset();
             out.push((
                 epoch,
                 SourceRecord {
-                    origin: Origin { source: tp.0, partition: tp.1, offset },
+                    origin: Origin {
+                        source: tp.0,
+                        partition: tp.1,
+                        offset,
+                    },
                     next_offset: offset + 1,
                     key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     headers,
@@ -227,15 +287,23 @@ impl EventSource for KafkaSource {
         let before = out.len();
         let records: Vec<SourceRecord> = out
             .into_iter()
-            .filter(|(epoch, r)| assigned.get(&(r.origin.source.clone(), r.origin.partition)) == Some(epoch))
+            .filter(|(epoch, r)| {
+                assigned.get(&(r.origin.source.clone(), r.origin.partition)) == Some(epoch)
+            })
             .map(|(_, r)| r)
             .collect();
         if records.len() < before {
-            tracing::info!(dropped = before - records.len(), "dropped records of revoked Kafka partitions");
+            tracing::info!(
+                dropped = before - records.len(),
+                "dropped records of revoked Kafka partitions"
+            );
         }
         self.positions.retain(|tp, _| assigned.contains_key(tp));
         for r in &records {
-            let p = self.positions.entry((r.origin.source.clone(), r.origin.partition)).or_insert(0);
+            let p = self
+                .positions
+                .entry((r.origin.source.clone(), r.origin.partition))
+                .or_insert(0);
             *p = (*p).max(r.next_offset);
         }
         Ok(Some(records))
@@ -259,21 +327,35 @@ impl EventSource for KafkaSource {
             Ok(Ok(())) => {}
             // Not fatal: the batch is stored; whoever reads these records
             // again finds them known and skips them.
-            Ok(Err(e)) => tracing::warn!(error = %e, "Kafka offset commit failed; records may be redelivered"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Kafka offset commit failed; records may be redelivered")
+            }
             Err(e) => tracing::warn!(error = %e, "Kafka offset commit task failed"),
         }
         Ok(())
     }
 
     fn lag(&self) -> Vec<PartitionLag> {
-        let offsets = self.shared.offsets.lock().unwrap_or_else(|e| e.into_inner());
+        let offsets = self
+            .shared
+            .offsets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<PartitionLag> = self
             .assigned()
             .into_keys()
             .filter_map(|tp| {
                 let (hi, committed, app) = offsets.get(&tp).copied()?;
-                let pos = self.positions.get(&tp).copied().unwrap_or_else(|| committed.max(app));
-                (pos >= 0).then(|| PartitionLag { source: tp.0.clone(), partition: tp.1, lag: (hi - pos).max(0) })
+                let pos = self
+                    .positions
+                    .get(&tp)
+                    .copied()
+                    .unwrap_or_else(|| committed.max(app));
+                (pos >= 0).then(|| PartitionLag {
+                    source: tp.0.clone(),
+                    partition: tp.1,
+                    lag: (hi - pos).max(0),
+                })
             })
             .collect();
         out.sort_by(|a, b| (&a.source, a.partition).cmp(&(&b.source, b.partition)));

@@ -68,5 +68,8 @@ pub fn checkpoints_of(records: &[SourceRecord]) -> Vec<Checkpoint> {
 /// Open the Kafka source of the configured consumer group.
 pub async fn open_kafka(app: &crate::app::App) -> anyhow::Result<Box<dyn EventSource>> {
     let linger = std::time::Duration::from_millis(app.config.source.linger_ms);
-    Ok(Box::new(kafka::KafkaSource::new(&app.config.kafka, linger)?))
+    Ok(Box::new(kafka::KafkaSource::new(
+        &app.config.kafka,
+        linger,
+    )?))
 }

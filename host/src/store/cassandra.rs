@@ -69,11 +69,14 @@ const INTENT_CHUNK: usize = 256 << 10;
 /// Largest chunk of a stored component, in bytes.
 const BLOB_CHUNK: usize = 512 << 10;
 /// How long a read keeps retrying while the cluster is unreachable.
-const READ_RETRY_BUDGET: Duration = Duration::from_secs(45);
+const READ_RETRY_BUDGET: Duration = Duration::from_secs(5);
 /// Client-side timeout of one request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Entries of the location cache before it is cleared.
 const LOCATION_CACHE_MAX: usize = 200_000;
+/// How long a static row read by `known_ids` may serve the `load` that
+/// follows it (the pipeline calls them back to back for one batch).
+const FRESH_FOR: Duration = Duration::from_secs(1);
 
 /// The CQL schema, `{ks}` standing for the keyspace. See `CASSANDRA.md`.
 const SCHEMA: &[&str] = &[
@@ -208,9 +211,17 @@ struct StaticRow {
 
 impl StaticRow {
     fn located(&self, bucket: i64) -> Located {
-        Located { bucket, base: self.base, cap: self.cap.max(1), head: self.head }
+        Located {
+            bucket,
+            base: self.base,
+            cap: self.cap.max(1),
+            head: self.head,
+        }
     }
 }
+
+/// An entity's live bucket and its static row.
+type Found = (Located, StaticRow);
 
 type StaticTuple = (
     Option<i64>,
@@ -244,6 +255,11 @@ struct Effects {
     /// Entities whose quarantine record is removed.
     #[serde(default)]
     released: Vec<EntityKey>,
+    /// One new event per entity of the commit: if none of them is stored,
+    /// none of the commit's entity batches applied, and its effects must
+    /// not be applied either.
+    #[serde(default)]
+    probes: Vec<(EntityKey, String)>,
 }
 
 impl Effects {
@@ -308,6 +324,10 @@ pub struct CassandraStore {
     /// Live bucket of entities recently loaded or written by this process.
     /// Only a hint for `commit`: the conditional batch checks it.
     located: Mutex<HashMap<EntityKey, Located>>,
+    /// Entity rows read by `known_ids`, taken (once) by the `load` that
+    /// follows: it saves a read per entity and batch. A row gone stale
+    /// meanwhile only costs a lost fence and a re-run.
+    fresh: Mutex<HashMap<EntityKey, (Instant, Option<Found>)>>,
     /// Intents of failed commits of this process, re-applied by the next commit.
     carry: tokio::sync::Mutex<Vec<Intent>>,
     /// Last client timestamp handed out.
@@ -321,7 +341,9 @@ impl CassandraStore {
         anyhow::ensure!(!config.nodes.is_empty(), "[cassandra] nodes is empty");
         let ks = &config.keyspace;
         anyhow::ensure!(
-            !ks.is_empty() && ks.len() <= 48 && ks.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            !ks.is_empty()
+                && ks.len() <= 48
+                && ks.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
             "[cassandra] keyspace {ks:?} must be 1 to 48 letters, digits or underscores"
         );
         let profile = ExecutionProfile::builder()
@@ -340,10 +362,16 @@ impl CassandraStore {
 
         let replication = match &config.replication {
             Some(r) => r.clone(),
-            None => format!("{{'class': 'SimpleStrategy', 'replication_factor': {}}}", config.replication_factor.max(1)),
+            None => format!(
+                "{{'class': 'SimpleStrategy', 'replication_factor': {}}}",
+                config.replication_factor.max(1)
+            ),
         };
         session
-            .query_unpaged(format!("CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {replication}"), ())
+            .query_unpaged(
+                format!("CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {replication}"),
+                (),
+            )
             .await
             .with_context(|| format!("creating keyspace {ks}"))?;
         for ddl in SCHEMA {
@@ -352,17 +380,23 @@ impl CassandraStore {
                 .await
                 .with_context(|| format!("creating the schema in keyspace {ks}"))?;
         }
-        let st = prepare_all(&session, ks).await.context("preparing statements")?;
+        let st = prepare_all(&session, ks)
+            .await
+            .context("preparing statements")?;
         let store = CassandraStore {
             session,
             st,
             bucket_size: config.bucket_size.max(1),
             concurrency: config.concurrency.max(1),
             located: Mutex::new(HashMap::new()),
+            fresh: Mutex::new(HashMap::new()),
             carry: tokio::sync::Mutex::new(Vec::new()),
             clock: AtomicI64::new(0),
         };
-        let n = store.recover_intents().await.context("re-applying interrupted commits")?;
+        let n = store
+            .recover_intents()
+            .await
+            .context("re-applying interrupted commits")?;
         if n > 0 {
             tracing::info!(intents = n, "re-applied the effects of interrupted commits");
         }
@@ -378,7 +412,10 @@ impl CassandraStore {
         let mut prev = self.clock.load(Ordering::Relaxed);
         loop {
             let ts = now.max(prev + 1);
-            match self.clock.compare_exchange_weak(prev, ts, Ordering::Relaxed, Ordering::Relaxed) {
+            match self
+                .clock
+                .compare_exchange_weak(prev, ts, Ordering::Relaxed, Ordering::Relaxed)
+            {
                 Ok(_) => return ts,
                 Err(p) => prev = p,
             }
@@ -400,50 +437,84 @@ impl CassandraStore {
         }
     }
 
+    fn stash(&self, key: &EntityKey, row: Option<Found>) {
+        let mut m = self.fresh.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= LOCATION_CACHE_MAX {
+            m.clear();
+        }
+        m.insert(key.clone(), (Instant::now(), row));
+    }
+
+    fn take_fresh(&self, key: &EntityKey) -> Option<Option<Found>> {
+        let (at, row) = self
+            .fresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)?;
+        (at.elapsed() < FRESH_FOR).then_some(row)
+    }
+
     fn cached(&self, key: &EntityKey) -> Option<Located> {
-        self.located.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied()
+        self.located
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
     }
 
     // ---- reads --------------------------------------------------------------
 
-    async fn read_static(&self, key: &EntityKey, bucket: i64) -> Result<Option<StaticRow>, StoreError> {
+    async fn read_static(
+        &self,
+        key: &EntityKey,
+        bucket: i64,
+    ) -> Result<Option<StaticRow>, StoreError> {
         let r = self
             .session
-            .execute_unpaged(&self.st.read_static, (&key.entity_type, &key.entity_id, bucket))
+            .execute_unpaged(
+                &self.st.read_static,
+                (&key.entity_type, &key.entity_id, bucket),
+            )
             .await
             .map_err(exec_err)?;
         let rows = r.into_rows_result().map_err(other)?;
         let row: Option<StaticTuple> = rows.maybe_first_row().map_err(other)?;
-        Ok(row.and_then(|(base, cap, head, state, position, pn, pv, pd, q, live)| {
-            Some(StaticRow {
-                base: base.unwrap_or(0).max(0) as u64,
-                cap: cap.unwrap_or(self.bucket_size as i64).max(1) as u64,
-                head: head?.max(0) as u64,
-                state,
-                position: position.unwrap_or(0).max(0) as u64,
-                plugin: match (pn, pv, pd) {
-                    (Some(name), Some(version), Some(digest)) => Some(PluginRef { name, version, digest }),
-                    _ => None,
-                },
-                quarantined: q.unwrap_or(false),
-                live: live.unwrap_or(0).max(0),
-            })
-        }))
+        Ok(
+            row.and_then(|(base, cap, head, state, position, pn, pv, pd, q, live)| {
+                Some(StaticRow {
+                    base: base.unwrap_or(0).max(0) as u64,
+                    cap: cap.unwrap_or(self.bucket_size as i64).max(1) as u64,
+                    head: head?.max(0) as u64,
+                    state,
+                    position: position.unwrap_or(0).max(0) as u64,
+                    plugin: match (pn, pv, pd) {
+                        (Some(name), Some(version), Some(digest)) => Some(PluginRef {
+                            name,
+                            version,
+                            digest,
+                        }),
+                        _ => None,
+                    },
+                    quarantined: q.unwrap_or(false),
+                    live: live.unwrap_or(0).max(0),
+                })
+            }),
+        )
     }
 
     /// Find the live bucket of an entity: bucket 0, or the one its `live`
     /// hint names, then forward past full buckets.
-    async fn locate(&self, key: &EntityKey) -> Result<Option<(Located, StaticRow)>, StoreError> {
+    async fn locate(&self, key: &EntityKey) -> Result<Option<Found>, StoreError> {
         let Some(s0) = self.read_static(key, 0).await? else {
             return Ok(None);
         };
         let hint = s0.live;
         let (mut bucket, mut s) = (0i64, s0);
-        if hint > 0 {
-            if let Some(sh) = self.read_static(key, hint).await? {
-                bucket = hint;
-                s = sh;
-            }
+        if hint > 0
+            && let Some(sh) = self.read_static(key, hint).await?
+        {
+            bucket = hint;
+            s = sh;
         }
         while s.located(bucket).full() {
             match self.read_static(key, bucket + 1).await? {
@@ -466,7 +537,10 @@ impl CassandraStore {
     async fn write_hint(&self, key: &EntityKey, bucket: i64) {
         if let Err(e) = self
             .session
-            .execute_unpaged(&self.st.set_live, (bucket, &key.entity_type, &key.entity_id, 0i64))
+            .execute_unpaged(
+                &self.st.set_live,
+                (bucket, &key.entity_type, &key.entity_id, 0i64),
+            )
             .await
         {
             tracing::debug!(entity = %key, error = %e, "could not record the live bucket");
@@ -474,12 +548,20 @@ impl CassandraStore {
     }
 
     /// Which of `ids` are stored in `buckets` of an entity.
-    async fn ids_in(&self, key: &EntityKey, buckets: Vec<i64>, ids: &[String]) -> Result<HashSet<String>, StoreError> {
+    async fn ids_in(
+        &self,
+        key: &EntityKey,
+        buckets: Vec<i64>,
+        ids: &[String],
+    ) -> Result<HashSet<String>, StoreError> {
         let mut found = HashSet::new();
         for chunk in ids.chunks(IDS_PER_QUERY) {
             let r = self
                 .session
-                .execute_unpaged(&self.st.read_ids, (&key.entity_type, &key.entity_id, &buckets, chunk))
+                .execute_unpaged(
+                    &self.st.read_ids,
+                    (&key.entity_type, &key.entity_id, &buckets, chunk),
+                )
                 .await
                 .map_err(exec_err)?;
             let rows = r.into_rows_result().map_err(other)?;
@@ -490,14 +572,25 @@ impl CassandraStore {
         Ok(found)
     }
 
-    async fn known_for(&self, key: &EntityKey, ids: Vec<String>) -> Result<HashSet<String>, StoreError> {
+    async fn known_for(
+        &self,
+        key: &EntityKey,
+        ids: Vec<String>,
+    ) -> Result<HashSet<String>, StoreError> {
         let (s0, in0) = tokio::join!(self.read_static(key, 0), self.ids_in(key, vec![0], &ids));
-        let Some(s0) = s0? else { return Ok(HashSet::new()) };
+        let Some(s0) = s0? else {
+            self.stash(key, None);
+            return Ok(HashSet::new());
+        };
         let mut found = in0?;
         if s0.live == 0 && !s0.located(0).full() {
+            self.stash(key, Some((s0.located(0), s0)));
             return Ok(found);
         }
-        let Some((loc, _)) = self.locate(key).await? else { return Ok(found) };
+        let Some((loc, row)) = self.locate(key).await? else {
+            return Ok(found);
+        };
+        self.stash(key, Some((loc, row)));
         if loc.bucket > 0 {
             let rest: Vec<String> = ids.into_iter().filter(|i| !found.contains(i)).collect();
             if !rest.is_empty() {
@@ -507,21 +600,40 @@ impl CassandraStore {
         Ok(found)
     }
 
-    async fn history_inner(&self, key: &EntityKey, after: u64, upto: Option<u64>) -> Result<Vec<StoredEvent>, StoreError> {
-        let Some((loc, _)) = self.locate(key).await? else { return Ok(Vec::new()) };
+    async fn history_inner(
+        &self,
+        key: &EntityKey,
+        after: u64,
+        upto: Option<u64>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let Some((loc, _)) = self.locate(key).await? else {
+            return Ok(Vec::new());
+        };
         let upto = upto.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
         let after = after.min(i64::MAX as u64) as i64;
         let mut out = Vec::new();
         for bucket in 0..=loc.bucket {
             let pager = self
                 .session
-                .execute_iter(self.st.read_events.clone(), (&key.entity_type, &key.entity_id, bucket, after, upto))
+                .execute_iter(
+                    self.st.read_events.clone(),
+                    (&key.entity_type, &key.entity_id, bucket, after, upto),
+                )
                 .await
                 .map_err(pager_err)?;
-            type EventRow = (i64, String, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>);
+            type EventRow = (
+                i64,
+                String,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+            );
             let mut rows = pager.rows_stream::<EventRow>().map_err(other)?;
             while let Some(row) = rows.next().await {
-                let (position, id, source, event_type, time, data, origin) = row.map_err(row_err)?;
+                let (position, id, source, event_type, time, data, origin) =
+                    row.map_err(row_err)?;
                 out.push(StoredEvent {
                     key: key.clone(),
                     position: position.max(0) as u64,
@@ -529,7 +641,9 @@ impl CassandraStore {
                     source: source.unwrap_or_default(),
                     event_type: event_type.unwrap_or_default(),
                     time,
-                    data: data.map(|d| serde_json::from_str(&d).unwrap_or(Value::Null)).unwrap_or(Value::Null),
+                    data: data
+                        .map(|d| serde_json::from_str(&d).unwrap_or(Value::Null))
+                        .unwrap_or(Value::Null),
                     origin: origin.and_then(|o| serde_json::from_str::<Origin>(&o).ok()),
                 });
             }
@@ -575,7 +689,15 @@ impl CassandraStore {
 
     /// One entity's new events, id rows and state, as one conditional
     /// single-partition batch fenced on `expected_head`.
-    async fn write_entity(&self, u: &EntityUpdate, events: &[&StoredEvent]) -> Result<(), StoreError> {
+    async fn write_entity(
+        &self,
+        u: &EntityUpdate,
+        events: &[&StoredEvent],
+    ) -> Result<(), StoreError> {
+        self.fresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&u.key);
         let loc = match self.cached(&u.key) {
             Some(l) if l.head == u.expected_head => Some(l),
             _ => self.locate(&u.key).await?.map(|(l, _)| l),
@@ -583,7 +705,10 @@ impl CassandraStore {
         let loc_head = loc.map(|l| l.head).unwrap_or(0);
         if loc_head != u.expected_head {
             self.remember(&u.key, None);
-            return Err(StoreError::Fenced(format!("{} is at head {loc_head}, expected {}", u.key, u.expected_head)));
+            return Err(StoreError::Fenced(format!(
+                "{} is at head {loc_head}, expected {}",
+                u.key, u.expected_head
+            )));
         }
         // Where the new events go, and on what the batch is conditioned.
         let (bucket, opens) = match loc {
@@ -595,11 +720,15 @@ impl CassandraStore {
         if u.expected_head == 0 {
             // Listed before it exists: a superset is harmless, a gap is not.
             let shard = shard_of(id, INDEX_SHARDS);
-            self.session.execute_unpaged(&self.st.index_insert, (t, shard, id)).await.map_err(exec_err)?;
+            self.session
+                .execute_unpaged(&self.st.index_insert, (t, shard, id))
+                .await
+                .map_err(exec_err)?;
         }
 
         let mut batch = Batch::new(BatchType::Unlogged);
-        let mut values: Vec<Box<dyn SerializeRow + Send + Sync + '_>> = Vec::with_capacity(events.len() * 2 + 1);
+        let mut values: Vec<Box<dyn SerializeRow + Send + Sync + '_>> =
+            Vec::with_capacity(events.len() * 2 + 1);
         for e in events {
             batch.append_statement(self.st.insert_event.clone());
             values.push(Box::new((
@@ -612,13 +741,19 @@ impl CassandraStore {
                 e.event_type.as_str(),
                 e.time.as_deref(),
                 e.data.to_string(),
-                e.origin.as_ref().map(|o| serde_json::to_string(o).unwrap_or_default()),
+                e.origin
+                    .as_ref()
+                    .map(|o| serde_json::to_string(o).unwrap_or_default()),
             )));
             batch.append_statement(self.st.insert_id.clone());
             values.push(Box::new((t, id, bucket, e.id.as_str())));
         }
         let p = u.plugin.as_ref();
-        let (pn, pv, pd) = (p.map(|p| p.name.as_str()), p.map(|p| p.version.as_str()), p.map(|p| p.digest.as_str()));
+        let (pn, pv, pd) = (
+            p.map(|p| p.name.as_str()),
+            p.map(|p| p.version.as_str()),
+            p.map(|p| p.digest.as_str()),
+        );
         let state = u.state.to_string();
         if opens {
             batch.append_statement(self.st.open_bucket.clone());
@@ -661,9 +796,25 @@ impl CassandraStore {
                 u.key, u.expected_head
             )));
         }
-        let base = if opens { u.expected_head } else { loc.map(|l| l.base).unwrap_or(0) };
-        let cap = if opens { self.bucket_size } else { loc.map(|l| l.cap).unwrap_or(self.bucket_size) };
-        self.remember(&u.key, Some(Located { bucket, base, cap, head: u.head }));
+        let base = if opens {
+            u.expected_head
+        } else {
+            loc.map(|l| l.base).unwrap_or(0)
+        };
+        let cap = if opens {
+            self.bucket_size
+        } else {
+            loc.map(|l| l.cap).unwrap_or(self.bucket_size)
+        };
+        self.remember(
+            &u.key,
+            Some(Located {
+                bucket,
+                base,
+                cap,
+                head: u.head,
+            }),
+        );
         if opens && bucket > 0 {
             self.write_hint(&u.key, bucket).await;
         }
@@ -677,13 +828,22 @@ impl CassandraStore {
         let futs: Vec<_> = chunks
             .iter()
             .enumerate()
-            .map(|(i, c)| self.session.execute_unpaged(&self.st.intent_insert, (&intent.id, i as i32, intent.effects.ts, *c)))
+            .map(|(i, c)| {
+                self.session.execute_unpaged(
+                    &self.st.intent_insert,
+                    (&intent.id, i as i32, intent.effects.ts, *c),
+                )
+            })
             .collect();
         self.all(futs).await
     }
 
     async fn forget_intent(&self, id: &str) {
-        if let Err(e) = self.session.execute_unpaged(&self.st.intent_delete, (id,)).await {
+        if let Err(e) = self
+            .session
+            .execute_unpaged(&self.st.intent_delete, (id,))
+            .await
+        {
             tracing::debug!(intent = id, error = %e, "could not delete an applied intent");
         }
     }
@@ -697,27 +857,36 @@ impl CassandraStore {
         let futs: Vec<_> = e
             .released
             .iter()
-            .map(|k| self.session.execute_unpaged(&self.st.quarantine_release, (ts - 1, &k.entity_type, &k.entity_id)))
+            .map(|k| {
+                self.session.execute_unpaged(
+                    &self.st.quarantine_release,
+                    (ts - 1, &k.entity_type, &k.entity_id),
+                )
+            })
             .collect();
         self.all(futs).await?;
-        let futs: Vec<_> = e.quarantines.iter().map(|q| {
-            self.session.execute_unpaged(
-                &self.st.quarantine_insert,
-                (
-                    &q.key.entity_type,
-                    &q.key.entity_id,
-                    &q.event_id,
-                    q.event_position as i64,
-                    &q.kind,
-                    &q.error,
-                    &q.plugin.name,
-                    &q.plugin.version,
-                    &q.plugin.digest,
-                    &q.recorded_at,
-                    ts,
-                ),
-            )
-        }).collect();
+        let futs: Vec<_> = e
+            .quarantines
+            .iter()
+            .map(|q| {
+                self.session.execute_unpaged(
+                    &self.st.quarantine_insert,
+                    (
+                        &q.key.entity_type,
+                        &q.key.entity_id,
+                        &q.event_id,
+                        q.event_position as i64,
+                        &q.kind,
+                        &q.error,
+                        &q.plugin.name,
+                        &q.plugin.version,
+                        &q.plugin.digest,
+                        &q.recorded_at,
+                        ts,
+                    ),
+                )
+            })
+            .collect();
         self.all(futs).await?;
         let mut last: HashMap<(&str, &str), &ProjOp> = HashMap::new();
         for op in &e.projections {
@@ -729,10 +898,20 @@ impl CassandraStore {
                 match &op.body {
                     Some(body) => {
                         self.session
-                            .execute_unpaged(&self.st.projection_upsert, (&op.projection, &op.key, body.to_string(), ts))
+                            .execute_unpaged(
+                                &self.st.projection_upsert,
+                                (&op.projection, &op.key, body.to_string(), ts),
+                            )
                             .await
                     }
-                    None => self.session.execute_unpaged(&self.st.projection_delete, (ts, &op.projection, &op.key)).await,
+                    None => {
+                        self.session
+                            .execute_unpaged(
+                                &self.st.projection_delete,
+                                (ts, &op.projection, &op.key),
+                            )
+                            .await
+                    }
                 }
             })
             .collect();
@@ -743,28 +922,55 @@ impl CassandraStore {
     async fn apply_carried(&self) -> Result<(), StoreError> {
         let mut carry = self.carry.lock().await;
         while let Some(intent) = carry.first() {
-            self.apply_effects(&intent.effects).await?;
+            self.apply_if_committed(&intent.effects).await?;
             self.forget_intent(&intent.id).await;
             carry.remove(0);
         }
         Ok(())
     }
 
+    /// Apply an interrupted commit's effects if any of its entity batches
+    /// applied (or it had no events to tell).
+    async fn apply_if_committed(&self, e: &Effects) -> Result<(), StoreError> {
+        let mut applied = e.probes.is_empty();
+        for (key, id) in &e.probes {
+            if self.known_for(key, vec![id.clone()]).await?.contains(id) {
+                applied = true;
+                break;
+            }
+        }
+        if applied {
+            self.apply_effects(e).await
+        } else {
+            tracing::info!("dropping the effects of a commit that stored nothing");
+            Ok(())
+        }
+    }
+
     /// Apply every intent found in the table (left by crashed or failed
     /// commits of any process). Idempotent; returns how many there were.
     async fn recover_intents(&self) -> anyhow::Result<usize> {
-        let pager = self.session.execute_iter(self.st.intent_read.clone(), ()).await.map_err(pager_err)?;
-        let mut rows = pager.rows_stream::<(String, i32, Option<i64>, Option<String>)>().map_err(other)?;
+        let pager = self
+            .session
+            .execute_iter(self.st.intent_read.clone(), ())
+            .await
+            .map_err(pager_err)?;
+        let mut rows = pager
+            .rows_stream::<(String, i32, Option<i64>, Option<String>)>()
+            .map_err(other)?;
         let mut intents: BTreeMap<String, BTreeMap<i32, String>> = BTreeMap::new();
         while let Some(row) = rows.next().await {
             let (id, seq, _ts, chunk) = row.map_err(row_err)?;
-            intents.entry(id).or_default().insert(seq, chunk.unwrap_or_default());
+            intents
+                .entry(id)
+                .or_default()
+                .insert(seq, chunk.unwrap_or_default());
         }
         let n = intents.len();
         for (id, chunks) in intents {
             let json: String = chunks.into_values().collect();
             match serde_json::from_str::<Effects>(&json) {
-                Ok(effects) => self.apply_effects(&effects).await?,
+                Ok(effects) => self.apply_if_committed(&effects).await?,
                 // A partial intent: its commit never got to the entity batches.
                 Err(e) => tracing::warn!(intent = %id, error = %e, "dropping an incomplete intent"),
             }
@@ -773,11 +979,22 @@ impl CassandraStore {
         Ok(n)
     }
 
-    async fn commit_inner(&self, commit: &Commit, intent: Option<&Intent>) -> Result<(), StoreError> {
+    async fn commit_inner(
+        &self,
+        commit: &Commit,
+        intent: Option<&Intent>,
+    ) -> Result<(), StoreError> {
         // 1. Events + state, per entity, fenced.
         let mut by_key: HashMap<&EntityKey, Vec<&StoredEvent>> = HashMap::new();
         for e in &commit.events {
             by_key.entry(&e.key).or_default().push(e);
+        }
+        let updated: HashSet<&EntityKey> = commit.entities.iter().map(|u| &u.key).collect();
+        if let Some(k) = by_key.keys().find(|k| !updated.contains(**k)) {
+            // Events are only ever stored together with their entity's state.
+            return Err(StoreError::Other(anyhow::anyhow!(
+                "events of {k} come without an entity update"
+            )));
         }
         let futs: Vec<_> = commit
             .entities
@@ -792,8 +1009,12 @@ impl CassandraStore {
         while let Some(r) = results.next().await {
             if let Err(e) = r {
                 failure = Some(match (failure, e) {
-                    (Some(StoreError::Other(a)), _) | (_, StoreError::Other(a)) => StoreError::Other(a),
-                    (Some(StoreError::Unavailable(a)), _) | (_, StoreError::Unavailable(a)) => StoreError::Unavailable(a),
+                    (Some(StoreError::Other(a)), _) | (_, StoreError::Other(a)) => {
+                        StoreError::Other(a)
+                    }
+                    (Some(StoreError::Unavailable(a)), _) | (_, StoreError::Unavailable(a)) => {
+                        StoreError::Unavailable(a)
+                    }
                     (_, f) => f,
                 });
             }
@@ -806,31 +1027,44 @@ impl CassandraStore {
         if let Some(i) = intent {
             self.apply_effects(&i.effects).await?;
         }
-        let ts = intent.map(|i| i.effects.ts).unwrap_or_else(|| self.next_ts());
+        let ts = intent
+            .map(|i| i.effects.ts)
+            .unwrap_or_else(|| self.next_ts());
         // 3. Dead letters (deterministic ids: re-inserting one is harmless).
-        let futs: Vec<_> = commit.dead_letters.iter().map(|d| {
-            self.session.execute_unpaged(
-                &self.st.dead_letter_insert,
-                (
-                    shard_of(&d.id, DEAD_LETTER_SHARDS),
-                    &d.id,
-                    &d.code,
-                    &d.reason,
-                    &d.payload,
-                    d.origin.as_ref().map(|o| serde_json::to_string(o).unwrap_or_default()),
-                    d.event_id.as_deref(),
-                    d.entity_type.as_deref(),
-                    &d.recorded_at,
-                    ts,
-                ),
-            )
-        }).collect();
+        let futs: Vec<_> = commit
+            .dead_letters
+            .iter()
+            .map(|d| {
+                self.session.execute_unpaged(
+                    &self.st.dead_letter_insert,
+                    (
+                        shard_of(&d.id, DEAD_LETTER_SHARDS),
+                        &d.id,
+                        &d.code,
+                        &d.reason,
+                        &d.payload,
+                        d.origin
+                            .as_ref()
+                            .map(|o| serde_json::to_string(o).unwrap_or_default()),
+                        d.event_id.as_deref(),
+                        d.entity_type.as_deref(),
+                        &d.recorded_at,
+                        ts,
+                    ),
+                )
+            })
+            .collect();
         self.all(futs).await?;
         // 4. Checkpoints.
         let futs: Vec<_> = commit
             .checkpoints
             .iter()
-            .map(|c| self.session.execute_unpaged(&self.st.checkpoint_upsert, (&c.source, c.partition, c.offset, ts)))
+            .map(|c| {
+                self.session.execute_unpaged(
+                    &self.st.checkpoint_upsert,
+                    (&c.source, c.partition, c.offset, ts),
+                )
+            })
             .collect();
         self.all(futs).await
     }
@@ -838,13 +1072,21 @@ impl CassandraStore {
     // ---- generations (namespaces) -------------------------------------------
 
     fn forget_locations(&self) {
-        self.located.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.located
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.fresh.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     async fn index_ids(&self, entity_type: &str) -> Result<BTreeSet<String>, StoreError> {
         let mut ids = BTreeSet::new();
         for shard in 0..INDEX_SHARDS {
-            let pager = self.session.execute_iter(self.st.index_read.clone(), (entity_type, shard)).await.map_err(pager_err)?;
+            let pager = self
+                .session
+                .execute_iter(self.st.index_read.clone(), (entity_type, shard))
+                .await
+                .map_err(pager_err)?;
             let mut rows = pager.rows_stream::<(String,)>().map_err(other)?;
             while let Some(r) = rows.next().await {
                 ids.insert(r.map_err(row_err)?.0);
@@ -854,23 +1096,49 @@ impl CassandraStore {
     }
 
     async fn drop_index(&self, entity_type: &str) -> Result<(), StoreError> {
-        let futs: Vec<_> =
-            (0..INDEX_SHARDS).map(|shard| self.session.execute_unpaged(&self.st.index_drop, (entity_type, shard))).collect();
+        let futs: Vec<_> = (0..INDEX_SHARDS)
+            .map(|shard| {
+                self.session
+                    .execute_unpaged(&self.st.index_drop, (entity_type, shard))
+            })
+            .collect();
         self.all(futs).await
     }
 
     /// Delete every bucket of one entity (a namespace's state).
     async fn drop_entity(&self, key: &EntityKey) -> Result<(), StoreError> {
-        let Some((loc, _)) = self.locate(key).await? else { return Ok(()) };
+        let Some((loc, _)) = self.locate(key).await? else {
+            return Ok(());
+        };
         let futs: Vec<_> = (0..=loc.bucket)
-            .map(|b| self.session.execute_unpaged(&self.st.delete_bucket, (&key.entity_type, &key.entity_id, b)))
+            .map(|b| {
+                self.session.execute_unpaged(
+                    &self.st.delete_bucket,
+                    (&key.entity_type, &key.entity_id, b),
+                )
+            })
             .collect();
         self.all(futs).await
     }
 
     async fn all_quarantine(&self) -> Result<Vec<QuarantineRecord>, StoreError> {
-        let pager = self.session.execute_iter(self.st.quarantine_read.clone(), ()).await.map_err(pager_err)?;
-        type QRow = (String, String, String, i64, String, String, String, String, String, String);
+        let pager = self
+            .session
+            .execute_iter(self.st.quarantine_read.clone(), ())
+            .await
+            .map_err(pager_err)?;
+        type QRow = (
+            String,
+            String,
+            String,
+            i64,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+        );
         let mut rows = pager.rows_stream::<QRow>().map_err(other)?;
         let mut out = Vec::new();
         while let Some(r) = rows.next().await {
@@ -881,14 +1149,23 @@ impl CassandraStore {
                 event_position: pos.max(0) as u64,
                 kind,
                 error,
-                plugin: PluginRef { name: pn, version: pv, digest: pd },
+                plugin: PluginRef {
+                    name: pn,
+                    version: pv,
+                    digest: pd,
+                },
                 recorded_at: at,
             });
         }
         Ok(out)
     }
 
-    async fn put_quarantine(&self, q: &QuarantineRecord, key: &EntityKey, ts: i64) -> Result<(), StoreError> {
+    async fn put_quarantine(
+        &self,
+        q: &QuarantineRecord,
+        key: &EntityKey,
+        ts: i64,
+    ) -> Result<(), StoreError> {
         self.session
             .execute_unpaged(
                 &self.st.quarantine_insert,
@@ -913,17 +1190,29 @@ impl CassandraStore {
 
     async fn drop_quarantine(&self, key: &EntityKey, ts: i64) -> Result<(), StoreError> {
         self.session
-            .execute_unpaged(&self.st.quarantine_release, (ts, &key.entity_type, &key.entity_id))
+            .execute_unpaged(
+                &self.st.quarantine_release,
+                (ts, &key.entity_type, &key.entity_id),
+            )
             .await
             .map_err(exec_err)?;
         Ok(())
     }
 
     /// Every read-model document whose projection name ends with `@ns`.
-    async fn namespace_documents(&self, ns: &str) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
+    async fn namespace_documents(
+        &self,
+        ns: &str,
+    ) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
         let suffix = format!("@{ns}");
-        let pager = self.session.execute_iter(self.st.projection_scan.clone(), ()).await.map_err(pager_err)?;
-        let mut rows = pager.rows_stream::<(String, String, Option<String>)>().map_err(other)?;
+        let pager = self
+            .session
+            .execute_iter(self.st.projection_scan.clone(), ())
+            .await
+            .map_err(pager_err)?;
+        let mut rows = pager
+            .rows_stream::<(String, String, Option<String>)>()
+            .map_err(other)?;
         let mut out = Vec::new();
         while let Some(r) = rows.next().await {
             let row = r.map_err(row_err)?;
@@ -954,7 +1243,10 @@ impl CassandraStore {
         let docs = self.namespace_documents(ns).await?;
         let futs: Vec<_> = docs
             .iter()
-            .map(|(p, k, _)| self.session.execute_unpaged(&self.st.projection_delete, (ts, p, k)))
+            .map(|(p, k, _)| {
+                self.session
+                    .execute_unpaged(&self.st.projection_delete, (ts, p, k))
+            })
             .collect();
         self.all(futs).await?;
         self.forget_locations();
@@ -979,7 +1271,10 @@ impl CassandraStore {
         if let Some((_, row)) = &live {
             // The live state, kept as the archive generation.
             self.session
-                .execute_unpaged(&self.st.index_insert, (archive, shard_of(id, INDEX_SHARDS), id))
+                .execute_unpaged(
+                    &self.st.index_insert,
+                    (archive, shard_of(id, INDEX_SHARDS), id),
+                )
                 .await
                 .map_err(exec_err)?;
             let p = row.plugin.as_ref();
@@ -1005,7 +1300,9 @@ impl CassandraStore {
                 .await
                 .map_err(exec_err)?;
             if !applied(r)? {
-                return Err(StoreError::Fenced(format!("{archive_key} was written while it was being archived")));
+                return Err(StoreError::Fenced(format!(
+                    "{archive_key} was written while it was being archived"
+                )));
             }
             match quarantine.get(&live_key) {
                 Some(q) => self.put_quarantine(q, &archive_key, ts).await?,
@@ -1021,15 +1318,32 @@ impl CassandraStore {
         };
         // The shadow's state becomes the live one, at the live head.
         let p = srow.plugin.as_ref();
-        let (pn, pv, pd) = (p.map(|p| p.name.as_str()), p.map(|p| p.version.as_str()), p.map(|p| p.digest.as_str()));
+        let (pn, pv, pd) = (
+            p.map(|p| p.name.as_str()),
+            p.map(|p| p.version.as_str()),
+            p.map(|p| p.digest.as_str()),
+        );
         let mut done = false;
         for _ in 0..20 {
-            let Some((loc, _)) = self.locate(&live_key).await? else { break };
+            let Some((loc, _)) = self.locate(&live_key).await? else {
+                break;
+            };
             let r = self
                 .session
                 .execute_unpaged(
                     &self.st.set_state,
-                    (srow.state.as_deref(), srow.position as i64, pn, pv, pd, srow.quarantined, t, id, loc.bucket, loc.head as i64),
+                    (
+                        srow.state.as_deref(),
+                        srow.position as i64,
+                        pn,
+                        pv,
+                        pd,
+                        srow.quarantined,
+                        t,
+                        id,
+                        loc.bucket,
+                        loc.head as i64,
+                    ),
                 )
                 .await
                 .map_err(exec_err)?;
@@ -1039,7 +1353,9 @@ impl CassandraStore {
             }
         }
         if !done {
-            return Err(StoreError::Fenced(format!("{live_key} kept moving while its new generation was promoted")));
+            return Err(StoreError::Fenced(format!(
+                "{live_key} kept moving while its new generation was promoted"
+            )));
         }
         match quarantine.get(&shadow_key) {
             Some(q) => self.put_quarantine(q, &live_key, ts).await?,
@@ -1056,9 +1372,16 @@ impl CassandraStore {
         let ts = self.next_ts();
         let mut ids = self.index_ids(t).await?;
         ids.extend(self.index_ids(shadow).await?);
-        let quarantine: HashMap<EntityKey, QuarantineRecord> =
-            self.all_quarantine().await?.into_iter().map(|q| (q.key.clone(), q)).collect();
-        let futs: Vec<_> = ids.iter().map(|id| self.promote_one(t, shadow, archive, id, &quarantine, ts)).collect();
+        let quarantine: HashMap<EntityKey, QuarantineRecord> = self
+            .all_quarantine()
+            .await?
+            .into_iter()
+            .map(|q| (q.key.clone(), q))
+            .collect();
+        let futs: Vec<_> = ids
+            .iter()
+            .map(|id| self.promote_one(t, shadow, archive, id, &quarantine, ts))
+            .collect();
         let mut s = stream::iter(futs).buffer_unordered(self.concurrency);
         while let Some(r) = s.next().await {
             r?;
@@ -1073,9 +1396,13 @@ impl CassandraStore {
             .map(|(p, k, body)| async move {
                 let live = &p[..p.len() - suffix_len];
                 if let Some(b) = body {
-                    self.session.execute_unpaged(&self.st.projection_upsert, (live, k, b.as_str(), ts)).await?;
+                    self.session
+                        .execute_unpaged(&self.st.projection_upsert, (live, k, b.as_str(), ts))
+                        .await?;
                 }
-                self.session.execute_unpaged(&self.st.projection_delete, (ts, p, k)).await
+                self.session
+                    .execute_unpaged(&self.st.projection_delete, (ts, p, k))
+                    .await
             })
             .collect();
         self.all(futs).await?;
@@ -1089,10 +1416,13 @@ impl CassandraStore {
         let ts = self.next_ts();
         let ids = self.index_ids(ns).await?;
         let keys: Vec<EntityKey> = ids.into_iter().map(|i| EntityKey::new(ns, i)).collect();
-        let futs: Vec<_> = keys.iter().map(|k| async move {
-            self.drop_entity(k).await?;
-            self.drop_quarantine(k, ts).await
-        }).collect();
+        let futs: Vec<_> = keys
+            .iter()
+            .map(|k| async move {
+                self.drop_entity(k).await?;
+                self.drop_quarantine(k, ts).await
+            })
+            .collect();
         let mut s = stream::iter(futs).buffer_unordered(self.concurrency);
         while let Some(r) = s.next().await {
             r?;
@@ -1111,7 +1441,10 @@ impl EventStore for CassandraStore {
         }
         let per: Vec<(&EntityKey, Vec<String>)> = per.into_iter().collect();
         self.read("looking up event ids", || async {
-            let futs: Vec<_> = per.iter().map(|(k, ids)| self.known_for(k, ids.clone())).collect();
+            let futs: Vec<_> = per
+                .iter()
+                .map(|(k, ids)| self.known_for(k, ids.clone()))
+                .collect();
             let mut s = stream::iter(futs).buffer_unordered(self.concurrency);
             let mut known = HashSet::new();
             while let Some(r) = s.next().await {
@@ -1122,16 +1455,25 @@ impl EventStore for CassandraStore {
         .await
     }
 
-    async fn history(&self, key: &EntityKey, after: u64, upto: Option<u64>) -> anyhow::Result<Vec<StoredEvent>> {
-        self.read("reading a history", || self.history_inner(key, after, upto)).await
+    async fn history(
+        &self,
+        key: &EntityKey,
+        after: u64,
+        upto: Option<u64>,
+    ) -> anyhow::Result<Vec<StoredEvent>> {
+        self.read("reading a history", || self.history_inner(key, after, upto))
+            .await
     }
 
     async fn entity_ids(&self, entity_type: &str) -> anyhow::Result<Vec<String>> {
         self.read("listing entities", || async {
             let mut ids = Vec::new();
             for shard in 0..INDEX_SHARDS {
-                let pager =
-                    self.session.execute_iter(self.st.index_read.clone(), (entity_type, shard)).await.map_err(pager_err)?;
+                let pager = self
+                    .session
+                    .execute_iter(self.st.index_read.clone(), (entity_type, shard))
+                    .await
+                    .map_err(pager_err)?;
                 let mut rows = pager.rows_stream::<(String,)>().map_err(other)?;
                 while let Some(r) = rows.next().await {
                     ids.push(r.map_err(row_err)?.0);
@@ -1149,7 +1491,15 @@ impl EventStore for CassandraStore {
 impl StateStore for CassandraStore {
     async fn load(&self, keys: &[EntityKey]) -> anyhow::Result<HashMap<EntityKey, EntityRecord>> {
         self.read("loading entities", || async {
-            let futs: Vec<_> = keys.iter().map(|k| async move { (k, self.locate(k).await) }).collect();
+            let futs: Vec<_> = keys
+                .iter()
+                .map(|k| async move {
+                    match self.take_fresh(k) {
+                        Some(row) => (k, Ok(row)),
+                        None => (k, self.locate(k).await),
+                    }
+                })
+                .collect();
             let mut s = stream::iter(futs).buffer_unordered(self.concurrency);
             let mut out = HashMap::new();
             while let Some((k, r)) = s.next().await {
@@ -1162,7 +1512,10 @@ impl StateStore for CassandraStore {
                     k.clone(),
                     EntityRecord {
                         key: k.clone(),
-                        state: row.state.as_deref().map(|s| serde_json::from_str(s).unwrap_or(Value::Null)),
+                        state: row
+                            .state
+                            .as_deref()
+                            .map(|s| serde_json::from_str(s).unwrap_or(Value::Null)),
                         position: row.position,
                         head: row.head,
                         plugin: row.plugin,
@@ -1177,9 +1530,19 @@ impl StateStore for CassandraStore {
 
     async fn projection(&self, name: &str, key: &str) -> anyhow::Result<Option<Value>> {
         self.read("reading a projection", || async {
-            let r = self.session.execute_unpaged(&self.st.projection_read, (name, key)).await.map_err(exec_err)?;
-            let row: Option<(Option<String>,)> = r.into_rows_result().map_err(other)?.maybe_first_row().map_err(other)?;
-            Ok(row.and_then(|(b,)| b).map(|b| serde_json::from_str(&b).unwrap_or(Value::Null)))
+            let r = self
+                .session
+                .execute_unpaged(&self.st.projection_read, (name, key))
+                .await
+                .map_err(exec_err)?;
+            let row: Option<(Option<String>,)> = r
+                .into_rows_result()
+                .map_err(other)?
+                .maybe_first_row()
+                .map_err(other)?;
+            Ok(row
+                .and_then(|(b,)| b)
+                .map(|b| serde_json::from_str(&b).unwrap_or(Value::Null)))
         })
         .await
     }
@@ -1194,10 +1557,20 @@ impl StateStore for CassandraStore {
                     .execute_iter(self.st.dead_letter_read.clone(), (shard, limit_i.max(1)))
                     .await
                     .map_err(pager_err)?;
-                type DlRow = (String, String, String, String, Option<String>, Option<String>, Option<String>, String);
+                type DlRow = (
+                    String,
+                    String,
+                    String,
+                    String,
+                    Option<String>,
+                    Option<String>,
+                    Option<String>,
+                    String,
+                );
                 let mut rows = pager.rows_stream::<DlRow>().map_err(other)?;
                 while let Some(r) = rows.next().await {
-                    let (id, code, reason, payload, origin, event_id, entity_type, recorded_at) = r.map_err(row_err)?;
+                    let (id, code, reason, payload, origin, event_id, entity_type, recorded_at) =
+                        r.map_err(row_err)?;
                     all.push(DeadLetter {
                         id,
                         code,
@@ -1212,9 +1585,19 @@ impl StateStore for CassandraStore {
             }
             // Oldest first; within a second, by origin (source, partition, offset).
             all.sort_by(|a, b| {
-                let oa = a.origin.as_ref().map(|o| (o.source.as_str(), o.partition, o.offset));
-                let ob = b.origin.as_ref().map(|o| (o.source.as_str(), o.partition, o.offset));
-                (a.recorded_at.as_str(), oa, a.id.as_str()).cmp(&(b.recorded_at.as_str(), ob, b.id.as_str()))
+                let oa = a
+                    .origin
+                    .as_ref()
+                    .map(|o| (o.source.as_str(), o.partition, o.offset));
+                let ob = b
+                    .origin
+                    .as_ref()
+                    .map(|o| (o.source.as_str(), o.partition, o.offset));
+                (a.recorded_at.as_str(), oa, a.id.as_str()).cmp(&(
+                    b.recorded_at.as_str(),
+                    ob,
+                    b.id.as_str(),
+                ))
             });
             all.truncate(limit);
             Ok(all)
@@ -1225,12 +1608,23 @@ impl StateStore for CassandraStore {
     async fn remove_dead_letter(&self, id: &str) -> anyhow::Result<bool> {
         let shard = shard_of(id, DEAD_LETTER_SHARDS);
         self.read("removing a dead letter", || async {
-            let r = self.session.execute_unpaged(&self.st.dead_letter_exists, (shard, id)).await.map_err(exec_err)?;
-            let found: Option<(String,)> = r.into_rows_result().map_err(other)?.maybe_first_row().map_err(other)?;
+            let r = self
+                .session
+                .execute_unpaged(&self.st.dead_letter_exists, (shard, id))
+                .await
+                .map_err(exec_err)?;
+            let found: Option<(String,)> = r
+                .into_rows_result()
+                .map_err(other)?
+                .maybe_first_row()
+                .map_err(other)?;
             if found.is_none() {
                 return Ok(false);
             }
-            self.session.execute_unpaged(&self.st.dead_letter_delete, (shard, id)).await.map_err(exec_err)?;
+            self.session
+                .execute_unpaged(&self.st.dead_letter_delete, (shard, id))
+                .await
+                .map_err(exec_err)?;
             Ok(true)
         })
         .await
@@ -1238,8 +1632,23 @@ impl StateStore for CassandraStore {
 
     async fn quarantined(&self) -> anyhow::Result<Vec<QuarantineRecord>> {
         self.read("listing quarantined entities", || async {
-            let pager = self.session.execute_iter(self.st.quarantine_read.clone(), ()).await.map_err(pager_err)?;
-            type QRow = (String, String, String, i64, String, String, String, String, String, String);
+            let pager = self
+                .session
+                .execute_iter(self.st.quarantine_read.clone(), ())
+                .await
+                .map_err(pager_err)?;
+            type QRow = (
+                String,
+                String,
+                String,
+                i64,
+                String,
+                String,
+                String,
+                String,
+                String,
+                String,
+            );
             let mut rows = pager.rows_stream::<QRow>().map_err(other)?;
             let mut out = Vec::new();
             while let Some(r) = rows.next().await {
@@ -1250,7 +1659,11 @@ impl StateStore for CassandraStore {
                     event_position: pos.max(0) as u64,
                     kind,
                     error,
-                    plugin: PluginRef { name: pn, version: pv, digest: pd },
+                    plugin: PluginRef {
+                        name: pn,
+                        version: pv,
+                        digest: pd,
+                    },
                     recorded_at: at,
                 });
             }
@@ -1262,15 +1675,26 @@ impl StateStore for CassandraStore {
 
     async fn release(&self, key: &EntityKey) -> anyhow::Result<()> {
         self.read("releasing an entity", || async {
+            self.fresh
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(key);
             // Clear the flag in the live bucket, fenced on its head so that a
             // concurrent commit is not half-overwritten; retry if it moved.
             for _ in 0..20 {
-                let Some((loc, _)) = self.locate(key).await? else { break };
+                let Some((loc, _)) = self.locate(key).await? else {
+                    break;
+                };
                 let r = self
                     .session
                     .execute_unpaged(
                         &self.st.release,
-                        (&key.entity_type, &key.entity_id, loc.bucket, loc.head as i64),
+                        (
+                            &key.entity_type,
+                            &key.entity_id,
+                            loc.bucket,
+                            loc.head as i64,
+                        ),
                     )
                     .await
                     .map_err(exec_err)?;
@@ -1279,7 +1703,10 @@ impl StateStore for CassandraStore {
                 }
             }
             self.session
-                .execute_unpaged(&self.st.quarantine_delete, (&key.entity_type, &key.entity_id))
+                .execute_unpaged(
+                    &self.st.quarantine_delete,
+                    (&key.entity_type, &key.entity_id),
+                )
                 .await
                 .map_err(exec_err)?;
             Ok(())
@@ -1288,21 +1715,33 @@ impl StateStore for CassandraStore {
     }
 
     async fn promote(&self, entity_type: &str, shadow: &str, archive: &str) -> anyhow::Result<()> {
-        self.read("promoting a generation", || self.promote_inner(entity_type, shadow, archive)).await
+        self.read("promoting a generation", || {
+            self.promote_inner(entity_type, shadow, archive)
+        })
+        .await
     }
 
     async fn drop_namespace(&self, ns: &str) -> anyhow::Result<()> {
-        self.read("dropping a generation", || self.drop_namespace_inner(ns)).await
+        self.read("dropping a generation", || self.drop_namespace_inner(ns))
+            .await
     }
 
     async fn checkpoints(&self, source: &str) -> anyhow::Result<Vec<Checkpoint>> {
         self.read("reading checkpoints", || async {
-            let r = self.session.execute_unpaged(&self.st.checkpoint_read, (source,)).await.map_err(exec_err)?;
+            let r = self
+                .session
+                .execute_unpaged(&self.st.checkpoint_read, (source,))
+                .await
+                .map_err(exec_err)?;
             let rows = r.into_rows_result().map_err(other)?;
             let mut out = Vec::new();
             for row in rows.rows::<(i32, i64)>().map_err(other)? {
                 let (partition, offset) = row.map_err(other)?;
-                out.push(Checkpoint { source: source.to_string(), partition, offset });
+                out.push(Checkpoint {
+                    source: source.to_string(),
+                    partition,
+                    offset,
+                });
             }
             Ok(out)
         })
@@ -1321,23 +1760,47 @@ impl Storage for CassandraStore {
             ts: self.next_ts(),
             quarantines: commit.quarantines.clone(),
             released: commit.released.clone(),
+            probes: {
+                let mut seen = HashSet::new();
+                commit
+                    .events
+                    .iter()
+                    .filter(|e| seen.insert(&e.key))
+                    .map(|e| (e.key.clone(), e.id.clone()))
+                    .collect()
+            },
             projections: commit
                 .projections
                 .iter()
                 .map(|p| match p {
-                    ProjectionWrite::Upsert { projection, key, body } => {
-                        ProjOp { projection: projection.clone(), key: key.clone(), body: Some(body.clone()) }
-                    }
-                    ProjectionWrite::Delete { projection, key } => {
-                        ProjOp { projection: projection.clone(), key: key.clone(), body: None }
-                    }
+                    ProjectionWrite::Upsert {
+                        projection,
+                        key,
+                        body,
+                    } => ProjOp {
+                        projection: projection.clone(),
+                        key: key.clone(),
+                        body: Some(body.clone()),
+                    },
+                    ProjectionWrite::Delete { projection, key } => ProjOp {
+                        projection: projection.clone(),
+                        key: key.clone(),
+                        body: None,
+                    },
                 })
                 .collect(),
         };
         let intent = if effects.is_empty() {
             None
         } else {
-            let intent = Intent { id: format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()), effects };
+            let intent = Intent {
+                id: format!(
+                    "{:016x}{:016x}",
+                    rand::random::<u64>(),
+                    rand::random::<u64>()
+                ),
+                effects,
+            };
             // Nothing is written yet: a failure here needs no carrying over.
             self.write_intent(&intent).await?;
             Some(intent)
@@ -1368,13 +1831,24 @@ impl PluginStore for CassandraStore {
             let futs: Vec<_> = bytes
                 .chunks(BLOB_CHUNK)
                 .enumerate()
-                .map(|(i, c)| self.session.execute_unpaged(&self.st.plugin_blob_insert, (&v.digest, i as i32, c)))
+                .map(|(i, c)| {
+                    self.session
+                        .execute_unpaged(&self.st.plugin_blob_insert, (&v.digest, i as i32, c))
+                })
                 .collect();
             self.all(futs).await?;
             self.session
                 .execute_unpaged(
                     &self.st.plugin_version_insert,
-                    (&v.entity_type, &v.digest, &v.name, &v.version, v.size as i64, &v.uploaded_at, seq),
+                    (
+                        &v.entity_type,
+                        &v.digest,
+                        &v.name,
+                        &v.version,
+                        v.size as i64,
+                        &v.uploaded_at,
+                        seq,
+                    ),
                 )
                 .await
                 .map_err(exec_err)?;
@@ -1385,13 +1859,25 @@ impl PluginStore for CassandraStore {
 
     async fn plugin_versions(&self, entity_type: &str) -> anyhow::Result<Vec<PluginVersion>> {
         self.read("listing plugin versions", || async {
-            let pager =
-                self.session.execute_iter(self.st.plugin_versions_read.clone(), (entity_type,)).await.map_err(pager_err)?;
-            type VRow = (String, String, String, String, Option<i64>, Option<String>, Option<i64>);
+            let pager = self
+                .session
+                .execute_iter(self.st.plugin_versions_read.clone(), (entity_type,))
+                .await
+                .map_err(pager_err)?;
+            type VRow = (
+                String,
+                String,
+                String,
+                String,
+                Option<i64>,
+                Option<String>,
+                Option<i64>,
+            );
             let mut rows = pager.rows_stream::<VRow>().map_err(other)?;
             let mut out = Vec::new();
             while let Some(r) = rows.next().await {
-                let (entity_type, name, version, digest, size, uploaded_at, seq) = r.map_err(row_err)?;
+                let (entity_type, name, version, digest, size, uploaded_at, seq) =
+                    r.map_err(row_err)?;
                 out.push((
                     seq.unwrap_or(0),
                     PluginVersion {
@@ -1412,8 +1898,14 @@ impl PluginStore for CassandraStore {
 
     async fn plugin_bytes(&self, digest: &str) -> anyhow::Result<Option<Vec<u8>>> {
         self.read("reading a plugin", || async {
-            let pager = self.session.execute_iter(self.st.plugin_blob_read.clone(), (digest,)).await.map_err(pager_err)?;
-            let mut rows = pager.rows_stream::<(i32, Option<Vec<u8>>)>().map_err(other)?;
+            let pager = self
+                .session
+                .execute_iter(self.st.plugin_blob_read.clone(), (digest,))
+                .await
+                .map_err(pager_err)?;
+            let mut rows = pager
+                .rows_stream::<(i32, Option<Vec<u8>>)>()
+                .map_err(other)?;
             let mut chunks = BTreeMap::new();
             while let Some(r) = rows.next().await {
                 let (i, b) = r.map_err(row_err)?;
@@ -1429,12 +1921,24 @@ impl PluginStore for CassandraStore {
 
     async fn activations(&self) -> anyhow::Result<Vec<Activation>> {
         self.read("reading activations", || async {
-            let pager = self.session.execute_iter(self.st.activations_read.clone(), ()).await.map_err(pager_err)?;
-            type ARow = (String, Option<String>, Option<String>, Option<String>, Option<i64>, Option<String>);
+            let pager = self
+                .session
+                .execute_iter(self.st.activations_read.clone(), ())
+                .await
+                .map_err(pager_err)?;
+            type ARow = (
+                String,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<i64>,
+                Option<String>,
+            );
             let mut rows = pager.rows_stream::<ARow>().map_err(other)?;
             let mut out = Vec::new();
             while let Some(r) = rows.next().await {
-                let (entity_type, digest, previous, mode, seq, activated_at) = r.map_err(row_err)?;
+                let (entity_type, digest, previous, mode, seq, activated_at) =
+                    r.map_err(row_err)?;
                 out.push(Activation {
                     entity_type,
                     digest: digest.unwrap_or_default(),
@@ -1455,7 +1959,14 @@ impl PluginStore for CassandraStore {
             self.session
                 .execute_unpaged(
                     &self.st.activation_upsert,
-                    (&a.entity_type, &a.digest, a.previous.as_deref(), &a.mode, a.seq, &a.activated_at),
+                    (
+                        &a.entity_type,
+                        &a.digest,
+                        a.previous.as_deref(),
+                        &a.mode,
+                        a.seq,
+                        &a.activated_at,
+                    ),
                 )
                 .await
                 .map_err(exec_err)?;
@@ -1527,7 +2038,13 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
     };
     // Conditional statements are not idempotent: a retried LWT that had
     // applied reports "not applied".
-    for s in [&mut st.advance, &mut st.open_bucket, &mut st.release, &mut st.set_state, &mut st.plugin_version_insert] {
+    for s in [
+        &mut st.advance,
+        &mut st.open_bucket,
+        &mut st.release,
+        &mut st.set_state,
+        &mut st.plugin_version_insert,
+    ] {
         s.set_is_idempotent(false);
     }
     Ok(st)
@@ -1566,7 +2083,9 @@ fn applied(r: QueryResult) -> Result<bool, StoreError> {
     let row: Option<Row> = rows.maybe_first_row().map_err(other)?;
     match row.as_ref().and_then(|r| r.columns.first()) {
         Some(Some(CqlValue::Boolean(b))) => Ok(*b),
-        _ => Err(StoreError::Other(anyhow::anyhow!("a conditional write returned no [applied] column"))),
+        _ => Err(StoreError::Other(anyhow::anyhow!(
+            "a conditional write returned no [applied] column"
+        ))),
     }
 }
 
@@ -1579,7 +2098,8 @@ fn other<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
 /// the fence sorts out on the retry).
 fn transient_attempt(e: &RequestAttemptError) -> bool {
     match e {
-        RequestAttemptError::BrokenConnectionError(_) | RequestAttemptError::UnableToAllocStreamId => true,
+        RequestAttemptError::BrokenConnectionError(_)
+        | RequestAttemptError::UnableToAllocStreamId => true,
         RequestAttemptError::DbError(db, _) => matches!(
             db,
             DbError::Unavailable { .. }
@@ -1622,7 +2142,9 @@ fn transient_exec(e: &ExecutionError) -> bool {
 fn transient_page(e: &NextPageError) -> bool {
     match e {
         NextPageError::RequestFailure(r) => match r {
-            RequestError::EmptyPlan | RequestError::ConnectionPoolError(_) | RequestError::RequestTimeout(_) => true,
+            RequestError::EmptyPlan
+            | RequestError::ConnectionPoolError(_)
+            | RequestError::RequestTimeout(_) => true,
             RequestError::LastAttemptError(a) => transient_attempt(a),
             _ => false,
         },
@@ -1631,22 +2153,36 @@ fn transient_page(e: &NextPageError) -> bool {
 }
 
 fn exec_err(e: ExecutionError) -> StoreError {
-    if transient_exec(&e) { StoreError::Unavailable(e.to_string()) } else { other(e) }
+    if transient_exec(&e) {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        other(e)
+    }
 }
 
 fn pager_err(e: PagerExecutionError) -> StoreError {
     let transient = match &e {
         PagerExecutionError::PrepareError(p) => transient_prepare(p),
         PagerExecutionError::NextPageError(n) => transient_page(n),
-        PagerExecutionError::SchemaAgreementError(_) | PagerExecutionError::MetadataError(_) => true,
+        PagerExecutionError::SchemaAgreementError(_) | PagerExecutionError::MetadataError(_) => {
+            true
+        }
         _ => false,
     };
-    if transient { StoreError::Unavailable(e.to_string()) } else { other(e) }
+    if transient {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        other(e)
+    }
 }
 
 fn row_err(e: NextRowError) -> StoreError {
     let transient = matches!(&e, NextRowError::NextPageError(n) if transient_page(n));
-    if transient { StoreError::Unavailable(e.to_string()) } else { other(e) }
+    if transient {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        other(e)
+    }
 }
 
 #[cfg(test)]
@@ -1673,9 +2209,41 @@ mod tests {
 
     #[test]
     fn a_bucket_is_full_at_its_capacity() {
-        assert!(!Located { bucket: 0, base: 0, cap: 3, head: 2 }.full());
-        assert!(Located { bucket: 0, base: 0, cap: 3, head: 3 }.full());
-        assert!(Located { bucket: 1, base: 4, cap: 3, head: 7 }.full());
-        assert!(!Located { bucket: 1, base: 4, cap: 3, head: 5 }.full());
+        assert!(
+            !Located {
+                bucket: 0,
+                base: 0,
+                cap: 3,
+                head: 2
+            }
+            .full()
+        );
+        assert!(
+            Located {
+                bucket: 0,
+                base: 0,
+                cap: 3,
+                head: 3
+            }
+            .full()
+        );
+        assert!(
+            Located {
+                bucket: 1,
+                base: 4,
+                cap: 3,
+                head: 7
+            }
+            .full()
+        );
+        assert!(
+            !Located {
+                bucket: 1,
+                base: 4,
+                cap: 3,
+                head: 5
+            }
+            .full()
+        );
     }
 }

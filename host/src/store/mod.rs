@@ -6,8 +6,8 @@
 //! SQLite in one transaction, Cassandra in one single-partition batch per
 //! entity (raw events + state together), fenced by position.
 
-pub mod plugins;
 pub mod cassandra;
+pub mod plugins;
 pub mod sqlite;
 
 pub use plugins::{Activation, PluginStore, PluginVersion};
@@ -219,7 +219,15 @@ pub enum StoreError {
     Fenced(String),
     /// Anything else.
     #[error(transparent)]
-    Other(#[from] anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for StoreError {
+    /// A read that failed with a typed `StoreError` inside keeps its kind, so
+    /// an outage during a read is retried like one during a write.
+    fn from(e: anyhow::Error) -> Self {
+        e.downcast::<StoreError>().unwrap_or_else(StoreError::Other)
+    }
 }
 
 /// Raw events: append-only, idempotent by event id, read per entity.
@@ -245,7 +253,7 @@ pub trait StateStore: Send + Sync {
     async fn load(&self, keys: &[EntityKey]) -> anyhow::Result<HashMap<EntityKey, EntityRecord>>;
     /// One document of a projection.
     async fn projection(&self, name: &str, key: &str) -> anyhow::Result<Option<Value>>;
-    /// Dead letters, oldest first, after `after` (an id) up to `limit`.
+    /// Dead letters, oldest first, up to `limit`.
     async fn dead_letters(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>>;
     /// Remove a dead letter (after it was re-submitted).
     async fn remove_dead_letter(&self, id: &str) -> anyhow::Result<bool>;
@@ -318,5 +326,7 @@ mod tests {
 pub async fn open_cassandra(
     config: &crate::config::CassandraConfig,
 ) -> anyhow::Result<std::sync::Arc<dyn Storage>> {
-    Ok(std::sync::Arc::new(cassandra::CassandraStore::open(config).await?))
+    Ok(std::sync::Arc::new(
+        cassandra::CassandraStore::open(config).await?,
+    ))
 }

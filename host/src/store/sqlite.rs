@@ -155,7 +155,9 @@ impl SqliteStore {
     ) -> anyhow::Result<R> {
         let conn = self.writer.clone();
         tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().map_err(|_| anyhow::anyhow!("sqlite writer poisoned"))?;
+            let mut c = conn
+                .lock()
+                .map_err(|_| anyhow::anyhow!("sqlite writer poisoned"))?;
             f(&mut c).map_err(anyhow::Error::from)
         })
         .await
@@ -395,7 +397,11 @@ impl StateStore for SqliteStore {
     }
 
     async fn promote(&self, entity_type: &str, shadow: &str, archive: &str) -> anyhow::Result<()> {
-        let (live, shadow, archive) = (entity_type.to_string(), shadow.to_string(), archive.to_string());
+        let (live, shadow, archive) = (
+            entity_type.to_string(),
+            shadow.to_string(),
+            archive.to_string(),
+        );
         self.write(move |c| {
             let tx = c.transaction()?;
             for table in ["entities", "quarantine"] {
@@ -547,7 +553,8 @@ fn write_commit(c: &mut Connection, commit: &Commit) -> Result<(), StoreError> {
             .prepare_cached("DELETE FROM quarantine WHERE entity_type = ?1 AND entity_id = ?2")
             .map_err(other)?;
         for k in &commit.released {
-            rel.execute(params![k.entity_type, k.entity_id]).map_err(other)?;
+            rel.execute(params![k.entity_type, k.entity_id])
+                .map_err(other)?;
         }
         let mut q = tx
             .prepare_cached(
@@ -665,7 +672,12 @@ impl PluginStore for SqliteStore {
     async fn plugin_bytes(&self, digest: &str) -> anyhow::Result<Option<Vec<u8>>> {
         let d = digest.to_string();
         self.read(move |c| {
-            c.query_row("SELECT bytes FROM plugin_versions WHERE digest = ?1", params![d], |r| r.get(0)).optional()
+            c.query_row(
+                "SELECT bytes FROM plugin_versions WHERE digest = ?1",
+                params![d],
+                |r| r.get(0),
+            )
+            .optional()
         })
         .await
     }
