@@ -289,6 +289,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_configs_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for f in ["examples/refold.toml", "deploy/k8s/refold.toml"] {
+            let c = Config::load(Some(&root.join(f))).unwrap_or_else(|e| panic!("{f}: {e:#}"));
+            assert!(!c.http.listen.is_empty(), "{f}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("r.toml", "[http]\nlisten_typo = 1\n")?;

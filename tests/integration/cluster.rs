@@ -796,3 +796,74 @@ fn a_rebuild_on_cassandra_cuts_over_and_rolls_back() {
     assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text());
     check_bank(&host, &lines, &expected, Duration::from_secs(120));
 }
+
+/// An activation made on one host reaches the other host of the group (the
+/// registry lives in Cassandra; hosts poll it each second), and so does a
+/// rollback made on the other; events keep being applied exactly once.
+#[test]
+fn an_activation_on_one_host_reaches_every_host() {
+    let _g = shared();
+    let c = Cluster::new("propagate");
+    let token = "cluster-admin";
+    let cfg = c.config("host", 200, "", "");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("\n[admin]\ntoken = {token:?}\n"));
+    std::fs::write(&cfg, text).unwrap();
+    let a = Host::start(&cfg, c.path(), &[]);
+    let b = Host::start(&cfg, c.path(), &[]);
+    let running = |h: &Host| -> String {
+        let v: Value = http()
+            .get(format!("{}/v1/plugins/account", h.base))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap_or(Value::Null);
+        v["running_digest"].as_str().unwrap_or_default().to_string()
+    };
+    let v1 = running(&a);
+    assert_eq!(v1.len(), 64);
+    let resp = http()
+        .put(format!("{}/v1/plugins/account?mode=forward", a.base))
+        .bearer_auth(token)
+        .body(std::fs::read(component("bank-v2")).unwrap())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let v: Value = resp.json().unwrap();
+    let v2 = v["version"]["digest"].as_str().unwrap().to_string();
+    assert_eq!(
+        running(&a),
+        v2,
+        "active at once on the host that took the upload"
+    );
+    let t0 = Instant::now();
+    poll(Duration::from_secs(20), || {
+        (running(&b) == v2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("host B never picked up v2:\n{}", tail(&b.log_text(), 30)));
+    let to_b = t0.elapsed();
+
+    let resp = http()
+        .post(format!("{}/v1/plugins/account/rollback", b.base))
+        .bearer_auth(token)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let t1 = Instant::now();
+    poll(Duration::from_secs(20), || {
+        (running(&a) == v1).then_some(())
+    })
+    .unwrap_or_else(|| panic!("host A never rolled back:\n{}", tail(&a.log_text(), 30)));
+    eprintln!(
+        "activation propagation: A→B {:?}, rollback B→A {:?}",
+        to_b,
+        t1.elapsed()
+    );
+
+    let (lines, expected) = generated_bank(3_000, 40, 41);
+    let file = c.write_lines("events.jsonl", &lines);
+    produce(c.path(), &c.topic, &file, false);
+    check_bank(&b, &lines, &expected, Duration::from_secs(120));
+    check_bank(&a, &lines, &expected, Duration::from_secs(30));
+}
