@@ -867,3 +867,57 @@ fn an_activation_on_one_host_reaches_every_host() {
     check_bank(&b, &lines, &expected, Duration::from_secs(120));
     check_bank(&a, &lines, &expected, Duration::from_secs(30));
 }
+
+/// A real restart of Cassandra mid-stream (graceful stop, then
+/// `deploy/local/up` starts it again): the host waits and retries, commits
+/// nothing it has not stored, and ends with the exact result.
+#[test]
+fn a_cassandra_restart_mid_stream_is_waited_out() {
+    let _g = exclusive();
+    let c = Cluster::new("restart");
+    let pid = cassandra_pid();
+    let (lines, expected) = generated_bank(12_000, 100, 9);
+    let (first, second) = lines.split_at(lines.len() / 2);
+    let first = c.write_lines("first.jsonl", first);
+    let second = c.write_lines("second.jsonl", second);
+    produce(c.path(), &c.topic, &first, false);
+    let host = Host::start(&c.config("host", 200, "", ""), c.path(), &[]);
+    poll(Duration::from_secs(60), || {
+        (host.get("/v1/entities/account/c-0").0 == 200).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "nothing folded before the restart:\n{}",
+            tail(&host.log_text(), 40)
+        )
+    });
+
+    signal(pid, "TERM");
+    poll(Duration::from_secs(120), || {
+        (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("cassandra (pid {pid}) did not stop"));
+    eprintln!("cassandra stopped");
+    // Records keep arriving while the store is down.
+    produce(c.path(), &c.topic, &second, false);
+    std::thread::sleep(Duration::from_secs(3));
+    let up = std::process::Command::new(root().join("deploy/local/up"))
+        .output()
+        .expect("running deploy/local/up");
+    assert!(
+        up.status.success(),
+        "restarting cassandra failed:\n{}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+    eprintln!("cassandra restarted");
+    check_bank(&host, &lines, &expected, Duration::from_secs(180));
+    let log = host.log_text();
+    let waits =
+        log.matches("store unavailable").count() + log.matches("Cassandra unavailable").count();
+    assert!(
+        waits > 0,
+        "the host should have seen the outage:\n{}",
+        tail(&log, 40)
+    );
+}
