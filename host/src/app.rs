@@ -252,7 +252,7 @@ impl App {
             let mut backoff = Duration::from_millis(100);
             let report = loop {
                 let gate = self.gate.lock().await;
-                let result = pipeline.process(records.clone()).await;
+                let result = pipeline.process(&records).await;
                 drop(gate);
                 match result {
                     Ok(r) => break r,

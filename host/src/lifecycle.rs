@@ -208,14 +208,7 @@ pub async fn install(
 ) -> Result<Installed, InstallError> {
     let raw = bytes.clone();
     let (plugin, sample) = validate(app, bytes, expected).await?;
-    let version = PluginVersion {
-        entity_type: plugin.info.entity_type.clone(),
-        name: plugin.info.name.clone(),
-        version: plugin.info.version.clone(),
-        digest: plugin.digest.clone(),
-        size: plugin.size as u64,
-        uploaded_at: now_rfc3339(),
-    };
+    let version = version_of(&plugin);
     app.plugin_store.put_plugin(&version, &raw).await?;
     app.compiled
         .lock()
@@ -234,6 +227,18 @@ pub async fn install(
         activation,
         rebuild,
     })
+}
+
+/// The stored identity of a compiled plugin, uploaded now.
+fn version_of(p: &Plugin) -> PluginVersion {
+    PluginVersion {
+        entity_type: p.info.entity_type.clone(),
+        name: p.info.name.clone(),
+        version: p.info.version.clone(),
+        digest: p.digest.clone(),
+        size: p.size as u64,
+        uploaded_at: now_rfc3339(),
+    }
 }
 
 /// A compiled plugin by digest, from the cache or the plugin store.
@@ -801,7 +806,7 @@ pub async fn resubmit(
     let _gate = app.gate.lock().await;
     let mut pipeline = app.pipeline();
     let report = pipeline
-        .process(vec![record])
+        .process(std::slice::from_ref(&record))
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     if report.dead_lettered == 0 {
@@ -845,36 +850,14 @@ pub async fn sync_registry(app: &App) -> anyhow::Result<()> {
 /// survives restarts).
 pub async fn register_configured(app: &App) -> anyhow::Result<()> {
     let actives = app.plugin_store.activations().await?;
-    for p in app.registry.snapshot().values() {
-        let bytes = std::fs::read(
-            app.config
-                .plugins
-                .files
-                .iter()
-                .find(|f| {
-                    std::fs::read(f)
-                        .map(|b| crate::runtime::digest_of(&b) == p.digest)
-                        .unwrap_or(false)
-                })
-                .cloned()
-                .unwrap_or_default(),
-        )
-        .unwrap_or_default();
-        if !bytes.is_empty() {
-            app.plugin_store
-                .put_plugin(
-                    &PluginVersion {
-                        entity_type: p.info.entity_type.clone(),
-                        name: p.info.name.clone(),
-                        version: p.info.version.clone(),
-                        digest: p.digest.clone(),
-                        size: p.size as u64,
-                        uploaded_at: now_rfc3339(),
-                    },
-                    &bytes,
-                )
-                .await?;
-        }
+    let loaded = app.registry.snapshot();
+    for f in &app.config.plugins.files {
+        let bytes = tokio::fs::read(f).await?;
+        let digest = crate::runtime::digest_of(&bytes);
+        let Some(p) = loaded.values().find(|p| p.digest == digest) else {
+            continue;
+        };
+        app.plugin_store.put_plugin(&version_of(p), &bytes).await?;
         app.compiled
             .lock()
             .unwrap_or_else(|e| e.into_inner())

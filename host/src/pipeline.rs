@@ -116,21 +116,21 @@ impl Pipeline {
     /// Process one batch of records and commit its effects with the
     /// checkpoints it reached. On `Err` nothing of the batch is committed and
     /// the caller must retry it (or re-read it from the last checkpoint).
-    pub async fn process(&mut self, records: Vec<SourceRecord>) -> Result<BatchReport, StoreError> {
+    pub async fn process(&mut self, records: &[SourceRecord]) -> Result<BatchReport, StoreError> {
         let plugins = self.registry.snapshot();
         let mut report = BatchReport {
             records: records.len(),
             ..Default::default()
         };
         let mut commit = Commit {
-            checkpoints: checkpoints_of(&records),
+            checkpoints: checkpoints_of(records),
             ..Default::default()
         };
 
         // 1. Validate envelopes; whatever fails becomes a dead letter.
         let mut envelopes: Vec<(Envelope, crate::store::Origin)> =
             Vec::with_capacity(records.len());
-        for r in &records {
+        for r in records {
             let parsed = if event::is_binary_mode(&r.headers) {
                 event::parse_binary(
                     &r.headers,
