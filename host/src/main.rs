@@ -5,10 +5,16 @@ use refold::cli::{Cli, Command};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The long-running engine logs what it does; one-shot commands print
+    // their results and log only errors unless REFOLD_LOG says otherwise.
+    let default_filter = match cli.command {
+        Command::Run { .. } => "warn,refold=info",
+        _ => "error",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("REFOLD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,refold=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
