@@ -1632,41 +1632,7 @@ impl StateStore for CassandraStore {
 
     async fn quarantined(&self) -> anyhow::Result<Vec<QuarantineRecord>> {
         self.read("listing quarantined entities", || async {
-            let pager = self
-                .session
-                .execute_iter(self.st.quarantine_read.clone(), ())
-                .await
-                .map_err(pager_err)?;
-            type QRow = (
-                String,
-                String,
-                String,
-                i64,
-                String,
-                String,
-                String,
-                String,
-                String,
-                String,
-            );
-            let mut rows = pager.rows_stream::<QRow>().map_err(other)?;
-            let mut out = Vec::new();
-            while let Some(r) = rows.next().await {
-                let (t, id, event_id, pos, kind, error, pn, pv, pd, at) = r.map_err(row_err)?;
-                out.push(QuarantineRecord {
-                    key: EntityKey::new(t, id),
-                    event_id,
-                    event_position: pos.max(0) as u64,
-                    kind,
-                    error,
-                    plugin: PluginRef {
-                        name: pn,
-                        version: pv,
-                        digest: pd,
-                    },
-                    recorded_at: at,
-                });
-            }
+            let mut out = self.all_quarantine().await?;
             out.sort_by(|a, b| (&a.recorded_at, &a.key).cmp(&(&b.recorded_at, &b.key)));
             Ok(out)
         })

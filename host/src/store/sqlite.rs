@@ -352,14 +352,10 @@ impl StateStore for SqliteStore {
 
     async fn remove_dead_letter(&self, id: &str) -> anyhow::Result<bool> {
         let id = id.to_string();
-        let w = self.writer.clone();
-        tokio::task::spawn_blocking(move || {
-            let c = w
-                .lock()
-                .map_err(|_| anyhow::anyhow!("sqlite writer poisoned"))?;
+        self.write(move |c| {
             Ok(c.execute("DELETE FROM dead_letters WHERE id = ?1", params![id])? > 0)
         })
-        .await?
+        .await
     }
 
     async fn quarantined(&self) -> anyhow::Result<Vec<QuarantineRecord>> {
@@ -391,11 +387,7 @@ impl StateStore for SqliteStore {
 
     async fn release(&self, key: &EntityKey) -> anyhow::Result<()> {
         let key = key.clone();
-        let w = self.writer.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut c = w
-                .lock()
-                .map_err(|_| anyhow::anyhow!("sqlite writer poisoned"))?;
+        self.write(move |c| {
             let tx = c.transaction()?;
             tx.execute(
                 "DELETE FROM quarantine WHERE entity_type = ?1 AND entity_id = ?2",
@@ -405,10 +397,9 @@ impl StateStore for SqliteStore {
                 "UPDATE entities SET quarantined = 0 WHERE entity_type = ?1 AND entity_id = ?2",
                 params![key.entity_type, key.entity_id],
             )?;
-            tx.commit()?;
-            Ok(())
+            tx.commit()
         })
-        .await?
+        .await
     }
 
     async fn promote(&self, entity_type: &str, shadow: &str, archive: &str) -> anyhow::Result<()> {

@@ -213,7 +213,10 @@ pub trait Plugin {
 /// # struct Counter;
 /// # impl Plugin for Counter {
 /// #     type State = u64;
-/// #     fn describe() -> Descriptor { unimplemented!() }
+/// #     fn describe() -> Descriptor {
+/// #         Descriptor { name: "counter".into(), version: "1.0.0".into(), entity_type: "counter".into(),
+/// #                      event_types: vec![], state_schema_version: 1 }
+/// #     }
 /// #     fn init(_: &str) -> u64 { 0 }
 /// #     fn apply(n: &mut u64, _: &Event) -> Result<(), Error> { *n += 1; Ok(()) }
 /// # }
