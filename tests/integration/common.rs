@@ -132,10 +132,10 @@ impl Host {
     fn wait_ready(&self, limit: Duration) {
         let start = Instant::now();
         while start.elapsed() < limit {
-            if let Ok(r) = http().get(format!("{}/healthz", self.base)).send() {
-                if r.status().as_u16() < 500 || r.status().as_u16() == 503 {
-                    return;
-                }
+            if let Ok(r) = http().get(format!("{}/healthz", self.base)).send()
+                && (r.status().as_u16() < 500 || r.status().as_u16() == 503)
+            {
+                return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }

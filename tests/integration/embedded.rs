@@ -179,7 +179,7 @@ pub fn generated_bank(
         );
         let (ty, data) = if i < accounts {
             ("account.opened", json!({"owner": format!("o-{i}")}))
-        } else if (x >> 20) % 3 == 0 {
+        } else if (x >> 20).is_multiple_of(3) {
             ("account.withdrawn", json!({"amount": (x >> 40) % 500}))
         } else {
             ("account.deposited", json!({"amount": (x >> 40) % 1000}))
@@ -208,7 +208,7 @@ fn run_serves_states_history_projections_dead_letters_and_follows_the_file() {
     ]);
     let cfg = embedded_config(
         dir.path(),
-        &[events.clone()],
+        std::slice::from_ref(&events),
         &[root().join("examples/bank/bank.wasm")],
         "",
     );

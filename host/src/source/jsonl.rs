@@ -192,7 +192,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("e.jsonl");
         std::fs::write(&p, "{\"a\":1}\n\n{\"a\":2}\n{\"a\":").unwrap();
-        let mut s = JsonlSource::new(&[p.clone()], &[], true, Duration::from_millis(30));
+        let mut s = JsonlSource::new(
+            std::slice::from_ref(&p),
+            &[],
+            true,
+            Duration::from_millis(30),
+        );
         let b = s.next_batch(10).await.unwrap().unwrap();
         assert_eq!(b.len(), 2, "the partial last line waits");
         let cps = super::super::checkpoints_of(&b);
@@ -208,7 +213,7 @@ mod tests {
         assert_eq!(b[0].payload, b"{\"a\":3}");
 
         // Resuming from the checkpoint skips what was consumed.
-        let mut s2 = JsonlSource::new(&[p.clone()], &cps, false, Duration::ZERO);
+        let mut s2 = JsonlSource::new(std::slice::from_ref(&p), &cps, false, Duration::ZERO);
         let b = s2.next_batch(10).await.unwrap().unwrap();
         assert_eq!(b.len(), 1);
         assert!(s2.next_batch(10).await.unwrap().is_none());

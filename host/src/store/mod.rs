@@ -313,15 +313,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn civil_dates() {
-        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
-        assert_eq!(super::civil_from_days(20_454), (2026, 1, 1));
-    }
-}
-
 /// Open the Cassandra storage.
 pub async fn open_cassandra(
     config: &crate::config::CassandraConfig,
@@ -329,4 +320,13 @@ pub async fn open_cassandra(
     Ok(std::sync::Arc::new(
         cassandra::CassandraStore::open(config).await?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_dates() {
+        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
+        assert_eq!(super::civil_from_days(20_454), (2026, 1, 1));
+    }
 }

@@ -764,7 +764,7 @@ mod tests {
             ..Default::default()
         };
         s.commit(c1).await.unwrap();
-        assert_eq!(s.load(&[k.clone()]).await.unwrap()[&k].head, 2);
+        assert_eq!(s.load(std::slice::from_ref(&k)).await.unwrap()[&k].head, 2);
         assert_eq!(
             s.known_ids(&[(k.clone(), "e1".into()), (k.clone(), "zz".into())])
                 .await
