@@ -11,7 +11,6 @@ use serde_json::{Value, json};
 use crate::app::App;
 use crate::event::EntityKey;
 use crate::fold;
-use crate::pipeline::sandbox_for;
 
 /// An API error: a status and a message, rendered as `{"error": "..."}`.
 #[derive(Debug)]
@@ -123,8 +122,7 @@ pub async fn state_at(app: &App, key: &EntityKey, at: u64) -> ApiResult<Value> {
     let id = key.entity_id.clone();
     let p = plugin.clone();
     let (state, applied, failure) = tokio::task::spawn_blocking(move || {
-        let mut boxes = std::collections::HashMap::new();
-        let sandbox = sandbox_for(&mut boxes, &p);
+        let sandbox = &mut crate::runtime::Sandbox::new(p);
         let init = match fold::init_state(sandbox, &id) {
             Ok(s) => s,
             Err(e) => return (Value::Null, 0, Some(e.to_string())),

@@ -190,14 +190,15 @@ impl App {
     }
 
     /// Compile and validate component bytes (not activated). Limits come
-    /// from the config for the entity type the component describes.
+    /// from the config for the entity type the component describes
+    /// (`describe()` itself runs under the default limits).
     pub fn load_plugin_bytes(&self, bytes: &[u8]) -> anyhow::Result<Arc<Plugin>> {
-        let probe = Plugin::load(&self.engine, bytes, self.config.plugins.limits)?;
-        let limits = self.config.plugins.limits_for(&probe.info.entity_type);
-        if limits == probe.limits {
-            return Ok(probe);
+        let plugin = Plugin::load(&self.engine, bytes, self.config.plugins.limits)?;
+        let limits = self.config.plugins.limits_for(&plugin.info.entity_type);
+        if limits == plugin.limits {
+            return Ok(plugin);
         }
-        Ok(Plugin::load(&self.engine, bytes, limits)?)
+        Ok(plugin.with_limits(limits))
     }
 
     /// A pipeline over this app's storage and registry.

@@ -199,25 +199,6 @@ pub async fn dispatch_quarantine(
         QuarantineAction::Retry {
             entity_type,
             entity_id,
-        } => {
-            let c = reqwest::Client::new();
-            let mut r = c.post(format!(
-                "{}/v1/quarantine/{entity_type}/{entity_id}/retry",
-                ep.api.trim_end_matches('/')
-            ));
-            if let Some(t) = &ep.token {
-                r = r.bearer_auth(t);
-            }
-            let resp = r.send().await?;
-            let status = resp.status();
-            let v: serde_json::Value = resp.json().await.unwrap_or_default();
-            anyhow::ensure!(
-                status.is_success(),
-                "{status}: {}",
-                v["error"].as_str().unwrap_or("?")
-            );
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            Ok(())
-        }
+        } => plugin::retry(ep, &entity_type, &entity_id).await,
     }
 }

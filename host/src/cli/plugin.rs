@@ -205,18 +205,8 @@ pub async fn export(
         .send(c.get(ep.url(&format!("/v1/quarantine/{entity_type}/{entity_id}/fixture"))))
         .await?;
     std::fs::create_dir_all(dir)?;
-    let mut events = String::new();
-    for e in v["events"].as_array().cloned().unwrap_or_default() {
-        events.push_str(&e.to_string());
-        events.push('\n');
-    }
-    std::fs::write(dir.join("events.jsonl"), events)?;
-    let mut expected = String::new();
-    for e in v["expected"].as_array().cloned().unwrap_or_default() {
-        expected.push_str(&e.to_string());
-        expected.push('\n');
-    }
-    std::fs::write(dir.join("expected.jsonl"), expected)?;
+    write_jsonl(&dir.join("events.jsonl"), &v["events"])?;
+    write_jsonl(&dir.join("expected.jsonl"), &v["expected"])?;
     std::fs::write(
         dir.join("state_before.json"),
         serde_json::to_string_pretty(&v["state_before"])?,
@@ -230,5 +220,25 @@ pub async fn export(
         dir.display(),
         dir.display()
     );
+    Ok(())
+}
+
+/// One JSON value per line, from a JSON array (anything else writes nothing).
+fn write_jsonl(path: &Path, items: &Value) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for e in items.as_array().map(Vec::as_slice).unwrap_or_default() {
+        text.push_str(&e.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `quarantine retry TYPE ID`
+pub async fn retry(ep: &Endpoint, entity_type: &str, entity_id: &str) -> anyhow::Result<()> {
+    let c = ep.client()?;
+    let v = ep
+        .send(c.post(ep.url(&format!("/v1/quarantine/{entity_type}/{entity_id}/retry"))))
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }

@@ -129,6 +129,19 @@ impl Plugin {
         Ok(Arc::new(plugin))
     }
 
+    /// The same compiled version under other limits (no recompilation: the
+    /// `InstancePre` is shared).
+    pub fn with_limits(&self, limits: Limits) -> Arc<Plugin> {
+        Arc::new(Plugin {
+            engine: self.engine.clone(),
+            pre: self.pre.clone(),
+            info: self.info.clone(),
+            digest: self.digest.clone(),
+            size: self.size,
+            limits,
+        })
+    }
+
     /// The engine this plugin was compiled for.
     pub fn engine(&self) -> &Engine {
         &self.engine
