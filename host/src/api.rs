@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use crate::app::App;
 use crate::event::EntityKey;
 use crate::fold;
+use crate::store::EntityRecord;
 
 /// An API error: a status and a message, rendered as `{"error": "..."}`.
 #[derive(Debug)]
@@ -78,11 +79,7 @@ async fn entity(
     let key = EntityKey::new(entity_type, entity_id);
     match q.at {
         None => {
-            let rec = app
-                .storage
-                .load(std::slice::from_ref(&key))
-                .await?
-                .remove(&key);
+            let rec = current(&app, &key).await?;
             let Some(rec) = rec.filter(|r| r.state.is_some()) else {
                 return Err(ApiError(
                     StatusCode::NOT_FOUND,
@@ -101,6 +98,81 @@ async fn entity(
         }
         Some(at) => Ok(Json(state_at(&app, &key, at).await?)),
     }
+}
+
+/// The record of `key` as the active generation of its type has it: taken
+/// from the generation's own namespace when another generation wrote the live
+/// record last, and caught up from the raw events when it is behind (after a
+/// cut-over, until a batch touches the entity). Read-only.
+///
+/// The active version and generation are read from the stored activation,
+/// not this host's registry, so that every host answers from the new
+/// generation from the moment its activation row is written, including a
+/// host whose registry has not caught up yet.
+async fn current(app: &App, key: &EntityKey) -> ApiResult<Option<EntityRecord>> {
+    let t = &key.entity_type;
+    let stored = app
+        .plugin_store
+        .activations()
+        .await?
+        .into_iter()
+        .find(|a| &a.entity_type == t);
+    let (generations, plugin) = match stored {
+        Some(a) => {
+            let plugin = match app.registry.get(t) {
+                Some(p) if p.digest == a.digest => Some(p),
+                _ => crate::lifecycle::compiled(app, &a.digest).await.ok(),
+            };
+            let mut g = crate::registry::Generations::new();
+            g.insert(t.clone(), a.generation);
+            (std::sync::Arc::new(g), plugin)
+        }
+        None => (app.registry.generations(), app.registry.get(t)),
+    };
+    let mut recs = app.storage.load(std::slice::from_ref(key)).await?;
+    crate::generation::resolve(&*app.storage, &generations, &mut recs, false)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let Some(mut rec) = recs.remove(key) else {
+        return Ok(None);
+    };
+    if rec.quarantined || rec.position >= rec.head {
+        return Ok(Some(rec));
+    }
+    let Some(plugin) = plugin else {
+        return Ok(Some(rec));
+    };
+    let gap = app
+        .storage
+        .history(key, rec.position, Some(rec.head))
+        .await?;
+    let id = key.entity_id.clone();
+    let p = plugin.clone();
+    let start = rec.state.clone();
+    let (state, applied) = tokio::task::spawn_blocking(move || {
+        let sandbox = &mut crate::runtime::Sandbox::new(p);
+        let state = match start {
+            Some(s) => s,
+            None => match fold::init_state(sandbox, &id) {
+                Ok(s) => s,
+                Err(_) => return (None, 0),
+            },
+        };
+        let o = fold::fold_and_project(sandbox, &id, state, &gap, false);
+        // A failing event shows the last good state; the batch that meets
+        // it will quarantine the entity.
+        (Some(o.state), o.applied as u64)
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if let Some(state) = state
+        && applied > 0
+    {
+        rec.state = Some(state);
+        rec.position += applied;
+        rec.plugin = Some(crate::registry::plugin_ref(&plugin));
+    }
+    Ok(Some(rec))
 }
 
 /// The state of `key` after the event at position `at`, folded from the

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod fold;
+pub mod generation;
 pub mod lifecycle;
 pub mod metrics;
 pub mod pipeline;

@@ -18,6 +18,7 @@ use serde_json::Value;
 use crate::app::App;
 use crate::event::EntityKey;
 use crate::fold;
+use crate::generation;
 use crate::pipeline::{Work, fold_one};
 use crate::registry::plugin_ref;
 use crate::runtime::{LoadError, Plugin, Sandbox};
@@ -126,6 +127,8 @@ pub struct RebuildStatus {
     pub error: Option<String>,
     /// Seconds since start.
     pub elapsed_seconds: f64,
+    /// Id of the generation being built.
+    pub generation: String,
 }
 
 /// Compile and validate bytes; `expected` is the entity type the caller
@@ -303,8 +306,14 @@ pub async fn activate(
             {
                 return Ok(None);
             }
-            record_activation(app, entity_type, digest, cur, "forward").await?;
-            app.registry.activate(plugin);
+            // A forward swap keeps the generation: the new version continues
+            // from the states the previous one computed.
+            let generation = cur
+                .as_ref()
+                .map(|c| c.generation.clone())
+                .unwrap_or_else(|| app.registry.generation(entity_type));
+            record_activation(app, entity_type, digest, cur, "forward", &generation).await?;
+            app.registry.activate_in(plugin, &generation);
             app.metrics.swapped(entity_type, "forward");
             Ok(None)
         }
@@ -318,6 +327,7 @@ async fn record_activation(
     digest: &str,
     cur: Option<Activation>,
     mode: &str,
+    generation: &str,
 ) -> anyhow::Result<()> {
     let a = Activation {
         entity_type: entity_type.to_string(),
@@ -327,15 +337,19 @@ async fn record_activation(
             .map(|c| c.digest.clone())
             .filter(|d| d != digest),
         mode: mode.to_string(),
+        generation: generation.to_string(),
+        previous_generation: cur.as_ref().map(|c| c.generation.clone()),
         seq: cur.map(|c| c.seq + 1).unwrap_or(1),
         activated_at: now_rfc3339(),
     };
     app.plugin_store.put_activation(&a).await
 }
 
-/// Return to the previously active version. After a rebuild the previous
-/// generation is restored as it was (caught up with the events that arrived
-/// since), without refolding history.
+/// Return to the previously active version, and to its generation: after a
+/// rebuild that is one row write, like the cut-over. States move back lazily
+/// (each record saved when the rebuild's generation took it over is taken
+/// back, caught up from the raw events), so nothing is refolded from the
+/// start. The read-model documents the rebuild replaced are put back.
 pub async fn rollback(app: &App, entity_type: &str) -> Result<Activation, InstallError> {
     let cur = current_activation(app, entity_type)
         .await?
@@ -343,29 +357,35 @@ pub async fn rollback(app: &App, entity_type: &str) -> Result<Activation, Instal
     let prev = cur.previous.clone().ok_or_else(|| {
         InstallError::NotFound(format!("nothing to roll back to for {entity_type}"))
     })?;
+    // Rows written before generations were recorded: a forward swap.
+    let prev_generation = cur
+        .previous_generation
+        .clone()
+        .unwrap_or_else(|| cur.generation.clone());
     let plugin = compiled(app, &prev).await?;
     let _gate = app.gate.lock().await;
-    if cur.mode == "rebuild" {
-        let archive = namespace(entity_type, &prev);
-        let shadow_of_current = namespace(entity_type, &cur.digest);
-        // Bring the archived generation up to the live heads, then swap back.
-        catch_up(app, &plugin, entity_type, &archive, None).await?;
+    if prev_generation != cur.generation {
         app.storage
-            .promote(entity_type, &archive, &shadow_of_current)
+            .adopt_projections(
+                &generation::namespace(entity_type, &prev_generation),
+                &generation::namespace(entity_type, &cur.generation),
+            )
             .await?;
     }
-    record_activation(app, entity_type, &prev, Some(cur), "rollback").await?;
-    app.registry.activate(plugin);
+    record_activation(
+        app,
+        entity_type,
+        &prev,
+        Some(cur),
+        "rollback",
+        &prev_generation,
+    )
+    .await?;
+    app.registry.activate_in(plugin, &prev_generation);
     app.metrics.swapped(entity_type, "rollback");
     Ok(current_activation(app, entity_type)
         .await?
         .expect("just recorded"))
-}
-
-/// The state namespace of a generation: live states use the entity type
-/// itself; a built or archived generation uses `type#digest-prefix`.
-pub fn namespace(entity_type: &str, digest: &str) -> String {
-    format!("{entity_type}#{}", &digest[..digest.len().min(16)])
 }
 
 async fn start_rebuild(app: &App, plugin: Arc<Plugin>) -> Result<String, InstallError> {
@@ -396,6 +416,7 @@ async fn start_rebuild(app: &App, plugin: Arc<Plugin>) -> Result<String, Install
         quarantined: 0,
         error: None,
         elapsed_seconds: 0.0,
+        generation: String::new(),
     };
     app.rebuilds
         .lock()
@@ -405,6 +426,21 @@ async fn start_rebuild(app: &App, plugin: Arc<Plugin>) -> Result<String, Install
     let id2 = id.clone();
     tokio::spawn(async move {
         let result = run_rebuild(&app2, &plugin, &id2).await;
+        if result.is_err() {
+            // A failed build is never activated: its states are garbage.
+            let ns = app2
+                .rebuilds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id2)
+                .map(|s| s.generation.clone())
+                .unwrap_or_default();
+            if !ns.is_empty()
+                && let Err(e) = app2.storage.drop_namespace(&ns).await
+            {
+                tracing::warn!(generation = %ns, error = %format!("{e:#}"), "could not drop a failed generation");
+            }
+        }
         let mut r = app2.rebuilds.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = r.get_mut(&id2) {
             match result {
@@ -438,10 +474,9 @@ fn update_status(app: &App, id: &str, f: impl FnOnce(&mut RebuildStatus)) {
 
 async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Result<()> {
     let t = plugin.info.entity_type.clone();
-    let shadow = namespace(&t, &plugin.digest);
+    let shadow = generation::new_id(&t, &plugin.digest);
     let started = Instant::now();
-    // A previous, abandoned build of the same digest is discarded.
-    app.storage.drop_namespace(&shadow).await?;
+    update_status(app, id, |s| s.generation = shadow.clone());
     let ids = app.storage.entity_ids(&t).await?;
     let live: Vec<EntityKey> = ids
         .iter()
@@ -500,17 +535,20 @@ async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Resul
             break;
         }
     }
-    // Cut over between two batches: the last few events, then one swap.
+    // Cut over between two batches: the last few events, the read model,
+    // then the one row that makes the new generation the active one.
     let _gate = app.gate.lock().await;
     catch_up(app, plugin, &t, &shadow, None).await?;
     let cur = current_activation(app, &t).await?;
-    let archive = namespace(
-        &t,
-        cur.as_ref().map(|c| c.digest.as_str()).unwrap_or("none"),
-    );
-    app.storage.promote(&t, &shadow, &archive).await?;
-    record_activation(app, &t, &plugin.digest, cur, "rebuild").await?;
-    app.registry.activate(plugin.clone());
+    let old_generation = cur
+        .as_ref()
+        .map(|c| c.generation.clone())
+        .unwrap_or_else(|| app.registry.generation(&t));
+    app.storage
+        .adopt_projections(&shadow, &generation::namespace(&t, &old_generation))
+        .await?;
+    record_activation(app, &t, &plugin.digest, cur, "rebuild", &shadow).await?;
+    app.registry.activate_in(plugin.clone(), &shadow);
     app.metrics.swapped(&t, "rebuild");
     update_status(app, id, |s| {
         s.elapsed_seconds = started.elapsed().as_secs_f64();
@@ -633,6 +671,7 @@ async fn refold_into(
                     .extend(o.projections.iter().map(|w| suffix_projection(w, &ns2)));
             }
             d.update.key = rec.key.clone();
+            d.update.generation = ns2.clone();
             d.update.expected_head = expected_head;
             d.update.head = head;
             commit.entities.push(d.update);
@@ -664,12 +703,21 @@ fn suffix_projection(w: &ProjectionWrite, ns: &str) -> ProjectionWrite {
     }
 }
 
-async fn load_one(app: &App, key: &EntityKey) -> Result<EntityRecord, InstallError> {
-    app.storage
-        .load(std::slice::from_ref(key))
-        .await?
+/// An entity's record in the active generation of its type (see
+/// [`generation::resolve`]), with what must be written if it is committed.
+async fn load_active(
+    app: &App,
+    key: &EntityKey,
+    save: bool,
+) -> Result<(EntityRecord, generation::Moves), InstallError> {
+    let mut recs = app.storage.load(std::slice::from_ref(key)).await?;
+    let moves = generation::resolve(&*app.storage, &app.registry.generations(), &mut recs, save)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let rec = recs
         .remove(key)
-        .ok_or_else(|| InstallError::NotFound(format!("no entity {key}")))
+        .ok_or_else(|| InstallError::NotFound(format!("no entity {key}")))?;
+    Ok((rec, moves))
 }
 
 /// Re-apply a quarantined entity's held events with the active version.
@@ -678,7 +726,7 @@ pub async fn retry(app: &App, key: &EntityKey) -> Result<Value, InstallError> {
         InstallError::NotFound(format!("no active plugin for {}", key.entity_type))
     })?;
     let _gate = app.gate.lock().await;
-    let rec = load_one(app, key).await?;
+    let (rec, moves) = load_active(app, key, true).await?;
     if !rec.quarantined {
         return Err(InstallError::NotFound(format!("{key} is not quarantined")));
     }
@@ -710,6 +758,8 @@ pub async fn retry(app: &App, key: &EntityKey) -> Result<Value, InstallError> {
     .map_err(|e| anyhow::anyhow!("retry task: {e}"))?;
     let mut commit = Commit {
         released: vec![key.clone()],
+        entities: moves.saved,
+        quarantines: moves.quarantines,
         ..Default::default()
     };
     let q = d.quarantine();
@@ -741,7 +791,7 @@ pub async fn retry(app: &App, key: &EntityKey) -> Result<Value, InstallError> {
 /// A quarantined case as a fixture: the entity's stored events and the
 /// state it is held at, ready for `refold test`.
 pub async fn fixture(app: &App, key: &EntityKey) -> Result<Value, InstallError> {
-    let rec = load_one(app, key).await?;
+    let (rec, _) = load_active(app, key, false).await?;
     let q = app
         .storage
         .quarantined()
@@ -828,13 +878,15 @@ pub async fn resubmit(
 pub async fn sync_registry(app: &App) -> anyhow::Result<()> {
     for a in app.plugin_store.activations().await? {
         let local = app.registry.get(&a.entity_type);
-        if local.as_ref().is_some_and(|p| p.digest == a.digest) {
+        if local.as_ref().is_some_and(|p| p.digest == a.digest)
+            && app.registry.generation(&a.entity_type) == a.generation
+        {
             continue;
         }
         match compiled(app, &a.digest).await {
             Ok(p) => {
                 let _gate = app.gate.lock().await;
-                app.registry.activate(p);
+                app.registry.activate_in(p, &a.generation);
                 tracing::info!(entity_type = %a.entity_type, digest = %a.digest, "activation picked up from the registry");
             }
             Err(e) => {
@@ -863,7 +915,7 @@ pub async fn register_configured(app: &App) -> anyhow::Result<()> {
             .unwrap_or_else(|e| e.into_inner())
             .insert(p.digest.clone(), p.clone());
         if !actives.iter().any(|a| a.entity_type == p.info.entity_type) {
-            record_activation(app, &p.info.entity_type, &p.digest, None, "forward").await?;
+            record_activation(app, &p.info.entity_type, &p.digest, None, "forward", "").await?;
         }
     }
     sync_registry(app).await

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::event::{self, EntityKey, Envelope, Rejection};
 use crate::fold::{self, FoldOutcome};
+use crate::generation;
 use crate::metrics::Metrics;
 use crate::registry::{Active, Registry, plugin_ref};
 use crate::runtime::{CallError, Plugin, Sandbox};
@@ -118,6 +119,7 @@ impl Pipeline {
     /// the caller must retry it (or re-read it from the last checkpoint).
     pub async fn process(&mut self, records: &[SourceRecord]) -> Result<BatchReport, StoreError> {
         let plugins = self.registry.snapshot();
+        let generations = self.registry.generations();
         let mut report = BatchReport {
             records: records.len(),
             ..Default::default()
@@ -195,13 +197,25 @@ impl Pipeline {
         } else {
             self.storage.load(&order).await?
         };
+        // Records another generation wrote (before a cut-over, or by a host
+        // that had not seen it yet) continue from the active generation's own
+        // state; theirs is saved for a rollback.
+        let moves =
+            generation::resolve(&*self.storage, &generations, &mut records_by_key, true).await?;
+        commit.entities.extend(moves.saved);
+        commit.quarantines.extend(moves.quarantines);
+        commit.released.extend(moves.released);
 
         // 4. Position the new events after each entity's head.
         let mut work = Vec::with_capacity(order.len());
         for key in &order {
-            let record = records_by_key
-                .remove(key)
-                .unwrap_or_else(|| EntityRecord::new(key.clone()));
+            let record = records_by_key.remove(key).unwrap_or_else(|| EntityRecord {
+                generation: generations
+                    .get(&key.entity_type)
+                    .cloned()
+                    .unwrap_or_default(),
+                ..EntityRecord::new(key.clone())
+            });
             let events: Vec<StoredEvent> = groups
                 .remove(key)
                 .unwrap_or_default()
@@ -315,6 +329,7 @@ pub(crate) fn fold_one(
         expected_head: record.head,
         plugin: record.plugin.clone(),
         quarantined: record.quarantined,
+        generation: record.generation.clone(),
     };
     if record.quarantined {
         // Held: store the events, apply nothing until the entity is retried.

@@ -14,10 +14,15 @@ use crate::store::PluginRef;
 /// Active plugins by entity type.
 pub type Active = HashMap<String, Arc<Plugin>>;
 
+/// The generation each entity type's states are served from (absent: `""`,
+/// the first one).
+pub type Generations = HashMap<String, String>;
+
 /// The set of active plugins.
 #[derive(Default)]
 pub struct Registry {
     active: ArcSwap<Active>,
+    generations: ArcSwap<Generations>,
 }
 
 impl Registry {
@@ -36,7 +41,36 @@ impl Registry {
         self.active.load().get(entity_type).cloned()
     }
 
-    /// Make `plugin` the active version of its entity type.
+    /// The active generations now. Taken with [`Registry::snapshot`] under
+    /// the batch gate, so that a batch sees a version and its generation
+    /// together.
+    pub fn generations(&self) -> Arc<Generations> {
+        self.generations.load_full()
+    }
+
+    /// The active generation of one entity type.
+    pub fn generation(&self, entity_type: &str) -> String {
+        self.generations
+            .load()
+            .get(entity_type)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Make `plugin` the active version of its entity type, serving states
+    /// of `generation`.
+    pub fn activate_in(&self, plugin: Arc<Plugin>, generation: &str) {
+        let t = plugin.info.entity_type.clone();
+        self.generations.rcu(|cur| {
+            let mut next = (**cur).clone();
+            next.insert(t.clone(), generation.to_string());
+            next
+        });
+        self.activate(plugin);
+    }
+
+    /// Make `plugin` the active version of its entity type, in the
+    /// generation already active.
     pub fn activate(&self, plugin: Arc<Plugin>) {
         self.active.rcu(|cur| {
             let mut next = (**cur).clone();

@@ -802,6 +802,109 @@ fn a_rebuild_on_cassandra_cuts_over_and_rolls_back() {
     check_bank(&host, &lines, &expected, Duration::from_secs(120));
 }
 
+/// The cut-over of a rebuild is one step for the whole group: two hosts
+/// share the partitions while events keep arriving; the rebuild runs on A,
+/// and B, which learns of the activation only at its next registry poll,
+/// keeps folding the old version meanwhile. From the moment the rebuild is
+/// done, both hosts answer every entity from the new generation, and the
+/// final states are exactly the new version's fold of every event, once.
+#[test]
+fn a_rebuild_cut_over_is_one_step_for_every_host() {
+    let _g = shared();
+    let c = Cluster::new("cutover");
+    let token = "cluster-admin";
+    let (lines, expected) = generated_bank(8_000, 60, 53);
+    let (first, rest) = lines.split_at(3_000);
+    let first = c.write_lines("first.jsonl", first);
+    let chunks: Vec<PathBuf> = rest
+        .chunks(500)
+        .enumerate()
+        .map(|(i, l)| c.write_lines(&format!("rest-{i}.jsonl"), l))
+        .collect();
+    produce(c.path(), &c.topic, &first, false);
+    let cfg = c.config("host", 100, "", "bucket_size = 40");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("\n[admin]\ntoken = {token:?}\n"));
+    std::fs::write(&cfg, text).unwrap();
+    let a = Host::start(&cfg, c.path(), &[]);
+    let b = Host::start(&cfg, c.path(), &[]);
+    poll(Duration::from_secs(60), || {
+        (a.get("/v1/entities/account/c-0").0 == 200).then_some(())
+    })
+    .unwrap_or_else(|| panic!("nothing folded:\n{}", tail(&a.log_text(), 40)));
+
+    // Events keep flowing to both hosts across the cut-over.
+    let dir = c.path().to_path_buf();
+    let topic = c.topic.clone();
+    let feeder = std::thread::spawn(move || {
+        for f in chunks {
+            produce(&dir, &topic, &f, false);
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
+    let resp = http()
+        .put(format!("{}/v1/plugins/account?mode=rebuild", a.base))
+        .bearer_auth(token)
+        .body(std::fs::read(component("bank-v2")).unwrap())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let v: Value = resp.json().unwrap();
+    let v2 = v["version"]["digest"].as_str().unwrap().to_string();
+    let id = v["rebuild"].as_str().unwrap().to_string();
+    poll(Duration::from_secs(180), || {
+        let s: Value = http()
+            .get(format!("{}/v1/rebuilds/{id}", a.base))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_ne!(s["state"], "failed", "{s}");
+        (s["state"] == "done").then_some(())
+    })
+    .unwrap_or_else(|| panic!("rebuild not done:\n{}", tail(&a.log_text(), 40)));
+
+    // At once, before B's registry has necessarily caught up: every answer,
+    // from either host, is a state of the new generation.
+    for h in [&b, &a] {
+        for n in 0..60 {
+            let (code, v) = h.get(&format!("/v1/entities/account/c-{n}"));
+            assert_eq!(code, 200, "{v}");
+            assert!(
+                v["state"].get("tier").is_some() && v["plugin"]["digest"] == json!(v2),
+                "c-{n} answered from the old generation after the cut-over: {v}"
+            );
+        }
+    }
+    feeder.join().unwrap();
+    let tiered: BTreeMap<String, Value> = expected
+        .iter()
+        .map(|(id, s)| {
+            let mut s = s.clone();
+            s["tier"] = json!(if s["balance"].as_i64().unwrap() >= 100_000 {
+                "gold"
+            } else {
+                "standard"
+            });
+            (id.clone(), s)
+        })
+        .collect();
+    check_bank(&a, &lines, &tiered, Duration::from_secs(120));
+    check_bank(&b, &lines, &tiered, Duration::from_secs(30));
+
+    // A rollback on B is one step too, and finds the old generation's
+    // states without refolding them from the start.
+    let resp = http()
+        .post(format!("{}/v1/plugins/account/rollback", b.base))
+        .bearer_auth(token)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text());
+    check_bank(&a, &lines, &expected, Duration::from_secs(30));
+    check_bank(&b, &lines, &expected, Duration::from_secs(30));
+}
+
 /// An activation made on one host reaches the other host of the group (the
 /// registry lives in Cassandra; hosts poll it each second), and so does a
 /// rollback made on the other; events keep being applied exactly once.

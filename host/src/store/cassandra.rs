@@ -102,6 +102,7 @@ const SCHEMA: &[&str] = &[
         plugin_digest  text static,
         quarantined    boolean static,
         live           bigint static,
+        generation     text static,
         PRIMARY KEY ((entity_type, entity_id, bucket), kind, position, event_id)
     ) WITH comment = 'refold: raw events (kind 0), event-id index (kind 1) and state (static) of one bucket of an entity'",
     "CREATE TABLE IF NOT EXISTS {ks}.entity_index (
@@ -169,7 +170,9 @@ const SCHEMA: &[&str] = &[
         previous     text,
         mode         text,
         seq          bigint,
-        activated_at text
+        activated_at text,
+        generation   text,
+        previous_generation text
     ) WITH comment = 'refold: the active plugin version of each entity type'",
     "CREATE TABLE IF NOT EXISTS {ks}.pending_effects (
         id    text,
@@ -179,6 +182,14 @@ const SCHEMA: &[&str] = &[
         PRIMARY KEY ((id), seq)
     ) WITH comment = 'refold: read-model effects of commits in flight (redo intents)'
       AND gc_grace_seconds = 600 AND default_time_to_live = 604800",
+];
+
+/// Columns added after the first release, for keyspaces created before.
+/// `ALTER TABLE ... ADD` fails when the column exists; that is the no-op.
+const UPGRADES: &[&str] = &[
+    "ALTER TABLE {ks}.entity_log ADD generation text static",
+    "ALTER TABLE {ks}.activations ADD generation text",
+    "ALTER TABLE {ks}.activations ADD previous_generation text",
 ];
 
 /// Where an entity's live bucket is, and its head there.
@@ -207,6 +218,7 @@ struct StaticRow {
     plugin: Option<PluginRef>,
     quarantined: bool,
     live: i64,
+    generation: String,
 }
 
 impl StaticRow {
@@ -234,6 +246,7 @@ type StaticTuple = (
     Option<String>,
     Option<bool>,
     Option<i64>,
+    Option<String>,
 );
 
 /// One read-model operation, as kept in an intent.
@@ -304,7 +317,6 @@ struct Statements {
     intent_delete: PreparedStatement,
     intent_read: PreparedStatement,
     delete_bucket: PreparedStatement,
-    set_state: PreparedStatement,
     index_drop: PreparedStatement,
     projection_scan: PreparedStatement,
     plugin_version_insert: PreparedStatement,
@@ -379,6 +391,15 @@ impl CassandraStore {
                 .query_unpaged(ddl.replace("{ks}", ks), ())
                 .await
                 .with_context(|| format!("creating the schema in keyspace {ks}"))?;
+        }
+        for ddl in UPGRADES {
+            if let Err(e) = session.query_unpaged(ddl.replace("{ks}", ks), ()).await {
+                let msg = e.to_string();
+                anyhow::ensure!(
+                    msg.contains("already exist") || msg.contains("conflicts with"),
+                    "upgrading the schema in keyspace {ks}: {msg}"
+                );
+            }
         }
         let st = prepare_all(&session, ks)
             .await
@@ -479,8 +500,8 @@ impl CassandraStore {
             .map_err(exec_err)?;
         let rows = r.into_rows_result().map_err(other)?;
         let row: Option<StaticTuple> = rows.maybe_first_row().map_err(other)?;
-        Ok(
-            row.and_then(|(base, cap, head, state, position, pn, pv, pd, q, live)| {
+        Ok(row.and_then(
+            |(base, cap, head, state, position, pn, pv, pd, q, live, generation)| {
                 Some(StaticRow {
                     base: base.unwrap_or(0).max(0) as u64,
                     cap: cap.unwrap_or(self.bucket_size as i64).max(1) as u64,
@@ -497,9 +518,10 @@ impl CassandraStore {
                     },
                     quarantined: q.unwrap_or(false),
                     live: live.unwrap_or(0).max(0),
+                    generation: generation.unwrap_or_default(),
                 })
-            }),
-        )
+            },
+        ))
     }
 
     /// Find the live bucket of an entity: bucket 0, or the one its `live`
@@ -767,6 +789,7 @@ impl CassandraStore {
                 pv,
                 pd,
                 u.quarantined,
+                u.generation.as_str(),
                 t,
                 id,
                 bucket,
@@ -781,6 +804,7 @@ impl CassandraStore {
                 pv,
                 pd,
                 u.quarantined,
+                u.generation.as_str(),
                 t,
                 id,
                 bucket,
@@ -1160,34 +1184,6 @@ impl CassandraStore {
         Ok(out)
     }
 
-    async fn put_quarantine(
-        &self,
-        q: &QuarantineRecord,
-        key: &EntityKey,
-        ts: i64,
-    ) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(
-                &self.st.quarantine_insert,
-                (
-                    &key.entity_type,
-                    &key.entity_id,
-                    &q.event_id,
-                    q.event_position as i64,
-                    &q.kind,
-                    &q.error,
-                    &q.plugin.name,
-                    &q.plugin.version,
-                    &q.plugin.digest,
-                    &q.recorded_at,
-                    ts,
-                ),
-            )
-            .await
-            .map_err(exec_err)?;
-        Ok(())
-    }
-
     async fn drop_quarantine(&self, key: &EntityKey, ts: i64) -> Result<(), StoreError> {
         self.session
             .execute_unpaged(
@@ -1253,182 +1249,51 @@ impl CassandraStore {
         Ok(())
     }
 
-    /// Move one entity's generations: live -> archive, shadow -> live.
-    async fn promote_one(
-        &self,
-        t: &str,
-        shadow: &str,
-        archive: &str,
-        id: &str,
-        quarantine: &HashMap<EntityKey, QuarantineRecord>,
-        ts: i64,
-    ) -> Result<(), StoreError> {
-        let live_key = EntityKey::new(t, id);
-        let shadow_key = EntityKey::new(shadow, id);
-        let archive_key = EntityKey::new(archive, id);
-        let (live, sh) = tokio::join!(self.locate(&live_key), self.locate(&shadow_key));
-        let (live, sh) = (live?, sh?);
-        if let Some((_, row)) = &live {
-            // The live state, kept as the archive generation.
-            self.session
-                .execute_unpaged(
-                    &self.st.index_insert,
-                    (archive, shard_of(id, INDEX_SHARDS), id),
-                )
-                .await
-                .map_err(exec_err)?;
-            let p = row.plugin.as_ref();
-            let r = self
-                .session
-                .execute_unpaged(
-                    &self.st.open_bucket,
-                    (
-                        row.head as i64,
-                        self.bucket_size as i64,
-                        row.head as i64,
-                        row.state.as_deref(),
-                        row.position as i64,
-                        p.map(|p| p.name.as_str()),
-                        p.map(|p| p.version.as_str()),
-                        p.map(|p| p.digest.as_str()),
-                        row.quarantined,
-                        archive,
-                        id,
-                        0i64,
-                    ),
-                )
-                .await
-                .map_err(exec_err)?;
-            if !applied(r)? {
-                return Err(StoreError::Fenced(format!(
-                    "{archive_key} was written while it was being archived"
-                )));
-            }
-            match quarantine.get(&live_key) {
-                Some(q) => self.put_quarantine(q, &archive_key, ts).await?,
-                None => self.drop_quarantine(&archive_key, ts).await?,
-            }
-        }
-        let Some((_, srow)) = &sh else {
-            // No shadow state: the live one stays (its events are still there).
-            if live.is_some() {
-                tracing::warn!(entity = %live_key, "no state of the new generation to promote; keeping the live state");
-            }
-            return Ok(());
-        };
-        // The shadow's state becomes the live one, at the live head.
-        let p = srow.plugin.as_ref();
-        let (pn, pv, pd) = (
-            p.map(|p| p.name.as_str()),
-            p.map(|p| p.version.as_str()),
-            p.map(|p| p.digest.as_str()),
-        );
-        let mut done = false;
-        for _ in 0..20 {
-            let Some((loc, _)) = self.locate(&live_key).await? else {
-                break;
-            };
-            let r = self
-                .session
-                .execute_unpaged(
-                    &self.st.set_state,
-                    (
-                        srow.state.as_deref(),
-                        srow.position as i64,
-                        pn,
-                        pv,
-                        pd,
-                        srow.quarantined,
-                        t,
-                        id,
-                        loc.bucket,
-                        loc.head as i64,
-                    ),
-                )
-                .await
-                .map_err(exec_err)?;
-            if applied(r)? {
-                done = true;
-                break;
-            }
-        }
-        if !done {
-            return Err(StoreError::Fenced(format!(
-                "{live_key} kept moving while its new generation was promoted"
-            )));
-        }
-        match quarantine.get(&shadow_key) {
-            Some(q) => self.put_quarantine(q, &live_key, ts).await?,
-            None => self.drop_quarantine(&live_key, ts).await?,
-        }
-        self.drop_quarantine(&shadow_key, ts).await?;
-        self.drop_entity(&shadow_key).await
-    }
-
-    async fn promote_inner(&self, t: &str, shadow: &str, archive: &str) -> Result<(), StoreError> {
-        self.forget_locations();
-        // The archive generation is replaced.
-        self.drop_namespace_states(archive).await?;
-        let ts = self.next_ts();
-        let mut ids = self.index_ids(t).await?;
-        ids.extend(self.index_ids(shadow).await?);
-        let quarantine: HashMap<EntityKey, QuarantineRecord> = self
-            .all_quarantine()
-            .await?
-            .into_iter()
-            .map(|q| (q.key.clone(), q))
-            .collect();
-        let futs: Vec<_> = ids
+    /// Move the documents under `name@ns` to `name`, first keeping each
+    /// live document they replace under `name@archive`.
+    async fn adopt_projections_inner(&self, ns: &str, archive: &str) -> Result<(), StoreError> {
+        let (ts, ts2) = (self.next_ts(), self.next_ts());
+        let kept = self.namespace_documents(archive).await?;
+        let futs: Vec<_> = kept
             .iter()
-            .map(|id| self.promote_one(t, shadow, archive, id, &quarantine, ts))
+            .map(|(p, k, _)| {
+                self.session
+                    .execute_unpaged(&self.st.projection_delete, (ts, p, k))
+            })
             .collect();
-        let mut s = stream::iter(futs).buffer_unordered(self.concurrency);
-        while let Some(r) = s.next().await {
-            r?;
-        }
-        drop(s);
-        self.drop_index(shadow).await?;
-        // The shadow's read model replaces documents of the same keys.
-        let docs = self.namespace_documents(shadow).await?;
-        let suffix_len = shadow.len() + 1;
+        self.all(futs).await?;
+        let docs = self.namespace_documents(ns).await?;
+        let suffix_len = ns.len() + 1;
         let futs: Vec<_> = docs
             .iter()
             .map(|(p, k, body)| async move {
                 let live = &p[..p.len() - suffix_len];
+                let r = self
+                    .session
+                    .execute_unpaged(&self.st.projection_read, (live, k))
+                    .await?;
+                let old: Option<(Option<String>,)> = r
+                    .into_rows_result()
+                    .ok()
+                    .and_then(|rows| rows.maybe_first_row().ok().flatten());
+                if let Some((Some(old),)) = old {
+                    let keep = format!("{live}@{archive}");
+                    self.session
+                        .execute_unpaged(&self.st.projection_upsert, (&keep, k, old.as_str(), ts))
+                        .await?;
+                }
                 if let Some(b) = body {
                     self.session
-                        .execute_unpaged(&self.st.projection_upsert, (live, k, b.as_str(), ts))
+                        .execute_unpaged(&self.st.projection_upsert, (live, k, b.as_str(), ts2))
                         .await?;
                 }
                 self.session
-                    .execute_unpaged(&self.st.projection_delete, (ts, p, k))
+                    .execute_unpaged(&self.st.projection_delete, (ts2, p, k))
                     .await
             })
             .collect();
         self.all(futs).await?;
-        self.forget_locations();
         Ok(())
-    }
-
-    /// Forget the states and quarantine records of a namespace (not its
-    /// read model).
-    async fn drop_namespace_states(&self, ns: &str) -> Result<(), StoreError> {
-        let ts = self.next_ts();
-        let ids = self.index_ids(ns).await?;
-        let keys: Vec<EntityKey> = ids.into_iter().map(|i| EntityKey::new(ns, i)).collect();
-        let futs: Vec<_> = keys
-            .iter()
-            .map(|k| async move {
-                self.drop_entity(k).await?;
-                self.drop_quarantine(k, ts).await
-            })
-            .collect();
-        let mut s = stream::iter(futs).buffer_unordered(self.concurrency);
-        while let Some(r) = s.next().await {
-            r?;
-        }
-        drop(s);
-        self.drop_index(ns).await
     }
 }
 
@@ -1520,6 +1385,7 @@ impl StateStore for CassandraStore {
                         head: row.head,
                         plugin: row.plugin,
                         quarantined: row.quarantined,
+                        generation: row.generation,
                     },
                 );
             }
@@ -1680,9 +1546,9 @@ impl StateStore for CassandraStore {
         .await
     }
 
-    async fn promote(&self, entity_type: &str, shadow: &str, archive: &str) -> anyhow::Result<()> {
-        self.read("promoting a generation", || {
-            self.promote_inner(entity_type, shadow, archive)
+    async fn adopt_projections(&self, ns: &str, archive: &str) -> anyhow::Result<()> {
+        self.read("adopting a generation's read model", || {
+            self.adopt_projections_inner(ns, archive)
         })
         .await
     }
@@ -1899,11 +1765,13 @@ impl PluginStore for CassandraStore {
                 Option<String>,
                 Option<i64>,
                 Option<String>,
+                Option<String>,
+                Option<String>,
             );
             let mut rows = pager.rows_stream::<ARow>().map_err(other)?;
             let mut out = Vec::new();
             while let Some(r) = rows.next().await {
-                let (entity_type, digest, previous, mode, seq, activated_at) =
+                let (entity_type, digest, previous, mode, seq, activated_at, generation, pg) =
                     r.map_err(row_err)?;
                 out.push(Activation {
                     entity_type,
@@ -1912,6 +1780,8 @@ impl PluginStore for CassandraStore {
                     mode: mode.unwrap_or_default(),
                     seq: seq.unwrap_or(0),
                     activated_at: activated_at.unwrap_or_default(),
+                    generation: generation.unwrap_or_default(),
+                    previous_generation: pg,
                 });
             }
             out.sort_by(|a, b| a.entity_type.cmp(&b.entity_type));
@@ -1932,6 +1802,8 @@ impl PluginStore for CassandraStore {
                         &a.mode,
                         a.seq,
                         &a.activated_at,
+                        &a.generation,
+                        a.previous_generation.as_deref(),
                     ),
                 )
                 .await
@@ -1952,7 +1824,7 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
         }
     };
     let mut st = Statements {
-        read_static: p("SELECT base, cap, head, state, state_position, plugin_name, plugin_version, plugin_digest, quarantined, live
+        read_static: p("SELECT base, cap, head, state, state_position, plugin_name, plugin_version, plugin_digest, quarantined, live, generation
                         FROM {ks}.entity_log WHERE entity_type = ? AND entity_id = ? AND bucket = ? LIMIT 1").await?,
         read_ids: p("SELECT event_id FROM {ks}.entity_log
                      WHERE entity_type = ? AND entity_id = ? AND bucket IN ? AND kind = 1 AND position = 0 AND event_id IN ?").await?,
@@ -1961,9 +1833,9 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
         insert_event: p("INSERT INTO {ks}.entity_log (entity_type, entity_id, bucket, kind, position, event_id, source, event_type, event_time, data, origin)
                          VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)").await?,
         insert_id: p("INSERT INTO {ks}.entity_log (entity_type, entity_id, bucket, kind, position, event_id) VALUES (?, ?, ?, 1, 0, ?)").await?,
-        advance: p("UPDATE {ks}.entity_log SET head = ?, state = ?, state_position = ?, plugin_name = ?, plugin_version = ?, plugin_digest = ?, quarantined = ?
+        advance: p("UPDATE {ks}.entity_log SET head = ?, state = ?, state_position = ?, plugin_name = ?, plugin_version = ?, plugin_digest = ?, quarantined = ?, generation = ?
                     WHERE entity_type = ? AND entity_id = ? AND bucket = ? IF head = ?").await?,
-        open_bucket: p("UPDATE {ks}.entity_log SET base = ?, cap = ?, head = ?, state = ?, state_position = ?, plugin_name = ?, plugin_version = ?, plugin_digest = ?, quarantined = ?
+        open_bucket: p("UPDATE {ks}.entity_log SET base = ?, cap = ?, head = ?, state = ?, state_position = ?, plugin_name = ?, plugin_version = ?, plugin_digest = ?, quarantined = ?, generation = ?
                         WHERE entity_type = ? AND entity_id = ? AND bucket = ? IF head = null").await?,
         set_live: p("UPDATE {ks}.entity_log SET live = ? WHERE entity_type = ? AND entity_id = ? AND bucket = ?").await?,
         release: p("UPDATE {ks}.entity_log SET quarantined = false WHERE entity_type = ? AND entity_id = ? AND bucket = ? IF head = ?").await?,
@@ -1990,8 +1862,6 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
         intent_delete: p("DELETE FROM {ks}.pending_effects WHERE id = ?").await?,
         intent_read: p("SELECT id, seq, ts, chunk FROM {ks}.pending_effects").await?,
         delete_bucket: p("DELETE FROM {ks}.entity_log WHERE entity_type = ? AND entity_id = ? AND bucket = ?").await?,
-        set_state: p("UPDATE {ks}.entity_log SET state = ?, state_position = ?, plugin_name = ?, plugin_version = ?, plugin_digest = ?, quarantined = ?
-                      WHERE entity_type = ? AND entity_id = ? AND bucket = ? IF head = ?").await?,
         index_drop: p("DELETE FROM {ks}.entity_index WHERE entity_type = ? AND shard = ?").await?,
         projection_scan: p("SELECT projection, doc_key, body FROM {ks}.projections").await?,
         plugin_version_insert: p("INSERT INTO {ks}.plugin_versions (entity_type, digest, name, version, size, uploaded_at, seq)
@@ -1999,8 +1869,9 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
         plugin_versions_read: p("SELECT entity_type, name, version, digest, size, uploaded_at, seq FROM {ks}.plugin_versions WHERE entity_type = ?").await?,
         plugin_blob_insert: p("INSERT INTO {ks}.plugin_blobs (digest, chunk, bytes) VALUES (?, ?, ?)").await?,
         plugin_blob_read: p("SELECT chunk, bytes FROM {ks}.plugin_blobs WHERE digest = ?").await?,
-        activation_upsert: p("INSERT INTO {ks}.activations (entity_type, digest, previous, mode, seq, activated_at) VALUES (?, ?, ?, ?, ?, ?)").await?,
-        activations_read: p("SELECT entity_type, digest, previous, mode, seq, activated_at FROM {ks}.activations").await?,
+        activation_upsert: p("INSERT INTO {ks}.activations (entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation)
+                               VALUES (?, ?, ?, ?, ?, ?, ?, ?)").await?,
+        activations_read: p("SELECT entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation FROM {ks}.activations").await?,
     };
     // Conditional statements are not idempotent: a retried LWT that had
     // applied reports "not applied".
@@ -2008,7 +1879,6 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
         &mut st.advance,
         &mut st.open_bucket,
         &mut st.release,
-        &mut st.set_state,
         &mut st.plugin_version_insert,
     ] {
         s.set_is_idempotent(false);

@@ -79,6 +79,11 @@ pub struct EntityRecord {
     pub plugin: Option<PluginRef>,
     /// Whether the entity is quarantined.
     pub quarantined: bool,
+    /// The generation (lineage of states) `state` belongs to: `""` for the
+    /// first one, else the id a rebuild gave it. A state is only ever folded
+    /// forward within its own generation.
+    #[serde(default)]
+    pub generation: String,
 }
 
 impl EntityRecord {
@@ -91,6 +96,7 @@ impl EntityRecord {
             head: 0,
             plugin: None,
             quarantined: false,
+            generation: String::new(),
         }
     }
 }
@@ -154,6 +160,8 @@ pub struct EntityUpdate {
     pub plugin: Option<PluginRef>,
     /// Whether the entity is (now) quarantined.
     pub quarantined: bool,
+    /// The generation `state` belongs to (see [`EntityRecord::generation`]).
+    pub generation: String,
 }
 
 /// A read-model operation, resolved to JSON.
@@ -263,11 +271,12 @@ pub trait StateStore: Send + Sync {
     async fn release(&self, key: &EntityKey) -> anyhow::Result<()>;
     /// Checkpoints recorded for a source.
     async fn checkpoints(&self, source: &str) -> anyhow::Result<Vec<Checkpoint>>;
-    /// Make generation `shadow` (states kept under the entity type
-    /// `shadow`, projections under `name@shadow`) the live one of
-    /// `entity_type`, keeping the live generation under `archive` so that it
-    /// can be restored. One atomic step where the backend allows it.
-    async fn promote(&self, entity_type: &str, shadow: &str, archive: &str) -> anyhow::Result<()>;
+    /// Merge the read model a generation built apart (documents under
+    /// `name@ns`) into the live one (`name`), keeping each live document it
+    /// replaces under `name@archive` so that a rollback can put it back.
+    /// Runs after the cut-over, which is the activation itself: states move
+    /// lazily (see ARCHITECTURE.md, "Generations").
+    async fn adopt_projections(&self, ns: &str, archive: &str) -> anyhow::Result<()>;
     /// Forget every state, quarantine and projection of namespace `ns`.
     async fn drop_namespace(&self, ns: &str) -> anyhow::Result<()>;
 }

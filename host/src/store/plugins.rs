@@ -31,8 +31,15 @@ pub struct Activation {
     pub digest: String,
     /// Digest active before this one (the rollback target).
     pub previous: Option<String>,
-    /// `forward` or `rebuild`.
+    /// `forward`, `rebuild` or `rollback`.
     pub mode: String,
+    /// The generation of states this version serves: kept by a forward
+    /// swap, new with each rebuild. Writing this row is the cut-over.
+    #[serde(default)]
+    pub generation: String,
+    /// The generation active before (restored by a rollback).
+    #[serde(default)]
+    pub previous_generation: Option<String>,
     /// Monotonic per entity type: hosts apply an activation only if newer.
     pub seq: i64,
     /// When (RFC 3339).

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS entities (
     plugin_version TEXT,
     plugin_digest  TEXT,
     quarantined    INTEGER NOT NULL DEFAULT 0,
+    generation     TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (entity_type, entity_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS projections (
@@ -92,7 +93,9 @@ CREATE TABLE IF NOT EXISTS activations (
     previous     TEXT,
     mode         TEXT NOT NULL,
     seq          INTEGER NOT NULL,
-    activated_at TEXT NOT NULL
+    activated_at TEXT NOT NULL,
+    generation   TEXT NOT NULL DEFAULT '',
+    previous_generation TEXT
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     source    TEXT NOT NULL,
@@ -101,6 +104,27 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     PRIMARY KEY (source, partition)
 ) WITHOUT ROWID;
 "#;
+
+/// Columns added after the first release, for databases created before.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("entities", "generation", "TEXT NOT NULL DEFAULT ''"),
+    ("activations", "generation", "TEXT NOT NULL DEFAULT ''"),
+    ("activations", "previous_generation", "TEXT"),
+];
+
+fn migrate(c: &Connection) -> rusqlite::Result<()> {
+    for (table, column, ty) in ADDED_COLUMNS {
+        let present: bool = c.query_row(
+            &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+            params![column],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !present {
+            c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
+        }
+    }
+    Ok(())
+}
 
 /// SQLite-backed [`Storage`].
 #[derive(Clone)]
@@ -125,6 +149,7 @@ impl SqliteStore {
         writer
             .execute_batch(SCHEMA)
             .context("creating the schema")?;
+        migrate(&writer).context("upgrading the schema")?;
         let reader = Connection::open(path)?;
         reader.busy_timeout(std::time::Duration::from_secs(10))?;
         tune(&reader)?;
@@ -285,7 +310,7 @@ impl StateStore for SqliteStore {
         let keys = keys.to_vec();
         self.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT state, position, head, plugin_name, plugin_version, plugin_digest, quarantined
+                "SELECT state, position, head, plugin_name, plugin_version, plugin_digest, quarantined, generation
                  FROM entities WHERE entity_type = ?1 AND entity_id = ?2",
             )?;
             let mut out = HashMap::new();
@@ -299,6 +324,7 @@ impl StateStore for SqliteStore {
                             head: r.get::<_, i64>(2)? as u64,
                             plugin: plugin_ref(r.get(3)?, r.get(4)?, r.get(5)?),
                             quarantined: r.get::<_, i64>(6)? != 0,
+                            generation: r.get(7)?,
                         })
                     })
                     .optional()?;
@@ -402,21 +428,24 @@ impl StateStore for SqliteStore {
         .await
     }
 
-    async fn promote(&self, entity_type: &str, shadow: &str, archive: &str) -> anyhow::Result<()> {
-        let (live, shadow, archive) = (
-            entity_type.to_string(),
-            shadow.to_string(),
-            archive.to_string(),
-        );
+    async fn adopt_projections(&self, ns: &str, archive: &str) -> anyhow::Result<()> {
+        let (suffix, keep) = (format!("@{ns}"), format!("@{archive}"));
         self.write(move |c| {
             let tx = c.transaction()?;
-            for table in ["entities", "quarantine"] {
-                tx.execute(&format!("DELETE FROM {table} WHERE entity_type = ?1"), params![archive])?;
-                tx.execute(&format!("UPDATE {table} SET entity_type = ?2 WHERE entity_type = ?1"), params![live, archive])?;
-                tx.execute(&format!("UPDATE {table} SET entity_type = ?2 WHERE entity_type = ?1"), params![shadow, live])?;
-            }
-            // The shadow's read model replaces documents of the same keys.
-            let suffix = format!("@{shadow}");
+            // The live documents about to be replaced are kept for a rollback.
+            tx.execute(
+                "DELETE FROM projections WHERE substr(projection, length(projection) - length(?1) + 1) = ?1",
+                params![keep],
+            )?;
+            tx.execute(
+                "INSERT OR REPLACE INTO projections (projection, key, body)
+                 SELECT live.projection || ?2, live.key, live.body
+                 FROM projections AS built JOIN projections AS live
+                   ON live.projection = substr(built.projection, 1, length(built.projection) - length(?1))
+                  AND live.key = built.key
+                 WHERE substr(built.projection, length(built.projection) - length(?1) + 1) = ?1",
+                params![suffix, keep],
+            )?;
             tx.execute(
                 "INSERT OR REPLACE INTO projections (projection, key, body)
                  SELECT substr(projection, 1, length(projection) - length(?1)), key, body FROM projections
@@ -506,14 +535,14 @@ fn write_commit(c: &mut Connection, commit: &Commit) -> Result<(), StoreError> {
         let mut upd = tx
             .prepare_cached(
                 "UPDATE entities SET state = ?3, position = ?4, head = ?5, plugin_name = ?6, plugin_version = ?7,
-                        plugin_digest = ?8, quarantined = ?9
+                        plugin_digest = ?8, quarantined = ?9, generation = ?11
                  WHERE entity_type = ?1 AND entity_id = ?2 AND head = ?10",
             )
             .map_err(other)?;
         let mut ins_ent = tx
             .prepare_cached(
-                "INSERT OR IGNORE INTO entities (entity_type, entity_id, state, position, head, plugin_name, plugin_version, plugin_digest, quarantined)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT OR IGNORE INTO entities (entity_type, entity_id, state, position, head, plugin_name, plugin_version, plugin_digest, quarantined, generation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )
             .map_err(other)?;
         for u in &commit.entities {
@@ -529,6 +558,7 @@ fn write_commit(c: &mut Connection, commit: &Commit) -> Result<(), StoreError> {
                 p.map(|p| &p.version),
                 p.map(|p| &p.digest),
                 u.quarantined as i64,
+                u.generation,
             ];
             let changed = if u.expected_head == 0 {
                 ins_ent.execute(args).map_err(other)?
@@ -544,6 +574,7 @@ fn write_commit(c: &mut Connection, commit: &Commit) -> Result<(), StoreError> {
                     p.map(|p| &p.digest),
                     u.quarantined as i64,
                     u.expected_head as i64,
+                    u.generation,
                 ])
                 .map_err(other)?
             };
@@ -691,7 +722,8 @@ impl PluginStore for SqliteStore {
     async fn activations(&self) -> anyhow::Result<Vec<Activation>> {
         self.read(|c| {
             let mut st = c.prepare_cached(
-                "SELECT entity_type, digest, previous, mode, seq, activated_at FROM activations ORDER BY entity_type",
+                "SELECT entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation
+                 FROM activations ORDER BY entity_type",
             )?;
             let rows = st.query_map([], |r| {
                 Ok(Activation {
@@ -701,6 +733,8 @@ impl PluginStore for SqliteStore {
                     mode: r.get(3)?,
                     seq: r.get(4)?,
                     activated_at: r.get(5)?,
+                    generation: r.get(6)?,
+                    previous_generation: r.get(7)?,
                 })
             })?;
             rows.collect()
@@ -712,9 +746,9 @@ impl PluginStore for SqliteStore {
         let a = a.clone();
         self.write(move |c| {
             c.execute(
-                "INSERT OR REPLACE INTO activations (entity_type, digest, previous, mode, seq, activated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![a.entity_type, a.digest, a.previous, a.mode, a.seq, a.activated_at],
+                "INSERT OR REPLACE INTO activations (entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![a.entity_type, a.digest, a.previous, a.mode, a.seq, a.activated_at, a.generation, a.previous_generation],
             )?;
             Ok(())
         })
@@ -752,6 +786,7 @@ mod tests {
             expected_head: expected,
             plugin: None,
             quarantined: false,
+            generation: String::new(),
         };
         let c1 = Commit {
             events: vec![ev(&k, 1, "e1"), ev(&k, 2, "e2")],
