@@ -93,6 +93,7 @@ async fn entity(
                 "head": rec.head,
                 "quarantined": rec.quarantined,
                 "plugin": rec.plugin,
+                "generation": rec.generation,
                 "state": rec.state,
             })))
         }

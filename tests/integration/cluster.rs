@@ -377,6 +377,14 @@ fn kafka_fixtures_fold_to_the_expected_states_in_cassandra() {
             .get(&(t.clone(), id.clone()))
             .map(HashSet::len)
             .unwrap_or(0);
+        // Events that leave the state as it is (an unknown type) may still be
+        // on their way when the expected state shows.
+        let path = format!("/v1/entities/{t}/{id}");
+        let v = &poll(Duration::from_secs(30), || {
+            let (_, now) = host.get(&path);
+            (now["head"] == json!(n)).then_some(now)
+        })
+        .unwrap_or_else(|| v.clone());
         assert_eq!(
             v["head"],
             json!(n),
