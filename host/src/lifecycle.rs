@@ -328,7 +328,7 @@ async fn record_activation(
     cur: Option<Activation>,
     mode: &str,
     generation: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), InstallError> {
     let a = Activation {
         entity_type: entity_type.to_string(),
         digest: digest.to_string(),
@@ -342,7 +342,14 @@ async fn record_activation(
         seq: cur.map(|c| c.seq + 1).unwrap_or(1),
         activated_at: now_rfc3339(),
     };
-    app.plugin_store.put_activation(&a).await
+    app.plugin_store.put_activation(&a).await.map_err(|e| {
+        match e.downcast_ref::<crate::store::StoreError>() {
+            Some(crate::store::StoreError::Fenced(why)) => {
+                InstallError::Conflict(format!("{why}; nothing changed, try again"))
+            }
+            _ => InstallError::Internal(e),
+        }
+    })
 }
 
 /// Return to the previously active version, and to its generation: after a
@@ -915,7 +922,13 @@ pub async fn register_configured(app: &App) -> anyhow::Result<()> {
             .unwrap_or_else(|e| e.into_inner())
             .insert(p.digest.clone(), p.clone());
         if !actives.iter().any(|a| a.entity_type == p.info.entity_type) {
-            record_activation(app, &p.info.entity_type, &p.digest, None, "forward", "").await?;
+            match record_activation(app, &p.info.entity_type, &p.digest, None, "forward", "").await
+            {
+                // Another host registered its configured version first; the
+                // registry sync below adopts that one.
+                Ok(()) | Err(InstallError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     sync_registry(app).await

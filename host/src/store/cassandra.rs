@@ -323,7 +323,8 @@ struct Statements {
     plugin_versions_read: PreparedStatement,
     plugin_blob_insert: PreparedStatement,
     plugin_blob_read: PreparedStatement,
-    activation_upsert: PreparedStatement,
+    activation_insert: PreparedStatement,
+    activation_update: PreparedStatement,
     activations_read: PreparedStatement,
 }
 
@@ -1791,10 +1792,10 @@ impl PluginStore for CassandraStore {
     }
 
     async fn put_activation(&self, a: &Activation) -> anyhow::Result<()> {
-        self.read("recording an activation", || async {
+        let r = if a.seq <= 1 {
             self.session
                 .execute_unpaged(
-                    &self.st.activation_upsert,
+                    &self.st.activation_insert,
                     (
                         &a.entity_type,
                         &a.digest,
@@ -1807,10 +1808,35 @@ impl PluginStore for CassandraStore {
                     ),
                 )
                 .await
-                .map_err(exec_err)?;
-            Ok(())
-        })
-        .await
+        } else {
+            self.session
+                .execute_unpaged(
+                    &self.st.activation_update,
+                    (
+                        &a.digest,
+                        a.previous.as_deref(),
+                        &a.mode,
+                        a.seq,
+                        &a.activated_at,
+                        &a.generation,
+                        a.previous_generation.as_deref(),
+                        &a.entity_type,
+                        a.seq - 1,
+                    ),
+                )
+                .await
+        };
+        // Not retried: a conditional write that timed out has an unknown
+        // outcome, which the caller sees as an error and can check.
+        let r = r.map_err(exec_err)?;
+        if !applied(r)? {
+            return Err(StoreError::Fenced(format!(
+                "another activation of {} was recorded meanwhile",
+                a.entity_type
+            ))
+            .into());
+        }
+        Ok(())
     }
 }
 
@@ -1869,8 +1895,10 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
         plugin_versions_read: p("SELECT entity_type, name, version, digest, size, uploaded_at, seq FROM {ks}.plugin_versions WHERE entity_type = ?").await?,
         plugin_blob_insert: p("INSERT INTO {ks}.plugin_blobs (digest, chunk, bytes) VALUES (?, ?, ?)").await?,
         plugin_blob_read: p("SELECT chunk, bytes FROM {ks}.plugin_blobs WHERE digest = ?").await?,
-        activation_upsert: p("INSERT INTO {ks}.activations (entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation)
-                               VALUES (?, ?, ?, ?, ?, ?, ?, ?)").await?,
+        activation_insert: p("INSERT INTO {ks}.activations (entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation)
+                               VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS").await?,
+        activation_update: p("UPDATE {ks}.activations SET digest = ?, previous = ?, mode = ?, seq = ?, activated_at = ?, generation = ?, previous_generation = ?
+                              WHERE entity_type = ? IF seq = ?").await?,
         activations_read: p("SELECT entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation FROM {ks}.activations").await?,
     };
     // Conditional statements are not idempotent: a retried LWT that had
@@ -1880,6 +1908,8 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
         &mut st.open_bucket,
         &mut st.release,
         &mut st.plugin_version_insert,
+        &mut st.activation_insert,
+        &mut st.activation_update,
     ] {
         s.set_is_idempotent(false);
     }

@@ -57,6 +57,9 @@ pub trait PluginStore: Send + Sync {
     async fn plugin_bytes(&self, digest: &str) -> anyhow::Result<Option<Vec<u8>>>;
     /// The current activation of every entity type.
     async fn activations(&self) -> anyhow::Result<Vec<Activation>>;
-    /// Record an activation (replaces the entity type's current one).
+    /// Record an activation: the first of its entity type (`seq` 1), or the
+    /// successor of the one with `seq - 1`. Conditional, so that two hosts
+    /// activating at once cannot both win: the loser gets
+    /// [`StoreError::Fenced`](super::StoreError::Fenced) inside the error.
     async fn put_activation(&self, a: &Activation) -> anyhow::Result<()>;
 }

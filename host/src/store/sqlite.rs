@@ -743,16 +743,33 @@ impl PluginStore for SqliteStore {
     }
 
     async fn put_activation(&self, a: &Activation) -> anyhow::Result<()> {
+        let t = a.entity_type.clone();
         let a = a.clone();
-        self.write(move |c| {
-            c.execute(
-                "INSERT OR REPLACE INTO activations (entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![a.entity_type, a.digest, a.previous, a.mode, a.seq, a.activated_at, a.generation, a.previous_generation],
-            )?;
-            Ok(())
-        })
-        .await
+        let changed = self
+            .write(move |c| {
+                if a.seq <= 1 {
+                    c.execute(
+                        "INSERT OR IGNORE INTO activations (entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        params![a.entity_type, a.digest, a.previous, a.mode, a.seq, a.activated_at, a.generation, a.previous_generation],
+                    )
+                } else {
+                    c.execute(
+                        "UPDATE activations SET digest = ?2, previous = ?3, mode = ?4, seq = ?5, activated_at = ?6,
+                                generation = ?7, previous_generation = ?8
+                         WHERE entity_type = ?1 AND seq = ?9",
+                        params![a.entity_type, a.digest, a.previous, a.mode, a.seq, a.activated_at, a.generation, a.previous_generation, a.seq - 1],
+                    )
+                }
+            })
+            .await?;
+        if changed != 1 {
+            return Err(StoreError::Fenced(format!(
+                "another activation of {t} was recorded meanwhile"
+            ))
+            .into());
+        }
+        Ok(())
     }
 }
 
@@ -772,6 +789,43 @@ mod tests {
             data: json!({"n": pos}),
             origin: None,
         }
+    }
+
+    /// Two activations built on the same predecessor: the second loses,
+    /// typed, and the first stays.
+    #[tokio::test]
+    async fn activations_are_conditional_on_their_predecessor() {
+        let s = SqliteStore::in_memory().unwrap();
+        let act = |digest: &str, seq: i64| Activation {
+            entity_type: "account".into(),
+            digest: digest.into(),
+            previous: None,
+            mode: "forward".into(),
+            seq,
+            activated_at: "2026-01-01T00:00:00Z".into(),
+            generation: String::new(),
+            previous_generation: None,
+        };
+        s.put_activation(&act("d1", 1)).await.unwrap();
+        let lost = s.put_activation(&act("d0", 1)).await.unwrap_err();
+        assert!(
+            matches!(
+                lost.downcast_ref::<StoreError>(),
+                Some(StoreError::Fenced(_))
+            ),
+            "{lost}"
+        );
+        s.put_activation(&act("d2", 2)).await.unwrap();
+        let lost = s.put_activation(&act("d3", 2)).await.unwrap_err();
+        assert!(
+            matches!(
+                lost.downcast_ref::<StoreError>(),
+                Some(StoreError::Fenced(_))
+            ),
+            "{lost}"
+        );
+        let now = s.activations().await.unwrap();
+        assert_eq!((now[0].digest.as_str(), now[0].seq), ("d2", 2));
     }
 
     #[tokio::test]
