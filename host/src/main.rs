@@ -57,7 +57,8 @@ fn main() -> std::process::ExitCode {
                 topic,
                 file,
                 binary,
-            } => refold::cli::produce::run(&brokers, &topic, &file, binary)
+                rate,
+            } => refold::cli::produce::run(&brokers, &topic, &file, binary, rate)
                 .await
                 .map(|_| true),
         }

@@ -2,8 +2,9 @@
 //! channel; one task compiles, validates, then activates. A component that
 //! fails to load is refused with its reason and the active version stays.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use notify_debouncer_mini::{DebounceEventResult, new_debouncer, notify::RecursiveMode};
@@ -42,6 +43,7 @@ pub fn watch_dir(app: App, dir: PathBuf, mut stop: watch::Receiver<bool>) -> any
     tokio::spawn(async move {
         // Keep the debouncer alive as long as this task runs.
         let _debouncer = debouncer;
+        let mut seen: HashMap<PathBuf, Stamp> = HashMap::new();
         loop {
             tokio::select! {
                 r = stop.changed() => {
@@ -54,6 +56,14 @@ pub fn watch_dir(app: App, dir: PathBuf, mut stop: watch::Receiver<bool>) -> any
                     if !is_wasm(&p) || !p.exists() {
                         continue;
                     }
+                    // Reading a file to install it raises watcher events of its
+                    // own (open, close): without this check the same bytes would
+                    // be installed again and again, recompiled each time.
+                    let Some(stamp) = stamp(&p) else { continue };
+                    if seen.get(&p) == Some(&stamp) {
+                        continue;
+                    }
+                    seen.insert(p.clone(), stamp);
                     // Loads are serialized: this task handles one at a time.
                     let app2 = app.clone();
                     match crate::lifecycle::install_file(&app2, &p).await {
@@ -69,4 +79,46 @@ pub fn watch_dir(app: App, dir: PathBuf, mut stop: watch::Receiver<bool>) -> any
 
 fn is_wasm(p: &Path) -> bool {
     p.extension().is_some_and(|e| e == "wasm")
+}
+
+/// One version of a file on disk: a rename onto the path changes the inode,
+/// a rewrite in place the modification time (and usually the length).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+fn stamp(p: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(p).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some(Stamp {
+        len: m.len(),
+        modified: m.modified().ok(),
+        inode,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stamp_changes_with_a_new_file_not_with_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("account.wasm");
+        std::fs::write(&p, b"one").unwrap();
+        let first = stamp(&p).unwrap();
+        let _ = std::fs::read(&p).unwrap();
+        assert_eq!(stamp(&p), Some(first.clone()));
+        let tmp = dir.path().join("next");
+        std::fs::write(&tmp, b"two").unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        assert_ne!(stamp(&p), Some(first));
+        assert_eq!(stamp(&dir.path().join("gone.wasm")), None);
+    }
 }

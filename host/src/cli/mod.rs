@@ -88,6 +88,10 @@ pub enum Command {
         /// Send CloudEvents Kafka binary mode (`ce_*` headers, data as the value).
         #[arg(long)]
         binary: bool,
+        /// Send at most this many records per second, evenly spaced (a steady
+        /// load for latency measurements); unlimited by default.
+        #[arg(long)]
+        rate: Option<f64>,
     },
 }
 

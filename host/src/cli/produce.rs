@@ -1,5 +1,5 @@
-//! `refold produce --brokers B --topic T FILE.jsonl [--binary]`: load a
-//! JSONL file of CloudEvents into a Kafka topic, keyed by entity id.
+//! `refold produce --brokers B --topic T FILE.jsonl [--binary] [--rate N]`:
+//! load a JSONL file of CloudEvents into a Kafka topic, keyed by entity id.
 //!
 //! Every non-empty line becomes one record, in file order. A line that is a
 //! valid event is keyed by its `subject` (the entity id), so that all events
@@ -7,11 +7,13 @@
 //! in CloudEvents Kafka binary mode: the attributes as `ce_*` headers and
 //! `data` as the value. Any other line is sent as it is (structured mode),
 //! keyed by its `subject` if it has one and unkeyed otherwise, so that the
-//! engine's dead-lettering can be exercised.
+//! engine's dead-lettering can be exercised. With `--rate N` record `i` is
+//! sent no earlier than `i / N` seconds after the first, so the load is
+//! steady rather than one burst.
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
@@ -34,6 +36,18 @@ pub struct Produced {
     pub events: usize,
     /// Of which sent as they were because they are not valid events.
     pub raw: usize,
+    /// From the first send to the last delivery report.
+    pub seconds: f64,
+}
+
+/// How long to wait before sending record number `sent` (0-based) so that
+/// records leave at `rate` per second from `start`; `None` when it is due.
+/// Waits shorter than a millisecond are skipped: timers are not that fine,
+/// and the next record catches up.
+fn pace(start: Instant, sent: usize, rate: f64, now: Instant) -> Option<Duration> {
+    let due = start + Duration::from_secs_f64(sent as f64 / rate);
+    let wait = due.saturating_duration_since(now);
+    (wait >= Duration::from_millis(1)).then_some(wait)
 }
 
 /// Produce the lines of `file` to `topic`.
@@ -42,7 +56,14 @@ pub async fn produce(
     topic: &str,
     file: &Path,
     binary: bool,
+    rate: Option<f64>,
 ) -> anyhow::Result<Produced> {
+    if let Some(r) = rate {
+        anyhow::ensure!(
+            r.is_finite() && r > 0.0,
+            "--rate must be a positive number, not {r}"
+        );
+    }
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let producer: FutureProducer = ClientConfig::new()
@@ -57,11 +78,17 @@ pub async fn produce(
 
     let mut out = Produced::default();
     let mut pending: VecDeque<DeliveryFuture> = VecDeque::new();
+    let start = Instant::now();
+    let mut sent = 0usize;
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() {
             continue;
         }
+        if let Some(wait) = rate.and_then(|r| pace(start, sent, r, Instant::now())) {
+            tokio::time::sleep(wait).await;
+        }
+        sent += 1;
         let (key, value, headers) = match event::parse_structured(line.as_bytes(), usize::MAX) {
             Ok(e) => {
                 out.events += 1;
@@ -137,6 +164,7 @@ pub async fn produce(
     producer
         .flush(Duration::from_secs(30))
         .context("flushing the Kafka producer")?;
+    out.seconds = start.elapsed().as_secs_f64();
     Ok(out)
 }
 
@@ -151,12 +179,41 @@ async fn delivered(f: DeliveryFuture) -> anyhow::Result<usize> {
 }
 
 /// `refold produce`: produce, then print what was sent as one JSON line.
-pub async fn run(brokers: &str, topic: &str, file: &Path, binary: bool) -> anyhow::Result<()> {
-    let p = produce(brokers, topic, file, binary).await?;
+pub async fn run(
+    brokers: &str,
+    topic: &str,
+    file: &Path,
+    binary: bool,
+    rate: Option<f64>,
+) -> anyhow::Result<()> {
+    let p = produce(brokers, topic, file, binary, rate).await?;
     println!(
         "{}",
         serde_json::json!({"topic": topic, "records": p.records, "events": p.events, "raw": p.raw,
-                           "mode": if binary { "binary" } else { "structured" }})
+                           "mode": if binary { "binary" } else { "structured" },
+                           "seconds": p.seconds, "rate_limit": rate})
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pace_spaces_records_evenly_from_the_start() {
+        let t0 = Instant::now();
+        // 1000/s: record 500 is due at 0.5 s.
+        assert_eq!(pace(t0, 500, 1000.0, t0), Some(Duration::from_millis(500)));
+        assert_eq!(
+            pace(t0, 500, 1000.0, t0 + Duration::from_millis(200)),
+            Some(Duration::from_millis(300))
+        );
+        // Due or late: send at once.
+        assert_eq!(pace(t0, 500, 1000.0, t0 + Duration::from_millis(500)), None);
+        assert_eq!(pace(t0, 500, 1000.0, t0 + Duration::from_secs(2)), None);
+        // Less than a millisecond ahead: not worth a timer.
+        assert_eq!(pace(t0, 1, 2000.0, t0), None);
+        assert_eq!(pace(t0, 0, 1.0, t0), None);
+    }
 }

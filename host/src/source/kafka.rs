@@ -37,7 +37,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Headers, Message, Timestamp};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
@@ -161,6 +161,13 @@ pub struct KafkaSource {
     linger: Duration,
     /// Next offset per partition, after the records handed out.
     positions: HashMap<Tp, i64>,
+    /// Message timestamps of the last batch, for `take_timestamps`.
+    timestamps: Vec<i64>,
+}
+
+/// A message timestamp in Unix ms; 0 when the message has none.
+fn timestamp_ms(t: Timestamp) -> i64 {
+    t.to_millis().filter(|&ms| ms > 0).unwrap_or(0)
 }
 
 impl KafkaSource {
@@ -201,6 +208,7 @@ impl KafkaSource {
             shared,
             linger,
             positions: HashMap::new(),
+            timestamps: Vec::new(),
         })
     }
 
@@ -217,7 +225,7 @@ impl KafkaSource {
 impl EventSource for KafkaSource {
     async fn next_batch(&mut self, max: usize) -> anyhow::Result<Option<Vec<SourceRecord>>> {
         let deadline = tokio::time::Instant::now() + self.linger;
-        let mut out: Vec<(u64, SourceRecord)> = Vec::new();
+        let mut out: Vec<(u64, i64, SourceRecord)> = Vec::new();
         while out.len() < max.max(1) {
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -268,6 +276,7 @@ impl EventSource for KafkaSource {
             let offset = msg.offset();
             out.push((
                 epoch,
+                timestamp_ms(msg.timestamp()),
                 SourceRecord {
                     origin: Origin {
                         source: tp.0,
@@ -285,13 +294,14 @@ impl EventSource for KafkaSource {
         // revoked (or revoked and assigned again) meanwhile.
         let assigned = self.assigned();
         let before = out.len();
-        let records: Vec<SourceRecord> = out
+        let (timestamps, records): (Vec<i64>, Vec<SourceRecord>) = out
             .into_iter()
-            .filter(|(epoch, r)| {
+            .filter(|(epoch, _, r)| {
                 assigned.get(&(r.origin.source.clone(), r.origin.partition)) == Some(epoch)
             })
-            .map(|(_, r)| r)
-            .collect();
+            .map(|(_, t, r)| (t, r))
+            .unzip();
+        self.timestamps = timestamps;
         if records.len() < before {
             tracing::info!(
                 dropped = before - records.len(),
@@ -335,6 +345,10 @@ impl EventSource for KafkaSource {
         Ok(())
     }
 
+    fn take_timestamps(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.timestamps)
+    }
+
     fn lag(&self) -> Vec<PartitionLag> {
         let offsets = self
             .shared
@@ -360,5 +374,21 @@ impl EventSource for KafkaSource {
             .collect();
         out.sort_by(|a, b| (&a.source, a.partition).cmp(&(&b.source, b.partition)));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_unix_ms_or_zero() {
+        assert_eq!(
+            timestamp_ms(Timestamp::CreateTime(1_700_000_000_123)),
+            1_700_000_000_123
+        );
+        assert_eq!(timestamp_ms(Timestamp::LogAppendTime(42)), 42);
+        assert_eq!(timestamp_ms(Timestamp::NotAvailable), 0);
+        assert_eq!(timestamp_ms(Timestamp::CreateTime(-1)), 0);
     }
 }
