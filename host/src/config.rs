@@ -232,7 +232,8 @@ pub struct EngineConfig {
     pub max_record_bytes: usize,
     /// A partition with lag and no progress for this long is unhealthy.
     pub stall_seconds: u64,
-    /// Parallel workers of a rebuild.
+    /// Chunks of 64 entities a rebuild works on at once (each reads its
+    /// histories, folds on a blocking thread, then commits).
     pub rebuild_workers: usize,
 }
 
@@ -241,7 +242,7 @@ impl Default for EngineConfig {
         EngineConfig {
             max_record_bytes: 1 << 20,
             stall_seconds: 30,
-            rebuild_workers: 2,
+            rebuild_workers: 4,
         }
     }
 }

@@ -395,6 +395,9 @@ pub async fn rollback(app: &App, entity_type: &str) -> Result<Activation, Instal
         .expect("just recorded"))
 }
 
+/// History reads in flight per rebuild chunk.
+const HISTORY_READS: usize = 16;
+
 async fn start_rebuild(app: &App, plugin: Arc<Plugin>) -> Result<String, InstallError> {
     let t = plugin.info.entity_type.clone();
     {
@@ -510,7 +513,8 @@ async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Resul
             quarantined.clone(),
         );
         async move {
-            let n = refold_into(&app, &plugin, &shadow, &chunk, None).await?;
+            // A new generation holds nothing yet: no state to read first.
+            let n = refold_into(&app, &plugin, &shadow, &chunk, Some(&HashMap::new())).await?;
             de.fetch_add(n.0, Ordering::Relaxed);
             dn.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             q.fetch_add(n.1, Ordering::Relaxed);
@@ -536,16 +540,21 @@ async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Resul
         });
     }
     // Catch up with what arrived meanwhile, without holding the live loop.
+    // Every entity was folded up to at least its head at the start.
     update_status(app, id, |s| s.state = "catching_up".into());
+    let mut folded_to: HashMap<String, u64> = heads
+        .into_iter()
+        .map(|(k, r)| (k.entity_id, r.head))
+        .collect();
     for _ in 0..5 {
-        if catch_up(app, plugin, &t, &shadow, None).await? < 50 {
+        if catch_up(app, plugin, &t, &shadow, &mut folded_to).await? < 50 {
             break;
         }
     }
     // Cut over between two batches: the last few events, the read model,
     // then the one row that makes the new generation the active one.
     let _gate = app.gate.lock().await;
-    catch_up(app, plugin, &t, &shadow, None).await?;
+    catch_up(app, plugin, &t, &shadow, &mut folded_to).await?;
     let cur = current_activation(app, &t).await?;
     let old_generation = cur
         .as_ref()
@@ -565,43 +574,43 @@ async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Resul
     Ok(())
 }
 
-/// Bring generation `ns` of `entity_type` up to the live heads: entities
-/// missing from it are folded from scratch, entities behind are folded from
-/// where they are. Returns how many entities were behind.
+/// Bring generation `ns` of `entity_type` up to the live heads. `folded_to`
+/// holds, per entity, the live head it was last folded up to; only entities
+/// whose head moved past it (or that are new) are read from `ns` and folded
+/// on, so a pass costs one read of each live head. Returns how many
+/// entities were behind.
 async fn catch_up(
     app: &App,
     plugin: &Arc<Plugin>,
     entity_type: &str,
     ns: &str,
-    only: Option<&[String]>,
+    folded_to: &mut HashMap<String, u64>,
 ) -> anyhow::Result<usize> {
-    let ids = match only {
-        Some(ids) => ids.to_vec(),
-        None => app.storage.entity_ids(entity_type).await?,
-    };
+    let ids = app.storage.entity_ids(entity_type).await?;
     let live: Vec<EntityKey> = ids
         .iter()
         .map(|i| EntityKey::new(entity_type, i.clone()))
         .collect();
-    let shadow: Vec<EntityKey> = ids.iter().map(|i| EntityKey::new(ns, i.clone())).collect();
     let live_recs = app.storage.load(&live).await?;
-    let shadow_recs = app.storage.load(&shadow).await?;
-    let behind: Vec<String> = ids
-        .into_iter()
-        .filter(|i| {
-            let head = live_recs
-                .get(&EntityKey::new(entity_type, i.clone()))
-                .map(|r| r.head)
-                .unwrap_or(0);
-            let s = shadow_recs.get(&EntityKey::new(ns, i.clone()));
-            match s {
-                None => head > 0,
-                Some(s) => !s.quarantined && s.position < head,
-            }
-        })
+    let behind: Vec<(String, u64)> = live_recs
+        .into_values()
+        .filter(|r| r.head > folded_to.get(&r.key.entity_id).copied().unwrap_or(0))
+        .map(|r| (r.key.entity_id, r.head))
         .collect();
     for chunk in behind.chunks(64) {
-        refold_into(app, plugin, ns, chunk, Some(&shadow_recs)).await?;
+        let ids: Vec<String> = chunk.iter().map(|(i, _)| i.clone()).collect();
+        let keys: Vec<EntityKey> = ids.iter().map(|i| EntityKey::new(ns, i.clone())).collect();
+        let there = app.storage.load(&keys).await?;
+        let todo: Vec<String> = ids
+            .into_iter()
+            .filter(|i| {
+                there
+                    .get(&EntityKey::new(ns, i.clone()))
+                    .is_none_or(|s| !s.quarantined)
+            })
+            .collect();
+        refold_into(app, plugin, ns, &todo, Some(&there)).await?;
+        folded_to.extend(chunk.iter().cloned());
     }
     Ok(behind.len())
 }
@@ -624,22 +633,30 @@ async fn refold_into(
             .collect(),
         None => app.storage.load(&keys).await?,
     };
-    let mut work = Vec::new();
+    // Histories are read concurrently: on Cassandra each is a round trip.
+    let mut reads = Vec::with_capacity(ids.len());
     for id in ids {
         let key = EntityKey::new(ns, id.clone());
         let rec = recs
             .get(&key)
             .cloned()
             .unwrap_or_else(|| EntityRecord::new(key.clone()));
-        let events = app
-            .storage
-            .history(&EntityKey::new(t.clone(), id.clone()), rec.position, None)
-            .await?;
-        if events.is_empty() {
-            continue;
-        }
-        work.push((rec, events));
+        let live = EntityKey::new(t.clone(), id.clone());
+        let storage = app.storage.clone();
+        reads.push(async move {
+            let events = storage.history(&live, rec.position, None).await?;
+            anyhow::Ok((rec, events))
+        });
     }
+    let mut work = Vec::new();
+    let mut read = futures::stream::iter(reads).buffered(HISTORY_READS);
+    while let Some(r) = read.next().await {
+        let (rec, events) = r?;
+        if !events.is_empty() {
+            work.push((rec, events));
+        }
+    }
+    drop(read);
     let p = plugin.clone();
     let ns2 = ns.to_string();
     let (commit, applied, quarantined) = tokio::task::spawn_blocking(move || {
