@@ -240,6 +240,7 @@ macro_rules! export {
 pub mod __private {
     pub use crate::bindings;
     pub use crate::glue::Adapter;
+    pub use crate::glue::fold;
 }
 
 /// Bindings generated from `wit/plugin.wit`: the only place `generate!` runs.
