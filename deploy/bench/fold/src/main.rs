@@ -209,11 +209,11 @@ fn main() -> anyhow::Result<()> {
         let (n, c) = (median(nat.clone()), median(comp.clone()));
         rows.push(json!({
             "batch": size,
-            "native_events_per_s": n.round(),
-            "component_events_per_s": c.round(),
+            "native_events_per_s": n.round() as u64,
+            "component_events_per_s": c.round() as u64,
             "ratio": (c / n * 1000.0).round() / 1000.0,
-            "native_rounds": nat.iter().map(|x| x.round()).collect::<Vec<_>>(),
-            "component_rounds": comp.iter().map(|x| x.round()).collect::<Vec<_>>(),
+            "native_rounds": nat.iter().map(|x| x.round() as u64).collect::<Vec<_>>(),
+            "component_rounds": comp.iter().map(|x| x.round() as u64).collect::<Vec<_>>(),
         }));
     }
 
@@ -235,7 +235,10 @@ fn main() -> anyhow::Result<()> {
     for r in &rows {
         println!(
             "{:>6}  {:>14}  {:>14}  {:>5.3}x",
-            r["batch"], r["native_events_per_s"], r["component_events_per_s"], r["ratio"].as_f64().unwrap_or(0.0)
+            r["batch"].to_string(),
+            r["native_events_per_s"].to_string(),
+            r["component_events_per_s"].to_string(),
+            r["ratio"].as_f64().unwrap_or(0.0)
         );
     }
     println!("init: {:.0} calls/s", init_rate);
@@ -251,7 +254,7 @@ fn main() -> anyhow::Result<()> {
         "rounds": args.rounds,
         "round_ms": args.round.as_millis() as u64,
         "results": rows,
-        "init_calls_per_s": init_rate.round(),
+        "init_calls_per_s": init_rate.round() as u64,
         "machine": {
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "os": std::env::consts::OS,
