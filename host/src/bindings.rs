@@ -9,4 +9,4 @@ wasmtime::component::bindgen!({
 });
 
 pub use self::refold::plugin::log::Level as LogLevel;
-pub use self::refold::plugin::types::{Document, Event as GuestEvent};
+pub use self::refold::plugin::types::{Document, EventHeader, Span};

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::bindings::{GuestEvent, ProjectionOp};
+use crate::bindings::ProjectionOp;
 use crate::runtime::{CallError, Sandbox};
 use crate::store::{ProjectionWrite, StoredEvent};
 
@@ -18,21 +18,6 @@ pub struct FoldOutcome {
     pub projections: Vec<ProjectionWrite>,
     /// The event (index into the batch) that failed, and why.
     pub failure: Option<(usize, CallError)>,
-}
-
-/// Convert stored events to the guest's representation.
-pub fn guest_events(events: &[StoredEvent]) -> Vec<GuestEvent> {
-    events
-        .iter()
-        .map(|e| GuestEvent {
-            id: e.id.clone(),
-            event_type: e.event_type.clone(),
-            source: e.source.clone(),
-            time: e.time.clone(),
-            position: e.position,
-            data: serde_json::to_vec(&e.data).unwrap_or_else(|_| b"null".to_vec()),
-        })
-        .collect()
 }
 
 /// The initial state of an entity, as JSON.
@@ -58,9 +43,8 @@ pub fn fold_and_project(
     events: &[StoredEvent],
     project: bool,
 ) -> FoldOutcome {
-    let guest = guest_events(events);
     let before = serde_json::to_vec(&state).unwrap_or_default();
-    let (after, applied, failure) = fold_split(sandbox, entity_id, before.clone(), &guest, 0);
+    let (after, applied, failure) = fold_split(sandbox, entity_id, before.clone(), events, 0);
     let mut out = FoldOutcome {
         state,
         applied,
@@ -79,7 +63,7 @@ pub fn fold_and_project(
         }
     };
     if project {
-        match sandbox.project(entity_id, &before, &after, &guest[..applied]) {
+        match sandbox.project(entity_id, &before, &after, &events[..applied]) {
             Ok(ops) => out.projections = ops.into_iter().filter_map(resolve_op).collect(),
             Err(e) => {
                 // Projections advance with the state or not at all.
@@ -123,7 +107,7 @@ fn fold_split(
     sandbox: &mut Sandbox,
     entity_id: &str,
     state: Vec<u8>,
-    events: &[GuestEvent],
+    events: &[StoredEvent],
     offset: usize,
 ) -> (Vec<u8>, usize, Option<(usize, CallError)>) {
     if events.is_empty() {

@@ -22,7 +22,7 @@ pub fn inspect(file: &Path) -> anyhow::Result<bool> {
                     .unwrap_or_default();
             let out = serde_json::json!({
                 "file": file.display().to_string(),
-                "world": "refold:plugin/projector@0.1.0",
+                "world": "refold:plugin/projector@0.2.0",
                 "matches_world": true,
                 "digest": format!("sha256:{}", p.digest),
                 "size_bytes": p.size,
@@ -36,7 +36,7 @@ pub fn inspect(file: &Path) -> anyhow::Result<bool> {
         Err(e) => {
             let out = serde_json::json!({
                 "file": file.display().to_string(),
-                "world": "refold:plugin/projector@0.1.0",
+                "world": "refold:plugin/projector@0.2.0",
                 "matches_world": false,
                 "error": e.to_string(),
             });

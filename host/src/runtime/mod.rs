@@ -1,5 +1,6 @@
 //! The plugin runtime: engine, limits, compiled plugins and sandboxes.
 
+pub mod batch;
 pub mod engine;
 pub mod host_state;
 pub mod limits;

@@ -13,7 +13,9 @@ use wasmtime::Store;
 use super::engine::Engine;
 use super::host_state::HostState;
 use super::plugin::Plugin;
-use crate::bindings::{Descriptor, GuestEvent, PluginError, ProjectionOp, Projector};
+use super::batch;
+use crate::bindings::{Descriptor, EventBatch, PluginError, ProjectionOp, Projector};
+use crate::store::StoredEvent;
 
 /// Why a trap happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -103,6 +105,8 @@ pub struct Sandbox {
     live: Option<Live>,
     /// Work done so far.
     pub stats: CallStats,
+    /// The encoding buffers of the last batch, reused by the next one.
+    scratch: EventBatch,
 }
 
 impl Sandbox {
@@ -112,6 +116,7 @@ impl Sandbox {
             plugin,
             live: None,
             stats: CallStats::default(),
+            scratch: batch::empty(),
         }
     }
 
@@ -184,15 +189,18 @@ impl Sandbox {
         self.check_state(out)
     }
 
-    /// `fold(entity-id, state, events)`: one call for the whole batch.
+    /// `fold(entity-id, state, events)`: one call for the whole batch,
+    /// encoded as one `event-batch` (see `batch`).
     pub fn fold(
         &mut self,
         entity_id: &str,
         state: &[u8],
-        events: &[GuestEvent],
+        events: &[StoredEvent],
     ) -> Result<Vec<u8>, CallError> {
-        let out = self.call(|b, s| b.call_fold(s, entity_id, state, events))?;
-        match out {
+        let encoded = self.encode(events)?;
+        let out = self.call(|b, s| b.call_fold(s, entity_id, state, &encoded));
+        self.scratch = encoded;
+        match out? {
             Ok(state) => self.check_state(state),
             Err(e) => Err(CallError::Plugin(sanitize(e, events))),
         }
@@ -205,10 +213,12 @@ impl Sandbox {
         entity_id: &str,
         before: &[u8],
         after: &[u8],
-        events: &[GuestEvent],
+        events: &[StoredEvent],
     ) -> Result<Vec<ProjectionOp>, CallError> {
-        let out = self.call(|b, s| b.call_project(s, entity_id, before, after, events))?;
-        let ops = out.map_err(|e| CallError::Plugin(sanitize(e, events)))?;
+        let encoded = self.encode(events)?;
+        let out = self.call(|b, s| b.call_project(s, entity_id, before, after, &encoded));
+        self.scratch = encoded;
+        let ops = out?.map_err(|e| CallError::Plugin(sanitize(e, events)))?;
         let size: u64 = ops
             .iter()
             .map(|op| match op {
@@ -227,6 +237,16 @@ impl Sandbox {
         Ok(ops)
     }
 
+    /// Encode into the scratch buffers, taken out of `self` for the call.
+    fn encode(&mut self, events: &[StoredEvent]) -> Result<EventBatch, CallError> {
+        let mut encoded = std::mem::replace(&mut self.scratch, batch::empty());
+        batch::encode_into(&mut encoded, events).map_err(|e| CallError::Trap {
+            kind: TrapKind::Other,
+            message: e.to_string(),
+        })?;
+        Ok(encoded)
+    }
+
     fn check_state(&self, state: Vec<u8>) -> Result<Vec<u8>, CallError> {
         let max = self.plugin.limits.max_state_bytes;
         let size = state.len() as u64;
@@ -243,7 +263,7 @@ impl Sandbox {
 
 /// The host never trusts what a plugin says about its own error: clamp the
 /// index into the batch and make the id agree with it.
-fn sanitize(mut e: PluginError, events: &[GuestEvent]) -> PluginError {
+fn sanitize(mut e: PluginError, events: &[StoredEvent]) -> PluginError {
     if events.is_empty() {
         e.event_index = 0;
         e.event_id = String::new();

@@ -3,6 +3,11 @@ use serde::de::DeserializeOwned;
 use crate::Error;
 
 /// One event of an entity, as the host stored it (a CloudEvent).
+///
+/// During a `fold` the SDK fills one `Event` per batch again and again, so
+/// its strings keep their allocations from one event to the next; its data
+/// stays JSON bytes until [`Event::data`] decodes them straight into the
+/// plugin's own type.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     /// CloudEvents `id`: unique per event (the host deduplicates by it).
@@ -15,8 +20,8 @@ pub struct Event {
     pub time: Option<String>,
     /// Position of this event in its entity's history (1, 2, 3, ...).
     pub position: u64,
-    /// CloudEvents `data`, parsed; [`serde_json::Value::Null`] when absent.
-    pub data: serde_json::Value,
+    /// CloudEvents `data` as JSON bytes; empty means `null`.
+    data: Vec<u8>,
 }
 
 impl Event {
@@ -33,7 +38,35 @@ impl Event {
             source: String::new(),
             time: None,
             position: 0,
-            data,
+            // Serializing a `Value` cannot fail.
+            data: serde_json::to_vec(&data).unwrap_or_default(),
+        }
+    }
+
+    /// An event with nothing in it, to be filled.
+    pub(crate) fn empty() -> Self {
+        Event {
+            id: String::new(),
+            event_type: String::new(),
+            source: String::new(),
+            time: None,
+            position: 0,
+            data: Vec::new(),
+        }
+    }
+
+    /// The data buffer, for the SDK to refill.
+    pub(crate) fn data_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.data
+    }
+
+    /// CloudEvents `data` as the JSON bytes the host stored (`null` when
+    /// absent).
+    pub fn data_json(&self) -> &[u8] {
+        if self.data.is_empty() {
+            b"null"
+        } else {
+            &self.data
         }
     }
 
@@ -60,12 +93,20 @@ impl Event {
     ///     "data of account.deposited does not fit its schema: invalid type: string \"12.50\", expected i64"
     /// );
     /// ```
+    ///
+    /// Data that is not JSON at all gives `data of TYPE is not valid JSON: …`.
+    /// Use [`serde_json::Value`] as `T` to look at data of any shape.
     pub fn data<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        T::deserialize(&self.data).map_err(|e| {
-            Error::new(format!(
-                "data of {} does not fit its schema: {e}",
-                self.event_type
-            ))
+        serde_json::from_slice(self.data_json()).map_err(|e| {
+            let what = match e.classify() {
+                serde_json::error::Category::Data => "does not fit its schema",
+                _ => "is not valid JSON",
+            };
+            // Data is one JSON value; where in it serde stopped says little.
+            let text = e.to_string();
+            let suffix = format!(" at line {} column {}", e.line(), e.column());
+            let reason = text.strip_suffix(&suffix).unwrap_or(&text);
+            Error::new(format!("data of {} {what}: {reason}", self.event_type))
         })
     }
 }

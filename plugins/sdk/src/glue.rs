@@ -43,31 +43,42 @@ impl<P: Plugin> Guest for Adapter<P> {
     fn fold(
         _entity_id: String,
         state: Vec<u8>,
-        events: Vec<wit::Event>,
+        events: wit::EventBatch,
     ) -> Result<Vec<u8>, wit::PluginError> {
-        fold::<P>(&state, events)
+        fold::<P>(&state, &events.bytes, &events.events)
     }
 
     fn project(
         entity_id: String,
         state_before: Vec<u8>,
         state_after: Vec<u8>,
-        events: Vec<wit::Event>,
+        events: wit::EventBatch,
     ) -> Result<Vec<wit::ProjectionOp>, wit::PluginError> {
-        project::<P>(&entity_id, &state_before, &state_after, events)
+        project::<P>(
+            &entity_id,
+            &state_before,
+            &state_after,
+            &events.bytes,
+            &events.events,
+        )
     }
 }
 
 /// `fold`: decode the state, apply each event in order, stop at the first
-/// failure, encode the state.
-pub(crate) fn fold<P: Plugin>(
+/// failure, encode the state. `bytes` and `headers` are the two halves of
+/// an `event-batch`.
+///
+/// One [`Event`] is refilled for every event of the batch, so that applying
+/// an event allocates nothing once its strings have grown.
+pub fn fold<P: Plugin>(
     state: &[u8],
-    events: Vec<wit::Event>,
+    bytes: &[u8],
+    headers: &[wit::EventHeader],
 ) -> Result<Vec<u8>, wit::PluginError> {
-    let first_id = events.first().map(|e| e.id.clone()).unwrap_or_default();
-    let mut state: P::State = decode_state::<P>(state, "state", &first_id)?;
-    for (index, raw) in events.into_iter().enumerate() {
-        let event = decode_event(index, raw)?;
+    let mut state: P::State = decode_state::<P>(state, "state", first_id(bytes, headers))?;
+    let mut event = Event::empty();
+    for (index, header) in headers.iter().enumerate() {
+        fill(&mut event, bytes, header).map_err(|m| malformed(index, bytes, header, m))?;
         P::apply(&mut state, &event)
             .map_err(|e| plugin_error(index, &event.id, e.into_message()))?;
     }
@@ -75,22 +86,93 @@ pub(crate) fn fold<P: Plugin>(
 }
 
 /// `project`: decode both states and the events, ask the plugin, convert.
-pub(crate) fn project<P: Plugin>(
+pub fn project<P: Plugin>(
     entity_id: &str,
     before: &[u8],
     after: &[u8],
-    events: Vec<wit::Event>,
+    bytes: &[u8],
+    headers: &[wit::EventHeader],
 ) -> Result<Vec<wit::ProjectionOp>, wit::PluginError> {
-    let first_id = events.first().map(|e| e.id.clone()).unwrap_or_default();
-    let before: P::State = decode_state::<P>(before, "state-before", &first_id)?;
-    let after: P::State = decode_state::<P>(after, "state-after", &first_id)?;
-    let events = events
-        .into_iter()
+    let first = first_id(bytes, headers);
+    let before: P::State = decode_state::<P>(before, "state-before", first)?;
+    let after: P::State = decode_state::<P>(after, "state-after", first)?;
+    let events = headers
+        .iter()
         .enumerate()
-        .map(|(index, raw)| decode_event(index, raw))
+        .map(|(index, header)| {
+            let mut event = Event::empty();
+            fill(&mut event, bytes, header).map_err(|m| malformed(index, bytes, header, m))?;
+            Ok(event)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let ops = P::project(entity_id, &before, &after, &events);
     Ok(ops.into_iter().map(encode_op).collect())
+}
+
+/// The bytes of `span`, or why it does not fit in `bytes`. The host builds
+/// the batch, but the SDK still never indexes out of bounds on its word.
+fn slice(bytes: &[u8], span: wit::Span) -> Result<&[u8], String> {
+    let start = span.offset as usize;
+    start
+        .checked_add(span.len as usize)
+        .and_then(|end| bytes.get(start..end))
+        .ok_or_else(|| {
+            format!(
+                "span {}+{} ends past the batch's {} bytes",
+                span.offset,
+                span.len,
+                bytes.len()
+            )
+        })
+}
+
+fn text<'a>(bytes: &'a [u8], span: wit::Span, field: &str) -> Result<&'a str, String> {
+    let raw = slice(bytes, span).map_err(|e| format!("{field}: {e}"))?;
+    std::str::from_utf8(raw).map_err(|e| format!("{field} is not UTF-8: {e}"))
+}
+
+fn set(buf: &mut String, value: &str) {
+    buf.clear();
+    buf.push_str(value);
+}
+
+/// Refill `event` from one header, keeping its allocations. Every span is
+/// checked before anything is written.
+fn fill(event: &mut Event, bytes: &[u8], h: &wit::EventHeader) -> Result<(), String> {
+    let id = text(bytes, h.id, "id")?;
+    let event_type = text(bytes, h.event_type, "type")?;
+    let source = text(bytes, h.source, "source")?;
+    let time = match h.time {
+        Some(span) => Some(text(bytes, span, "time")?),
+        None => None,
+    };
+    let data = slice(bytes, h.data).map_err(|e| format!("data: {e}"))?;
+    set(&mut event.id, id);
+    set(&mut event.event_type, event_type);
+    set(&mut event.source, source);
+    match (time, &mut event.time) {
+        (Some(t), Some(buf)) => set(buf, t),
+        (t, slot) => *slot = t.map(str::to_owned),
+    }
+    event.position = h.position;
+    let buf = event.data_mut();
+    buf.clear();
+    buf.extend_from_slice(data);
+    Ok(())
+}
+
+/// A header the SDK cannot read fails its event, named by index; the id is
+/// given when it can be read.
+fn malformed(index: usize, bytes: &[u8], h: &wit::EventHeader, message: String) -> wit::PluginError {
+    let id = text(bytes, h.id, "id").unwrap_or_default();
+    plugin_error(index, id, format!("malformed event from the host: {message}"))
+}
+
+fn first_id<'a>(bytes: &'a [u8], headers: &[wit::EventHeader]) -> &'a str {
+    headers
+        .first()
+        .and_then(|h| text(bytes, h.id, "id").ok())
+        .unwrap_or_default()
 }
 
 fn plugin_error(index: usize, event_id: &str, message: String) -> wit::PluginError {
@@ -117,29 +199,6 @@ fn decode_state<P: Plugin>(
                 "{what} does not decode as this plugin's state (schema version {version}): {e}"
             ),
         )
-    })
-}
-
-/// The WIT says absent data is `null`; empty bytes are read the same way.
-fn decode_event(index: usize, raw: wit::Event) -> Result<Event, wit::PluginError> {
-    let data = if raw.data.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_slice(&raw.data).map_err(|e| {
-            plugin_error(
-                index,
-                &raw.id,
-                format!("data of {} is not valid JSON: {e}", raw.event_type),
-            )
-        })?
-    };
-    Ok(Event {
-        id: raw.id,
-        event_type: raw.event_type,
-        source: raw.source,
-        time: raw.time,
-        position: raw.position,
-        data,
     })
 }
 
@@ -233,15 +292,63 @@ mod tests {
         }
     }
 
-    fn ev(id: &str, ty: &str, data: &str) -> wit::Event {
-        wit::Event {
-            id: id.into(),
-            event_type: ty.into(),
-            source: "/test".into(),
+    struct Ev<'a> {
+        id: &'a str,
+        ty: &'a str,
+        time: Option<&'a str>,
+        data: &'a str,
+    }
+
+    fn ev<'a>(id: &'a str, ty: &'a str, data: &'a str) -> Ev<'a> {
+        Ev {
+            id,
+            ty,
             time: None,
-            position: 1,
-            data: data.as_bytes().to_vec(),
+            data,
         }
+    }
+
+    fn span(bytes: &mut Vec<u8>, field: &str) -> wit::Span {
+        let offset = bytes.len() as u32;
+        bytes.extend_from_slice(field.as_bytes());
+        wit::Span {
+            offset,
+            len: field.len() as u32,
+        }
+    }
+
+    /// The batch as the host encodes it.
+    fn batch(events: Vec<Ev>) -> wit::EventBatch {
+        let mut bytes = Vec::new();
+        let mut headers = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            headers.push(wit::EventHeader {
+                id: span(&mut bytes, e.id),
+                event_type: span(&mut bytes, e.ty),
+                source: span(&mut bytes, "/test"),
+                time: e.time.map(|t| span(&mut bytes, t)),
+                data: span(&mut bytes, e.data),
+                position: i as u64 + 1,
+            });
+        }
+        wit::EventBatch {
+            bytes,
+            events: headers,
+        }
+    }
+
+    fn run_fold(state: &[u8], events: Vec<Ev>) -> Result<Vec<u8>, wit::PluginError> {
+        let b = batch(events);
+        fold::<Adder>(state, &b.bytes, &b.events)
+    }
+
+    fn run_project(
+        before: &[u8],
+        after: &[u8],
+        events: Vec<Ev>,
+    ) -> Result<Vec<wit::ProjectionOp>, wit::PluginError> {
+        let b = batch(events);
+        project::<Adder>("c1", before, after, &b.bytes, &b.events)
     }
 
     fn total(bytes: &[u8]) -> Total {
@@ -267,7 +374,7 @@ mod tests {
     #[test]
     fn folds_a_batch_in_order() {
         let state = br#"{"sum":1,"seen":[]}"#;
-        let out = fold::<Adder>(
+        let out = run_fold(
             state,
             vec![
                 ev("a", "add", r#"{"n":2}"#),
@@ -288,7 +395,7 @@ mod tests {
     #[test]
     fn stops_at_the_first_failing_event() {
         let state = br#"{"sum":0,"seen":[]}"#;
-        let err = fold::<Adder>(
+        let err = run_fold(
             state,
             vec![
                 ev("a", "add", r#"{"n":2}"#),
@@ -305,7 +412,7 @@ mod tests {
 
     #[test]
     fn schema_mismatch_names_the_event_type() {
-        let err = fold::<Adder>(
+        let err = run_fold(
             br#"{"sum":0,"seen":[]}"#,
             vec![ev("a", "add", r#"{"n":"12.50"}"#)],
         )
@@ -319,22 +426,120 @@ mod tests {
 
     #[test]
     fn invalid_json_data_fails_that_event() {
-        let err = fold::<Adder>(
+        let err = run_fold(
             br#"{"sum":0,"seen":[]}"#,
-            vec![ev("a", "add", r#"{"n":1}"#), ev("b", "x", "{")],
+            vec![ev("a", "add", r#"{"n":1}"#), ev("b", "add", "{")],
         )
         .unwrap_err();
         assert_eq!((err.event_index, err.event_id.as_str()), (1, "b"));
         assert!(
-            err.message.starts_with("data of x is not valid JSON: "),
+            err.message.starts_with("data of add is not valid JSON: "),
             "{}",
             err.message
+        );
+        // Data is decoded when the plugin reads it: an event type the plugin
+        // ignores does not look at its data.
+        let out = run_fold(br#"{"sum":0,"seen":[]}"#, vec![ev("b", "x", "{")]).unwrap();
+        assert_eq!(total(&out).seen, vec!["b".to_owned()]);
+    }
+
+    #[test]
+    fn fields_cross_intact_and_the_event_is_refilled() {
+        struct Seen;
+        impl Plugin for Seen {
+            type State = Vec<String>;
+            fn describe() -> Descriptor {
+                Adder::describe()
+            }
+            fn init(_: &str) -> Vec<String> {
+                vec![]
+            }
+            fn apply(state: &mut Vec<String>, e: &Event) -> Result<(), Error> {
+                state.push(format!(
+                    "{}|{}|{}|{:?}|{}|{}",
+                    e.id,
+                    e.event_type,
+                    e.source,
+                    e.time,
+                    e.position,
+                    String::from_utf8_lossy(e.data_json())
+                ));
+                Ok(())
+            }
+        }
+        let mut events = vec![
+            ev("é1", "t", r#"{"k":"v"}"#),
+            ev("2", "longer type", ""),
+            ev("3", "t", "null"),
+        ];
+        events[0].time = Some("2025-01-01T00:00:00Z");
+        let b = batch(events);
+        let out = fold::<Seen>(b"[]", &b.bytes, &b.events).unwrap();
+        let seen: Vec<String> = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            seen,
+            [
+                r#"é1|t|/test|Some("2025-01-01T00:00:00Z")|1|{"k":"v"}"#,
+                "2|longer type|/test|None|2|null",
+                "3|t|/test|None|3|null",
+            ]
         );
     }
 
     #[test]
+    fn malformed_batches_from_the_host_are_plugin_errors_not_panics() {
+        let state = br#"{"sum":0,"seen":[]}"#;
+        let good = batch(vec![ev("a", "add", r#"{"n":1}"#), ev("b", "add", r#"{"n":2}"#)]);
+        let far = wit::Span {
+            offset: u32::MAX,
+            len: u32::MAX,
+        };
+        let past = wit::Span {
+            offset: 0,
+            len: good.bytes.len() as u32 + 1,
+        };
+        type Edit = fn(&mut wit::EventHeader, wit::Span);
+        let edits: [(&str, Edit); 5] = [
+            ("id", |h, s| h.id = s),
+            ("type", |h, s| h.event_type = s),
+            ("source", |h, s| h.source = s),
+            ("time", |h, s| h.time = Some(s)),
+            ("data", |h, s| h.data = s),
+        ];
+        for (field, edit) in edits {
+            for bad in [far, past] {
+                let mut headers: Vec<wit::EventHeader> = good
+                    .events
+                    .iter()
+                    .map(|h| wit::EventHeader { ..*h })
+                    .collect();
+                edit(&mut headers[1], bad);
+                let err = fold::<Adder>(state, &good.bytes, &headers).unwrap_err();
+                assert_eq!(err.event_index, 1, "{field}");
+                assert!(
+                    err.message
+                        .starts_with(&format!("malformed event from the host: {field}: span ")),
+                    "{}",
+                    err.message
+                );
+                let err = project::<Adder>("c1", state, state, &good.bytes, &headers).unwrap_err();
+                assert_eq!(err.event_index, 1, "{field}");
+            }
+        }
+        // Strings must be UTF-8.
+        let mut bytes = good.bytes.clone();
+        let id = good.events[0].id;
+        bytes[id.offset as usize] = 0xff;
+        let err = fold::<Adder>(state, &bytes, &good.events).unwrap_err();
+        assert_eq!((err.event_index, err.event_id.as_str()), (0, ""));
+        assert!(err.message.contains("id is not UTF-8"), "{}", err.message);
+        // Headers but no bytes at all.
+        assert!(fold::<Adder>(state, &[], &good.events).is_err());
+    }
+
+    #[test]
     fn undecodable_state_fails_at_index_zero() {
-        let err = fold::<Adder>(br#"{"total":0}"#, vec![ev("a", "add", r#"{"n":1}"#)]).unwrap_err();
+        let err = run_fold(br#"{"total":0}"#, vec![ev("a", "add", r#"{"n":1}"#)]).unwrap_err();
         assert_eq!((err.event_index, err.event_id.as_str()), (0, "a"));
         assert!(
             err.message.starts_with(
@@ -344,9 +549,9 @@ mod tests {
             err.message
         );
         // An empty batch still checks (and normalizes) the state.
-        assert!(fold::<Adder>(b"[]", vec![]).is_err());
+        assert!(run_fold(b"[]", vec![]).is_err());
         assert_eq!(
-            total(&fold::<Adder>(br#"{ "seen": [], "sum": 4 }"#, vec![]).unwrap()).sum,
+            total(&run_fold(br#"{ "seen": [], "sum": 4 }"#, vec![]).unwrap()).sum,
             4
         );
     }
@@ -356,7 +561,7 @@ mod tests {
         let before = br#"{"sum":1,"seen":[]}"#;
         let after = br#"{"sum":5,"seen":[]}"#;
         let ops =
-            project::<Adder>("c1", before, after, vec![ev("a", "add", r#"{"n":4}"#)]).unwrap();
+            run_project(before, after, vec![ev("a", "add", r#"{"n":4}"#)]).unwrap();
         match &ops[..] {
             [
                 wit::ProjectionOp::Upsert(doc),
@@ -371,7 +576,7 @@ mod tests {
             }
             other => panic!("unexpected ops: {other:?}"),
         }
-        let err = project::<Adder>("c1", before, b"nope", vec![]).unwrap_err();
+        let err = run_project(before, b"nope", vec![]).unwrap_err();
         assert!(
             err.message.starts_with("state-after does not decode"),
             "{}",

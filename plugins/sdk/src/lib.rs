@@ -104,8 +104,10 @@
 //!
 //! * **`init`** encodes [`Plugin::init`] as JSON.
 //! * **`fold`** decodes the stored state into [`Plugin::State`], then for each
-//!   event of the batch, in order: decodes its `data` bytes into a
-//!   [`serde_json::Value`] once, and calls [`Plugin::apply`]. It stops at the
+//!   event of the batch, in order: fills one reused [`Event`] from the
+//!   host's `event-batch` (checking every span against the batch's bytes),
+//!   and calls [`Plugin::apply`]. The event's data stays JSON bytes until
+//!   [`Event::data`] decodes it straight into your type. It stops at the
 //!   first failing event and reports it to the host with that event's index
 //!   and id, so the host can quarantine the entity at the state before it.
 //!   Otherwise it encodes the new state. The whole batch is one call into the
@@ -117,7 +119,10 @@
 //!
 //! * [`Plugin::apply`] returned an [`Error`], for example from
 //!   [`Event::data`] when the event's data does not fit its schema;
-//! * an event's data bytes are not valid JSON;
+//! * an event's data bytes, when [`Event::data`] reads them, are not valid
+//!   JSON;
+//! * the host sent a batch the SDK cannot read (a span past its bytes, a
+//!   string that is not UTF-8): the event concerned fails, nothing panics;
 //! * the stored state does not decode as [`Plugin::State`] (reported at event
 //!   index 0, since no event of the batch could be applied).
 //!
@@ -143,7 +148,7 @@ mod op;
 pub use error::Error;
 pub use event::Event;
 pub use op::ProjectionOp;
-/// The `serde_json` this SDK is built with ([`Event::data`] is a
+/// The `serde_json` this SDK is built with ([`Event::new`] takes a
 /// [`serde_json::Value`]).
 pub use serde_json;
 
@@ -240,6 +245,7 @@ macro_rules! export {
 pub mod __private {
     pub use crate::bindings;
     pub use crate::glue::Adapter;
+    pub use crate::glue::fold;
 }
 
 /// Bindings generated from `wit/plugin.wit`: the only place `generate!` runs.
