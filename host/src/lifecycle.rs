@@ -663,7 +663,11 @@ async fn refold_into(
         let mut boxes = HashMap::new();
         let mut plugins = HashMap::new();
         plugins.insert(t.clone(), p.clone());
-        let mut commit = Commit::default();
+        // Nothing else writes a generation that is being built.
+        let mut commit = Commit {
+            exclusive: true,
+            ..Default::default()
+        };
         let (mut applied, mut quarantined) = (0u64, 0u64);
         for (rec, events) in work {
             let expected_head = rec.head;

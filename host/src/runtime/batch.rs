@@ -112,7 +112,12 @@ mod tests {
             &mut b,
             &[
                 ev("e1", None, json!({"n": 1}), 7),
-                ev("é2", Some("2025-01-01T00:00:00Z"), serde_json::Value::Null, 8),
+                ev(
+                    "é2",
+                    Some("2025-01-01T00:00:00Z"),
+                    serde_json::Value::Null,
+                    8,
+                ),
             ],
         )
         .unwrap();
@@ -141,7 +146,11 @@ mod tests {
     #[test]
     fn reuses_its_buffers_and_replaces_the_contents() {
         let mut b = empty();
-        encode_into(&mut b, &[ev("a", None, json!(1), 1), ev("b", None, json!(2), 2)]).unwrap();
+        encode_into(
+            &mut b,
+            &[ev("a", None, json!(1), 1), ev("b", None, json!(2), 2)],
+        )
+        .unwrap();
         let cap = b.bytes.capacity();
         encode_into(&mut b, &[ev("c", None, json!(3), 3)]).unwrap();
         assert_eq!(b.events.len(), 1);
@@ -153,7 +162,10 @@ mod tests {
 
     #[test]
     fn spans_past_four_gib_are_refused() {
-        assert!(matches!(span(0, u32::MAX as usize + 1), Err(EncodeError::TooLarge)));
+        assert!(matches!(
+            span(0, u32::MAX as usize + 1),
+            Err(EncodeError::TooLarge)
+        ));
         assert!(matches!(
             span(u32::MAX as usize + 1, u32::MAX as usize + 2),
             Err(EncodeError::TooLarge)

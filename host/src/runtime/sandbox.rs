@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use wasmtime::Store;
 
+use super::batch;
 use super::engine::Engine;
 use super::host_state::HostState;
 use super::plugin::Plugin;
-use super::batch;
 use crate::bindings::{Descriptor, EventBatch, PluginError, ProjectionOp, Projector};
 use crate::store::StoredEvent;
 

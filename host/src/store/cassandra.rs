@@ -299,6 +299,7 @@ struct Statements {
     set_live: PreparedStatement,
     release: PreparedStatement,
     index_insert: PreparedStatement,
+    put_state: PreparedStatement,
     index_read: PreparedStatement,
     projection_upsert: PreparedStatement,
     projection_delete: PreparedStatement,
@@ -712,6 +713,42 @@ impl CassandraStore {
 
     /// One entity's new events, id rows and state, as one conditional
     /// single-partition batch fenced on `expected_head`.
+    /// A state-only partition written by its only writer: one plain write
+    /// in a single bucket that never fills (no events are ever appended to
+    /// it), instead of a conditional batch.
+    async fn put_state(&self, u: &EntityUpdate) -> Result<(), StoreError> {
+        let (t, id) = (&u.key.entity_type, &u.key.entity_id);
+        if u.expected_head == 0 {
+            let shard = shard_of(id, INDEX_SHARDS);
+            self.session
+                .execute_unpaged(&self.st.index_insert, (t, shard, id))
+                .await
+                .map_err(exec_err)?;
+        }
+        let p = u.plugin.as_ref();
+        self.session
+            .execute_unpaged(
+                &self.st.put_state,
+                (
+                    i64::MAX / 2,
+                    u.head as i64,
+                    u.state.to_string(),
+                    u.position as i64,
+                    p.map(|p| p.name.as_str()),
+                    p.map(|p| p.version.as_str()),
+                    p.map(|p| p.digest.as_str()),
+                    u.quarantined,
+                    u.generation.as_str(),
+                    t,
+                    id,
+                ),
+            )
+            .await
+            .map_err(exec_err)?;
+        self.remember(&u.key, None);
+        Ok(())
+    }
+
     async fn write_entity(
         &self,
         u: &EntityUpdate,
@@ -1026,7 +1063,13 @@ impl CassandraStore {
             .iter()
             .map(|u| {
                 let events = by_key.get(&u.key).map(Vec::as_slice).unwrap_or(&[]);
-                self.write_entity(u, events)
+                async move {
+                    if commit.exclusive && events.is_empty() {
+                        self.put_state(u).await
+                    } else {
+                        self.write_entity(u, events).await
+                    }
+                }
             })
             .collect();
         let mut results = stream::iter(futs).buffer_unordered(self.concurrency);
@@ -1865,6 +1908,8 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
                         WHERE entity_type = ? AND entity_id = ? AND bucket = ? IF head = null").await?,
         set_live: p("UPDATE {ks}.entity_log SET live = ? WHERE entity_type = ? AND entity_id = ? AND bucket = ?").await?,
         release: p("UPDATE {ks}.entity_log SET quarantined = false WHERE entity_type = ? AND entity_id = ? AND bucket = ? IF head = ?").await?,
+        put_state: p("UPDATE {ks}.entity_log SET base = 0, cap = ?, head = ?, state = ?, state_position = ?, plugin_name = ?, plugin_version = ?, plugin_digest = ?, quarantined = ?, generation = ?
+                       WHERE entity_type = ? AND entity_id = ? AND bucket = 0").await?,
         index_insert: p("INSERT INTO {ks}.entity_index (entity_type, shard, entity_id) VALUES (?, ?, ?)").await?,
         index_read: p("SELECT entity_id FROM {ks}.entity_index WHERE entity_type = ? AND shard = ?").await?,
         projection_upsert: p("INSERT INTO {ks}.projections (projection, doc_key, body) VALUES (?, ?, ?) USING TIMESTAMP ?").await?,

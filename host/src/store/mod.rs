@@ -214,6 +214,11 @@ pub struct Commit {
     /// Entities whose quarantine is lifted by this commit (their records are
     /// removed; their `EntityUpdate` carries the new flag).
     pub released: Vec<EntityKey>,
+    /// The committer is the only writer of these entities' states (a
+    /// rebuild filling its own new generation, which nothing else writes
+    /// until it is active): a backend may skip the fence on state-only
+    /// updates where fencing costs a round of consensus.
+    pub exclusive: bool,
 }
 
 /// Failure of a storage operation.

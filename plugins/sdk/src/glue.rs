@@ -163,9 +163,18 @@ fn fill(event: &mut Event, bytes: &[u8], h: &wit::EventHeader) -> Result<(), Str
 
 /// A header the SDK cannot read fails its event, named by index; the id is
 /// given when it can be read.
-fn malformed(index: usize, bytes: &[u8], h: &wit::EventHeader, message: String) -> wit::PluginError {
+fn malformed(
+    index: usize,
+    bytes: &[u8],
+    h: &wit::EventHeader,
+    message: String,
+) -> wit::PluginError {
     let id = text(bytes, h.id, "id").unwrap_or_default();
-    plugin_error(index, id, format!("malformed event from the host: {message}"))
+    plugin_error(
+        index,
+        id,
+        format!("malformed event from the host: {message}"),
+    )
 }
 
 fn first_id<'a>(bytes: &'a [u8], headers: &[wit::EventHeader]) -> &'a str {
@@ -489,7 +498,10 @@ mod tests {
     #[test]
     fn malformed_batches_from_the_host_are_plugin_errors_not_panics() {
         let state = br#"{"sum":0,"seen":[]}"#;
-        let good = batch(vec![ev("a", "add", r#"{"n":1}"#), ev("b", "add", r#"{"n":2}"#)]);
+        let good = batch(vec![
+            ev("a", "add", r#"{"n":1}"#),
+            ev("b", "add", r#"{"n":2}"#),
+        ]);
         let far = wit::Span {
             offset: u32::MAX,
             len: u32::MAX,
@@ -560,8 +572,7 @@ mod tests {
     fn project_converts_ops() {
         let before = br#"{"sum":1,"seen":[]}"#;
         let after = br#"{"sum":5,"seen":[]}"#;
-        let ops =
-            run_project(before, after, vec![ev("a", "add", r#"{"n":4}"#)]).unwrap();
+        let ops = run_project(before, after, vec![ev("a", "add", r#"{"n":4}"#)]).unwrap();
         match &ops[..] {
             [
                 wit::ProjectionOp::Upsert(doc),

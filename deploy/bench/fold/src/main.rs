@@ -47,7 +47,10 @@ fn parse_args() -> anyhow::Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{arg} needs a value\n{}", usage()));
+        let mut value = || {
+            it.next()
+                .with_context(|| format!("{arg} needs a value\n{}", usage()))
+        };
         match arg.as_str() {
             "--json" => a.json = value()?.into(),
             "--component" => a.component = value()?.into(),
@@ -127,7 +130,11 @@ fn generate() -> Vec<StoredEvent> {
 }
 
 /// Runs `step` (one batch of `size` events) until `round` has passed; events/s.
-fn round(round: Duration, size: usize, mut step: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<f64> {
+fn round(
+    round: Duration,
+    size: usize,
+    mut step: impl FnMut(usize) -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut n = 0usize;
     let mut events = 0usize;
@@ -145,7 +152,11 @@ fn round(round: Duration, size: usize, mut step: impl FnMut(usize) -> anyhow::Re
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -155,19 +166,26 @@ fn main() -> anyhow::Result<()> {
     let engine = Engine::new()?;
     // The bench's batches are large and run back to back: lift the per-call
     // CPU budget so that a slow machine does not turn a round into a trap.
-    let limits = Limits { cpu_ms: 60_000, ..Limits::default() };
+    let limits = Limits {
+        cpu_ms: 60_000,
+        ..Limits::default()
+    };
     let plugin = Plugin::load(&engine, &bytes, limits).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut sandbox = Sandbox::new(plugin.clone());
 
     let events = generate();
     // Batches start from an opened account with some history.
-    let start: Value = json!({ "owner": "owner-42", "balance": 125_000, "transactions": 17, "open": true });
+    let start: Value =
+        json!({ "owner": "owner-42", "balance": 125_000, "transactions": 17, "open": true });
     let start_bytes = serde_json::to_vec(&start)?;
 
     let mut rows = Vec::new();
     for &size in &args.sizes {
         let slices: Vec<&[StoredEvent]> = events.chunks_exact(size).collect();
-        let natives = slices.iter().map(|s| native::Batch::new(s)).collect::<anyhow::Result<Vec<_>>>()?;
+        let natives = slices
+            .iter()
+            .map(|s| native::Batch::new(s))
+            .collect::<anyhow::Result<Vec<_>>>()?;
 
         // Both sides must compute the same state before their speed means anything.
         for (s, n) in slices.iter().zip(&natives).take(4) {
@@ -223,15 +241,26 @@ fn main() -> anyhow::Result<()> {
         (0..args.rounds)
             .map(|_| {
                 round(args.round, 1, |_| {
-                    std::hint::black_box(refold::fold::init_state(&mut sandbox, ENTITY).map_err(|e| anyhow::anyhow!("{e}"))?);
+                    std::hint::black_box(
+                        refold::fold::init_state(&mut sandbox, ENTITY)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?,
+                    );
                     Ok(())
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?,
     );
 
-    println!("fold: bank plugin, component ({}) vs native; median of {} alternating rounds of {} ms", args.component.display(), args.rounds, args.round.as_millis());
-    println!("{:>6}  {:>14}  {:>14}  {:>6}", "batch", "native ev/s", "component ev/s", "ratio");
+    println!(
+        "fold: bank plugin, component ({}) vs native; median of {} alternating rounds of {} ms",
+        args.component.display(),
+        args.rounds,
+        args.round.as_millis()
+    );
+    println!(
+        "{:>6}  {:>14}  {:>14}  {:>6}",
+        "batch", "native ev/s", "component ev/s", "ratio"
+    );
     for r in &rows {
         println!(
             "{:>6}  {:>14}  {:>14}  {:>5.3}x",
