@@ -101,7 +101,7 @@ mod tests {
         (s.offset, s.len)
     }
 
-    fn field<'a>(b: &'a EventBatch, s: Span) -> &'a str {
+    fn field(b: &EventBatch, s: Span) -> &str {
         std::str::from_utf8(&b.bytes[s.offset as usize..(s.offset + s.len) as usize]).unwrap()
     }
 
