@@ -13,8 +13,14 @@ use tokio::sync::{mpsc, watch};
 use crate::app::App;
 
 /// Watch `dir` for `.wasm` files until `stop` turns true. Files already
-/// there are loaded first.
-pub fn watch_dir(app: App, dir: PathBuf, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// there are installed before this returns, so that a host started with only
+/// a plugin directory has its plugins before it reads its first event
+/// (otherwise those events would be dead-lettered as of an unknown type).
+pub async fn watch_dir(
+    app: App,
+    dir: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating plugin dir {}", dir.display()))?;
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
@@ -37,13 +43,21 @@ pub fn watch_dir(app: App, dir: PathBuf, mut stop: watch::Receiver<bool>) -> any
         .filter(|p| is_wasm(p))
         .collect();
     existing.sort();
+    let mut seen: HashMap<PathBuf, Stamp> = HashMap::new();
     for p in existing {
-        let _ = tx.send(p);
+        let Some(stamp) = stamp(&p) else { continue };
+        seen.insert(p.clone(), stamp);
+        match crate::lifecycle::install_file(&app, &p).await {
+            Ok(msg) => tracing::info!(file = %p.display(), "{msg}"),
+            Err(e) => {
+                tracing::error!(file = %p.display(), error = %format!("{e:#}"), "plugin refused; the active version keeps running")
+            }
+        }
     }
+    drop(tx);
     tokio::spawn(async move {
         // Keep the debouncer alive as long as this task runs.
         let _debouncer = debouncer;
-        let mut seen: HashMap<PathBuf, Stamp> = HashMap::new();
         loop {
             tokio::select! {
                 r = stop.changed() => {

@@ -734,6 +734,38 @@ fn an_unresponsive_cassandra_is_waited_out() {
     });
 }
 
+/// The reference states of the bank plugin's v2: v1's plus the tier.
+fn tiered(expected: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    expected
+        .iter()
+        .map(|(id, s)| {
+            let mut s = s.clone();
+            s["tier"] = json!(if s["balance"].as_i64().unwrap() >= 100_000 {
+                "gold"
+            } else {
+                "standard"
+            });
+            (id.clone(), s)
+        })
+        .collect()
+}
+
+/// Wait for a rebuild to be done; its last status.
+fn wait_rebuild(host: &Host, token: &str, id: &str) -> Value {
+    poll(Duration::from_secs(180), || {
+        let s: Value = http()
+            .get(format!("{}/v1/rebuilds/{id}", host.base))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_ne!(s["state"], "failed", "{s}\n{}", tail(&host.log_text(), 40));
+        (s["state"] == "done").then_some(s)
+    })
+    .unwrap_or_else(|| panic!("rebuild not done:\n{}", tail(&host.log_text(), 40)))
+}
+
 #[test]
 fn a_rebuild_on_cassandra_cuts_over_and_rolls_back() {
     let _g = shared();
@@ -766,38 +798,13 @@ fn a_rebuild_on_cassandra_cuts_over_and_rolls_back() {
     assert_eq!(code, 201, "{v}");
     let id = v["rebuild"].as_str().expect("a rebuild id").to_string();
     produce(c.path(), &c.topic, &second, false);
-    let admin_get = |path: &str| -> Value {
-        http()
-            .get(format!("{}{path}", host.base))
-            .bearer_auth(token)
-            .send()
-            .unwrap()
-            .json()
-            .unwrap()
-    };
-    let status = poll(Duration::from_secs(180), || {
-        let s = admin_get(&format!("/v1/rebuilds/{id}"));
-        assert_ne!(s["state"], "failed", "{s}\n{}", tail(&host.log_text(), 40));
-        (s["state"] == "done").then_some(s)
-    })
-    .unwrap_or_else(|| panic!("rebuild not done:\n{}", tail(&host.log_text(), 40)));
+    let status = wait_rebuild(&host, token, &id);
     assert_eq!(
         status["entities_done"], status["entities_total"],
         "{status}"
     );
 
-    let tiered: BTreeMap<String, Value> = expected
-        .iter()
-        .map(|(id, s)| {
-            let mut s = s.clone();
-            s["tier"] = json!(if s["balance"].as_i64().unwrap() >= 100_000 {
-                "gold"
-            } else {
-                "standard"
-            });
-            (id.clone(), s)
-        })
-        .collect();
+    let tiered = tiered(&expected);
     check_bank(&host, &lines, &tiered, Duration::from_secs(120));
 
     // Roll back: the archived generation returns, caught up, without tiers.
@@ -860,18 +867,7 @@ fn a_rebuild_cut_over_is_one_step_for_every_host() {
     let v: Value = resp.json().unwrap();
     let v2 = v["version"]["digest"].as_str().unwrap().to_string();
     let id = v["rebuild"].as_str().unwrap().to_string();
-    poll(Duration::from_secs(180), || {
-        let s: Value = http()
-            .get(format!("{}/v1/rebuilds/{id}", a.base))
-            .bearer_auth(token)
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        assert_ne!(s["state"], "failed", "{s}");
-        (s["state"] == "done").then_some(())
-    })
-    .unwrap_or_else(|| panic!("rebuild not done:\n{}", tail(&a.log_text(), 40)));
+    wait_rebuild(&a, token, &id);
 
     // At once, before B's registry has necessarily caught up: every answer,
     // from either host, is a state of the new generation.
@@ -886,18 +882,7 @@ fn a_rebuild_cut_over_is_one_step_for_every_host() {
         }
     }
     feeder.join().unwrap();
-    let tiered: BTreeMap<String, Value> = expected
-        .iter()
-        .map(|(id, s)| {
-            let mut s = s.clone();
-            s["tier"] = json!(if s["balance"].as_i64().unwrap() >= 100_000 {
-                "gold"
-            } else {
-                "standard"
-            });
-            (id.clone(), s)
-        })
-        .collect();
+    let tiered = tiered(&expected);
     check_bank(&a, &lines, &tiered, Duration::from_secs(120));
     check_bank(&b, &lines, &tiered, Duration::from_secs(30));
 

@@ -42,7 +42,7 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
         });
     }
     if let Some(dir) = &config.plugins.dir {
-        crate::reload::watch_dir(app.clone(), dir.clone(), stop_rx.clone())?;
+        crate::reload::watch_dir(app.clone(), dir.clone(), stop_rx.clone()).await?;
     }
 
     let source: Box<dyn EventSource> = match config.source.kind {
