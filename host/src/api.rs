@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::app::App;
 use crate::event::EntityKey;
 use crate::fold;
-use crate::store::EntityRecord;
+use crate::store::{EntityRecord, StoredEvent};
 
 /// An API error: a status and a message, rendered as `{"error": "..."}`.
 #[derive(Debug)]
@@ -147,33 +147,67 @@ async fn current(app: &App, key: &EntityKey) -> ApiResult<Option<EntityRecord>> 
         .storage
         .history(key, rec.position, Some(rec.head))
         .await?;
+    // A failing event shows the last good state; the batch that meets it
+    // will quarantine the entity.
+    let r = replay(&plugin, key, rec.state.clone(), gap).await?;
+    if r.applied > 0 {
+        rec.state = Some(r.state);
+        rec.position += r.applied as u64;
+        rec.plugin = Some(crate::registry::plugin_ref(&plugin));
+    }
+    Ok(Some(rec))
+}
+
+/// What a read-only replay did.
+struct Replay {
+    /// The state after the events applied.
+    state: Value,
+    /// How many of them were applied.
+    applied: usize,
+    /// Why the rest were not.
+    failure: Option<String>,
+    /// The events, given back.
+    events: Vec<StoredEvent>,
+}
+
+/// Fold `events` onto `start` (the plugin's initial state when `None`) in a
+/// throwaway sandbox, off the async threads. Nothing is stored.
+async fn replay(
+    plugin: &std::sync::Arc<crate::runtime::Plugin>,
+    key: &EntityKey,
+    start: Option<Value>,
+    events: Vec<StoredEvent>,
+) -> ApiResult<Replay> {
     let id = key.entity_id.clone();
     let p = plugin.clone();
-    let start = rec.state.clone();
-    let (state, applied) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let sandbox = &mut crate::runtime::Sandbox::new(p);
         let state = match start {
             Some(s) => s,
             None => match fold::init_state(sandbox, &id) {
                 Ok(s) => s,
-                Err(_) => return (None, 0),
+                Err(e) => {
+                    return Replay {
+                        state: Value::Null,
+                        applied: 0,
+                        failure: Some(e.to_string()),
+                        events,
+                    };
+                }
             },
         };
-        let o = fold::fold_and_project(sandbox, &id, state, &gap, false);
-        // A failing event shows the last good state; the batch that meets
-        // it will quarantine the entity.
-        (Some(o.state), o.applied as u64)
+        let o = fold::fold_and_project(sandbox, &id, state, &events, false);
+        Replay {
+            failure: o
+                .failure
+                .map(|(i, e)| format!("event {} failed: {e}", events[i].id)),
+            state: o.state,
+            applied: o.applied,
+            events,
+        }
     })
     .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    if let Some(state) = state
-        && applied > 0
-    {
-        rec.state = Some(state);
-        rec.position += applied;
-        rec.plugin = Some(crate::registry::plugin_ref(&plugin));
-    }
-    Ok(Some(rec))
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 /// The state of `key` after the event at position `at`, folded from the
@@ -192,27 +226,16 @@ pub async fn state_at(app: &App, key: &EntityKey, at: u64) -> ApiResult<Value> {
             format!("no events for {key} up to position {at}"),
         ));
     }
-    let id = key.entity_id.clone();
-    let p = plugin.clone();
-    let (state, applied, failure) = tokio::task::spawn_blocking(move || {
-        let sandbox = &mut crate::runtime::Sandbox::new(p);
-        let init = match fold::init_state(sandbox, &id) {
-            Ok(s) => s,
-            Err(e) => return (Value::Null, 0, Some(e.to_string())),
-        };
-        let o = fold::fold_and_project(sandbox, &id, init, &events, false);
-        let failure = o
-            .failure
-            .map(|(i, e)| format!("event {} failed: {e}", events[i].id));
-        let pos = if o.applied == 0 {
-            0
-        } else {
-            events[o.applied - 1].position
-        };
-        (o.state, pos, failure)
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let Replay {
+        state,
+        applied,
+        failure,
+        events,
+    } = replay(&plugin, key, None, events).await?;
+    let applied = match applied {
+        0 => 0,
+        n => events[n - 1].position,
+    };
     if let Some(f) = failure {
         return Err(ApiError(
             StatusCode::CONFLICT,

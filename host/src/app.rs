@@ -242,7 +242,7 @@ impl App {
             if records.is_empty() {
                 continue;
             }
-            let produced_at = source.take_timestamps();
+            let produced_at: Vec<i64> = records.iter().filter_map(|r| r.produced_at_ms).collect();
             let checkpoints = crate::source::checkpoints_of(&records);
             let mut per_source: HashMap<&str, u64> = HashMap::new();
             for r in &records {
@@ -327,28 +327,21 @@ mod tests {
     use crate::source::{PartitionLag, SourceRecord};
     use crate::store::{Checkpoint, Origin};
 
-    /// One batch of stamped records, then the end.
+    /// One batch of records, then the end.
     struct Stamped {
-        batch: Option<(Vec<SourceRecord>, Vec<i64>)>,
-        timestamps: Vec<i64>,
+        batch: Option<Vec<SourceRecord>>,
     }
 
     #[async_trait::async_trait]
     impl EventSource for Stamped {
         async fn next_batch(&mut self, _max: usize) -> anyhow::Result<Option<Vec<SourceRecord>>> {
-            Ok(self.batch.take().map(|(r, t)| {
-                self.timestamps = t;
-                r
-            }))
+            Ok(self.batch.take())
         }
         async fn commit(&mut self, _c: &[Checkpoint]) -> anyhow::Result<()> {
             Ok(())
         }
         fn lag(&self) -> Vec<PartitionLag> {
             Vec::new()
-        }
-        fn take_timestamps(&mut self) -> Vec<i64> {
-            std::mem::take(&mut self.timestamps)
         }
     }
 
@@ -366,6 +359,8 @@ mod tests {
             vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bank/bank.wasm")];
         let store = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
         let app = App::with_storage(config, store.clone(), store).unwrap();
+        let stamp = unix_ms() - 20;
+        let stamps = [Some(stamp), Some(stamp), None];
         let event = |i: usize| SourceRecord {
             origin: Origin {
                 source: "t".into(),
@@ -380,11 +375,10 @@ mod tests {
                 "entitytype": "account", "data": {"amount": 5}})
             .to_string()
             .into_bytes(),
+            produced_at_ms: stamps[i],
         };
-        let stamp = unix_ms() - 20;
         let source = Stamped {
-            batch: Some(((0..3).map(event).collect(), vec![stamp, stamp, 0])),
-            timestamps: Vec::new(),
+            batch: Some((0..3).map(event).collect()),
         };
         let (_tx, rx) = watch::channel(false);
         let total = app.consume(Box::new(source), rx, |_| {}).await.unwrap();

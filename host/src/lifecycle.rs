@@ -880,6 +880,7 @@ pub async fn resubmit(
         key: None,
         headers: Vec::new(),
         payload,
+        produced_at_ms: None,
     };
     let _gate = app.gate.lock().await;
     let mut pipeline = app.pipeline();

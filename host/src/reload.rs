@@ -47,12 +47,7 @@ pub async fn watch_dir(
     for p in existing {
         let Some(stamp) = stamp(&p) else { continue };
         seen.insert(p.clone(), stamp);
-        match crate::lifecycle::install_file(&app, &p).await {
-            Ok(msg) => tracing::info!(file = %p.display(), "{msg}"),
-            Err(e) => {
-                tracing::error!(file = %p.display(), error = %format!("{e:#}"), "plugin refused; the active version keeps running")
-            }
-        }
+        install(&app, &p).await;
     }
     drop(tx);
     tokio::spawn(async move {
@@ -79,16 +74,23 @@ pub async fn watch_dir(
                     }
                     seen.insert(p.clone(), stamp);
                     // Loads are serialized: this task handles one at a time.
-                    let app2 = app.clone();
-                    match crate::lifecycle::install_file(&app2, &p).await {
-                        Ok(msg) => tracing::info!(file = %p.display(), "{msg}"),
-                        Err(e) => tracing::error!(file = %p.display(), error = %format!("{e:#}"), "plugin refused; the active version keeps running"),
-                    }
+                    install(&app, &p).await;
                 }
             }
         }
     });
     Ok(())
+}
+
+/// Install and activate one file; a refusal is logged with its reason and
+/// the active version keeps running.
+async fn install(app: &App, p: &Path) {
+    match crate::lifecycle::install_file(app, p).await {
+        Ok(msg) => tracing::info!(file = %p.display(), "{msg}"),
+        Err(e) => {
+            tracing::error!(file = %p.display(), error = %format!("{e:#}"), "plugin refused; the active version keeps running")
+        }
+    }
 }
 
 fn is_wasm(p: &Path) -> bool {

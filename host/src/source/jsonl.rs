@@ -115,6 +115,7 @@ impl JsonlSource {
                     key: None,
                     headers: Vec::new(),
                     payload,
+                    produced_at_ms: None,
                 });
             }
         }

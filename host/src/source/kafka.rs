@@ -161,13 +161,11 @@ pub struct KafkaSource {
     linger: Duration,
     /// Next offset per partition, after the records handed out.
     positions: HashMap<Tp, i64>,
-    /// Message timestamps of the last batch, for `take_timestamps`.
-    timestamps: Vec<i64>,
 }
 
-/// A message timestamp in Unix ms; 0 when the message has none.
-fn timestamp_ms(t: Timestamp) -> i64 {
-    t.to_millis().filter(|&ms| ms > 0).unwrap_or(0)
+/// A message timestamp in Unix ms, if the message has one.
+fn timestamp_ms(t: Timestamp) -> Option<i64> {
+    t.to_millis().filter(|&ms| ms > 0)
 }
 
 impl KafkaSource {
@@ -208,7 +206,6 @@ impl KafkaSource {
             shared,
             linger,
             positions: HashMap::new(),
-            timestamps: Vec::new(),
         })
     }
 
@@ -225,7 +222,7 @@ impl KafkaSource {
 impl EventSource for KafkaSource {
     async fn next_batch(&mut self, max: usize) -> anyhow::Result<Option<Vec<SourceRecord>>> {
         let deadline = tokio::time::Instant::now() + self.linger;
-        let mut out: Vec<(u64, i64, SourceRecord)> = Vec::new();
+        let mut out: Vec<(u64, SourceRecord)> = Vec::new();
         while out.len() < max.max(1) {
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -276,7 +273,6 @@ impl EventSource for KafkaSource {
             let offset = msg.offset();
             out.push((
                 epoch,
-                timestamp_ms(msg.timestamp()),
                 SourceRecord {
                     origin: Origin {
                         source: tp.0,
@@ -287,6 +283,7 @@ impl EventSource for KafkaSource {
                     key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     headers,
                     payload: msg.payload().unwrap_or_default().to_vec(),
+                    produced_at_ms: timestamp_ms(msg.timestamp()),
                 },
             ));
         }
@@ -294,14 +291,13 @@ impl EventSource for KafkaSource {
         // revoked (or revoked and assigned again) meanwhile.
         let assigned = self.assigned();
         let before = out.len();
-        let (timestamps, records): (Vec<i64>, Vec<SourceRecord>) = out
+        let records: Vec<SourceRecord> = out
             .into_iter()
-            .filter(|(epoch, _, r)| {
+            .filter(|(epoch, r)| {
                 assigned.get(&(r.origin.source.clone(), r.origin.partition)) == Some(epoch)
             })
-            .map(|(_, t, r)| (t, r))
-            .unzip();
-        self.timestamps = timestamps;
+            .map(|(_, r)| r)
+            .collect();
         if records.len() < before {
             tracing::info!(
                 dropped = before - records.len(),
@@ -345,10 +341,6 @@ impl EventSource for KafkaSource {
         Ok(())
     }
 
-    fn take_timestamps(&mut self) -> Vec<i64> {
-        std::mem::take(&mut self.timestamps)
-    }
-
     fn lag(&self) -> Vec<PartitionLag> {
         let offsets = self
             .shared
@@ -385,10 +377,10 @@ mod tests {
     fn timestamps_are_unix_ms_or_zero() {
         assert_eq!(
             timestamp_ms(Timestamp::CreateTime(1_700_000_000_123)),
-            1_700_000_000_123
+            Some(1_700_000_000_123)
         );
-        assert_eq!(timestamp_ms(Timestamp::LogAppendTime(42)), 42);
-        assert_eq!(timestamp_ms(Timestamp::NotAvailable), 0);
-        assert_eq!(timestamp_ms(Timestamp::CreateTime(-1)), 0);
+        assert_eq!(timestamp_ms(Timestamp::LogAppendTime(42)), Some(42));
+        assert_eq!(timestamp_ms(Timestamp::NotAvailable), None);
+        assert_eq!(timestamp_ms(Timestamp::CreateTime(-1)), None);
     }
 }

@@ -20,6 +20,9 @@ pub struct SourceRecord {
     pub headers: Vec<(String, Vec<u8>)>,
     /// The bytes.
     pub payload: Vec<u8>,
+    /// When the producer made it (Unix ms), where the source says so (Kafka
+    /// message timestamps); feeds the produce-to-commit latency metric.
+    pub produced_at_ms: Option<i64>,
 }
 
 /// Lag of one partition, for metrics and liveness.
@@ -44,14 +47,6 @@ pub trait EventSource: Send {
     async fn commit(&mut self, checkpoints: &[Checkpoint]) -> anyhow::Result<()>;
     /// Current lag per partition.
     fn lag(&self) -> Vec<PartitionLag>;
-    /// Producer timestamps (Unix ms, 0 when unknown) of the records of the
-    /// batch last returned by `next_batch`, handed over once. They feed the
-    /// produce-to-commit latency metric; a source without timestamps (files)
-    /// has none. Kept beside the records rather than in `SourceRecord` so
-    /// that records built elsewhere need no made-up time.
-    fn take_timestamps(&mut self) -> Vec<i64> {
-        Vec::new()
-    }
 }
 
 /// The highest checkpoint per (source, partition) reached by `records`.
