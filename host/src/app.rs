@@ -36,6 +36,10 @@ pub struct Health {
     stall_after: Duration,
     partitions: Mutex<HashMap<(String, i32), (i64, Instant)>>,
     loop_beat: Mutex<Instant>,
+    /// Faults being waited out, by where they are (`source`, `store`,
+    /// `disk`): each makes `/healthz` answer 503 with its reason until the
+    /// loop gets past it.
+    faults: Mutex<std::collections::BTreeMap<&'static str, (String, Instant)>>,
 }
 
 impl Health {
@@ -45,7 +49,28 @@ impl Health {
             stall_after,
             partitions: Mutex::new(HashMap::new()),
             loop_beat: Mutex::new(Instant::now()),
+            faults: Mutex::new(Default::default()),
         }
+    }
+
+    /// A fault at `site` is being waited out.
+    pub fn fault(&self, site: &'static str, reason: impl Into<String>) {
+        let mut f = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let reason = reason.into();
+        match f.get_mut(site) {
+            Some(have) => have.0 = reason,
+            None => {
+                f.insert(site, (reason, Instant::now()));
+            }
+        }
+    }
+
+    /// The fault at `site` is over.
+    pub fn clear(&self, site: &'static str) {
+        self.faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(site);
     }
 
     fn lag(&self, source: &str, partition: i32, lag: i64) {
@@ -96,10 +121,28 @@ impl Health {
             .elapsed();
         let loop_alive = beat <= self.stall_after.max(Duration::from_secs(5)) * 2;
         healthy &= loop_alive;
+        let faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        healthy &= faults.is_empty();
+        let faults: serde_json::Map<String, serde_json::Value> = faults
+            .iter()
+            .map(|(site, (reason, since))| {
+                (
+                    site.to_string(),
+                    serde_json::json!({"reason": reason, "seconds": since.elapsed().as_secs_f64()}),
+                )
+            })
+            .collect();
+        let reason = faults
+            .values()
+            .filter_map(|f| f["reason"].as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
         (
             healthy,
             serde_json::json!({
                 "status": if healthy { "ok" } else { "unhealthy" },
+                "reason": if reason.is_empty() { serde_json::Value::Null } else { reason.into() },
+                "faults": faults,
                 "uptime_seconds": self.started.elapsed().as_secs_f64(),
                 "loop_idle_seconds": beat.as_secs_f64(),
                 "partitions": parts,
@@ -140,7 +183,10 @@ impl App {
         let (storage, plugin_store): (Arc<dyn Storage>, Arc<dyn PluginStore>) =
             match config.store.kind {
                 StoreKind::Sqlite => {
-                    let s = Arc::new(SqliteStore::open(&config.store.path)?);
+                    let s = Arc::new(SqliteStore::open_capped(
+                        &config.store.path,
+                        config.store.max_bytes,
+                    )?);
                     (s.clone(), s)
                 }
                 StoreKind::Cassandra => {
@@ -208,9 +254,43 @@ impl App {
             self.registry.clone(),
             PipelineConfig {
                 max_record_bytes: self.config.engine.max_record_bytes,
+                fold_threads: self.config.engine.fold_threads,
+                fold_budget: Duration::from_millis(self.config.engine.batch_fold_budget_ms),
+                max_batch_projection_ops: self.config.engine.max_batch_projection_ops,
+                max_batch_projection_bytes: self.config.engine.max_batch_projection_bytes,
             },
             self.metrics.clone(),
         )
+    }
+
+    /// Warn through `/healthz` while the embedded database's disk is nearly
+    /// full, before writes start to fail (ingest goes on until they do).
+    fn check_disk(&self) {
+        let min = self.config.engine.min_free_disk_bytes;
+        if min == 0 || self.config.store.kind != StoreKind::Sqlite {
+            return;
+        }
+        let dir = match self.config.store.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        match rustix::fs::statvfs(&dir) {
+            Ok(v) => {
+                let free = v.f_bavail.saturating_mul(v.f_frsize);
+                if free < min {
+                    self.health.fault(
+                        "disk",
+                        format!(
+                            "disk nearly full: {free} bytes free under {} (engine.min_free_disk_bytes = {min})",
+                            dir.display()
+                        ),
+                    );
+                } else {
+                    self.health.clear("disk");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read free disk space"),
+        }
     }
 
     /// Consume `source` until it is exhausted or `shutdown` turns true.
@@ -225,14 +305,45 @@ impl App {
         let mut pipeline = self.pipeline();
         let mut total = BatchReport::default();
         let batch_size = self.config.source.batch_size.max(1);
+        let mut source_backoff: Option<Duration> = None;
+        let mut disk_checked: Option<Instant> = None;
         loop {
             self.health.beat();
+            if disk_checked.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                self.check_disk();
+                disk_checked = Some(Instant::now());
+            }
             if *shutdown.borrow() {
                 break;
             }
             let batch = tokio::select! {
-                b = source.next_batch(batch_size) => b.context("reading from the source")?,
+                b = source.next_batch(batch_size) => b,
                 _ = shutdown.changed() => continue,
+            };
+            let batch = match batch {
+                Ok(b) => {
+                    if source_backoff.is_some() {
+                        tracing::info!("source readable again");
+                        self.health.clear("source");
+                        source_backoff = None;
+                    }
+                    b
+                }
+                Err(e) if crate::source::is_transient(&e) => {
+                    // A fault of the machine, not of the data (too many open
+                    // files, a permission being fixed, a file not there yet):
+                    // wait it out; nothing was consumed, so nothing is skipped.
+                    let wait = source_backoff.unwrap_or(Duration::from_millis(100));
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "source unavailable; retrying");
+                    self.health.fault("source", format!("source: {e:#}"));
+                    source_backoff = Some((wait * 2).min(Duration::from_secs(5)));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {},
+                        _ = shutdown.changed() => {},
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.context("reading from the source")),
             };
             for l in source.lag() {
                 self.metrics.set_lag(&l.source, l.partition, l.lag);
@@ -258,6 +369,7 @@ impl App {
                 drop(gate);
                 match result {
                     Ok(r) => {
+                        self.health.clear("store");
                         // `process` returns after the store commit: from here on
                         // the batch's events and states are durable.
                         self.metrics.committed(r.applied as u64);
@@ -267,6 +379,7 @@ impl App {
                     }
                     Err(StoreError::Unavailable(e)) => {
                         tracing::warn!(error = %e, retry_in = ?backoff, "store unavailable; retrying the batch");
+                        self.health.fault("store", format!("store: {e}"));
                         self.health.beat();
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -285,10 +398,12 @@ impl App {
                     Err(e) => return Err(anyhow::Error::new(e).context("committing a batch")),
                 }
             };
-            source
-                .commit(&checkpoints)
-                .await
-                .context("committing source offsets")?;
+            // The batch is durable and its checkpoint is in the store; a
+            // failed offset commit only means the batch may be read again,
+            // and its events are then found already stored.
+            if let Err(e) = source.commit(&checkpoints).await {
+                tracing::warn!(error = %format!("{e:#}"), "committing source offsets failed; the batch may be re-read");
+            }
             for c in &checkpoints {
                 self.metrics.progressed(&c.source, c.partition);
                 self.health.progressed(&c.source, c.partition);
@@ -318,6 +433,7 @@ fn merge(total: &mut BatchReport, r: &BatchReport) {
     total.duplicates += r.duplicates;
     total.dead_lettered += r.dead_lettered;
     total.held += r.held;
+    total.deferred += r.deferred;
     total.quarantined.extend(r.quarantined.iter().cloned());
 }
 

@@ -116,6 +116,10 @@ pub struct StoreConfig {
     pub kind: StoreKind,
     /// SQLite file.
     pub path: PathBuf,
+    /// Largest size the SQLite file may grow to, in bytes (0: no cap). At
+    /// the cap, writes fail like on a full disk: ingest waits, `/healthz`
+    /// says why, queries go on.
+    pub max_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -123,6 +127,7 @@ impl Default for StoreConfig {
         StoreConfig {
             kind: StoreKind::Sqlite,
             path: "refold-data/refold.db".into(),
+            max_bytes: 0,
         }
     }
 }
@@ -235,6 +240,23 @@ pub struct EngineConfig {
     /// Chunks of 64 entities a rebuild works on at once (each reads its
     /// histories, folds on a blocking thread, then commits).
     pub rebuild_workers: usize,
+    /// Entity types of one batch folded at once, each on its own thread
+    /// (0: one per core).
+    pub fold_threads: usize,
+    /// Time one batch may spend folding, in milliseconds. Entities not
+    /// reached by then have their events stored and are folded by a later
+    /// batch or query, so a slow entity type cannot hold the others back
+    /// for longer than this (plus one plugin deadline).
+    pub batch_fold_budget_ms: u64,
+    /// Read-model operations one batch may produce in all (each costs host
+    /// memory until the commit). Entities beyond it are deferred like those
+    /// beyond the time budget.
+    pub max_batch_projection_ops: usize,
+    /// Bytes of read-model output one batch may produce in all.
+    pub max_batch_projection_bytes: usize,
+    /// Free space below which `/healthz` warns (503, with the reason)
+    /// while ingest goes on, in bytes; 0 turns the check off.
+    pub min_free_disk_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -243,6 +265,11 @@ impl Default for EngineConfig {
             max_record_bytes: 1 << 20,
             stall_seconds: 30,
             rebuild_workers: 4,
+            fold_threads: 0,
+            batch_fold_budget_ms: 2_000,
+            max_batch_projection_ops: 200_000,
+            max_batch_projection_bytes: 64 << 20,
+            min_free_disk_bytes: 256 << 20,
         }
     }
 }

@@ -17,5 +17,6 @@ pub mod pipeline;
 pub mod registry;
 pub mod reload;
 pub mod runtime;
+pub mod snapshot;
 pub mod source;
 pub mod store;

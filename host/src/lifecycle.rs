@@ -827,17 +827,13 @@ pub async fn fixture(app: &App, key: &EntityKey) -> Result<Value, InstallError> 
         .into_iter()
         .find(|q| &q.key == key);
     let events = app.storage.history(key, 0, None).await?;
-    let lines: Vec<Value> = events
+    // Rebuilt from the attributes and the data's text as received, so a
+    // binary-mode event becomes a structured one that `refold test` reads.
+    let lines: Vec<crate::event::RawJson> = events
         .iter()
         .map(|e| {
-            crate::event::to_structured(&crate::event::Envelope {
-                id: e.id.clone(),
-                source: e.source.clone(),
-                event_type: e.event_type.clone(),
-                key: key.clone(),
-                time: e.time.clone(),
-                data: e.data.clone(),
-            })
+            crate::event::RawJson::parse(&e.to_structured())
+                .unwrap_or_else(|_| crate::event::RawJson::null())
         })
         .collect();
     Ok(serde_json::json!({

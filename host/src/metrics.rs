@@ -24,6 +24,8 @@ pub struct Metrics {
     consumed: IntCounterVec,
     applied: IntCounterVec,
     committed: IntCounter,
+    duplicates: IntCounter,
+    deferred: IntCounter,
     produce_to_commit: Histogram,
     dead_letters: IntCounterVec,
     quarantined: IntCounterVec,
@@ -78,6 +80,20 @@ impl Metrics {
                 IntCounter::new(
                     "refold_events_committed_total",
                     "Events applied by batches whose store commit completed"
+                )
+            ),
+            duplicates: reg!(
+                r,
+                IntCounter::new(
+                    "refold_events_duplicate_total",
+                    "Records ignored as re-deliveries of a stored event (same identity, same bytes)"
+                )
+            ),
+            deferred: reg!(
+                r,
+                IntCounter::new(
+                    "refold_entities_deferred_total",
+                    "Entities whose events a batch stored but left to fold later (batch fold budget spent)"
                 )
             ),
             produce_to_commit: reg!(
@@ -207,6 +223,14 @@ impl Metrics {
             self.produce_to_commit
                 .observe((now_ms - t).max(0) as f64 / 1000.0);
         }
+    }
+    /// Entities deferred by a batch.
+    pub fn deferred(&self, n: u64) {
+        self.deferred.inc_by(n);
+    }
+    /// Re-deliveries ignored.
+    pub fn duplicates(&self, n: u64) {
+        self.duplicates.inc_by(n);
     }
     /// A dead letter.
     pub fn dead_lettered(&self, reason: &str) {

@@ -2,9 +2,10 @@
 //! commit. The source checkpoint is part of the same commit, so state and
 //! checkpoint advance together.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -16,8 +17,8 @@ use crate::registry::{Active, Registry, plugin_ref};
 use crate::runtime::{CallError, Plugin, Sandbox};
 use crate::source::{SourceRecord, checkpoints_of};
 use crate::store::{
-    Commit, DeadLetter, EntityRecord, EntityUpdate, QuarantineRecord, Storage, StoreError,
-    StoredEvent, now_rfc3339,
+    Commit, DeadLetter, EntityRecord, EntityUpdate, EventIdentity, ProjectionWrite,
+    QuarantineRecord, Storage, StoreError, StoredEvent, now_rfc3339,
 };
 
 /// What one batch did.
@@ -29,7 +30,7 @@ pub struct BatchReport {
     pub stored: usize,
     /// Events folded into states.
     pub applied: usize,
-    /// Events seen before (same id), ignored.
+    /// Events seen before (same identity and bytes), ignored.
     pub duplicates: usize,
     /// Records turned into dead letters.
     pub dead_lettered: usize,
@@ -37,6 +38,10 @@ pub struct BatchReport {
     pub held: usize,
     /// Entities newly quarantined.
     pub quarantined: Vec<EntityKey>,
+    /// Entities whose events were stored but not folded yet: the batch ran
+    /// out of its time or output budget before reaching them. A later batch
+    /// or a query folds them (they are behind their head).
+    pub deferred: usize,
 }
 
 /// Settings of the pipeline.
@@ -44,13 +49,93 @@ pub struct BatchReport {
 pub struct PipelineConfig {
     /// Largest record accepted before any plugin sees it, in bytes.
     pub max_record_bytes: usize,
+    /// Entity types folded at once (each on its own blocking thread).
+    pub fold_threads: usize,
+    /// Time a batch may spend folding before the entities not reached yet
+    /// are deferred.
+    pub fold_budget: Duration,
+    /// Read-model operations a batch may produce in all.
+    pub max_batch_projection_ops: usize,
+    /// Bytes of read-model output a batch may produce in all.
+    pub max_batch_projection_bytes: usize,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             max_record_bytes: 1 << 20,
+            fold_threads: 0,
+            fold_budget: Duration::from_secs(2),
+            max_batch_projection_ops: 200_000,
+            max_batch_projection_bytes: 64 << 20,
         }
+    }
+}
+
+impl PipelineConfig {
+    fn threads(&self) -> usize {
+        if self.fold_threads > 0 {
+            return self.fold_threads;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    }
+}
+
+/// What one batch may still spend on folding, shared by the threads that
+/// fold its entity types: time, and read-model output (which lives in host
+/// memory until the commit). Checked before each entity, so a batch ends
+/// within the budget plus one entity's calls, each under its deadline.
+struct FoldBudget {
+    until: Instant,
+    ops: AtomicUsize,
+    bytes: AtomicUsize,
+    max_ops: usize,
+    max_bytes: usize,
+}
+
+impl FoldBudget {
+    fn exhausted(&self) -> bool {
+        Instant::now() >= self.until
+            || self.ops.load(Ordering::Relaxed) >= self.max_ops
+            || self.bytes.load(Ordering::Relaxed) >= self.max_bytes
+    }
+
+    fn charge(&self, d: &Done) {
+        if let Some(o) = &d.outcome {
+            self.ops.fetch_add(o.projections.len(), Ordering::Relaxed);
+            self.bytes.fetch_add(
+                o.projections.iter().map(projection_bytes).sum(),
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// Bytes a read-model write holds, as stored.
+fn projection_bytes(p: &ProjectionWrite) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    match p {
+        ProjectionWrite::Upsert {
+            projection,
+            key,
+            body,
+        } => {
+            let mut c = Count(0);
+            let _ = serde_json::to_writer(&mut c, body);
+            projection.len() + key.len() + c.0
+        }
+        ProjectionWrite::Delete { projection, key } => projection.len() + key.len(),
     }
 }
 
@@ -130,8 +215,7 @@ impl Pipeline {
         };
 
         // 1. Validate envelopes; whatever fails becomes a dead letter.
-        let mut envelopes: Vec<(Envelope, crate::store::Origin)> =
-            Vec::with_capacity(records.len());
+        let mut envelopes: Vec<(Envelope, &SourceRecord)> = Vec::with_capacity(records.len());
         for r in records {
             let parsed = if event::is_binary_mode(&r.headers) {
                 event::parse_binary(
@@ -156,29 +240,57 @@ impl Pipeline {
                 }
             });
             match checked {
-                Ok(e) => envelopes.push((e, r.origin.clone())),
+                Ok(e) => envelopes.push((e, r)),
                 Err(why) => {
                     self.metrics.dead_lettered(why.code());
                     commit.dead_letters.push(dead_letter(r, &why));
                 }
             }
         }
-        report.dead_lettered = commit.dead_letters.len();
 
-        // 2. Deduplicate by event id: within the batch, then against the store.
-        let mut seen = HashSet::new();
-        envelopes.retain(|(e, _)| seen.insert((e.key.clone(), e.id.clone())));
-        let pairs: Vec<(EntityKey, String)> = envelopes
-            .iter()
-            .map(|(e, _)| (e.key.clone(), e.id.clone()))
-            .collect();
-        let known = if pairs.is_empty() {
-            HashSet::new()
+        // 2. Deduplicate by identity (entity type, entity id, event id),
+        // within the batch and against the store. The same bytes again are a
+        // re-delivery; other bytes under a known identity are a conflict,
+        // kept as a dead letter naming both digests: never dropped silently.
+        let mut seen: HashMap<EventIdentity, String> = HashMap::with_capacity(envelopes.len());
+        let mut unique = Vec::with_capacity(envelopes.len());
+        for (e, r) in envelopes {
+            let identity = (e.key.clone(), e.id.clone());
+            match seen.get(&identity) {
+                None => {
+                    seen.insert(identity, e.digest.clone());
+                    unique.push((e, r));
+                }
+                Some(d) if *d == e.digest => report.duplicates += 1,
+                Some(d) => {
+                    let why = conflict(&e, d);
+                    self.metrics.dead_lettered(why.code());
+                    commit.dead_letters.push(dead_letter(r, &why));
+                }
+            }
+        }
+        let known = if unique.is_empty() {
+            HashMap::new()
         } else {
-            self.storage.known_ids(&pairs).await?
+            let ids: Vec<EventIdentity> = seen.into_keys().collect();
+            self.storage.known_ids(&ids).await?
         };
-        envelopes.retain(|(e, _)| !known.contains(&e.id));
-        report.duplicates = records.len() - report.dead_lettered - envelopes.len();
+        let mut envelopes: Vec<(Envelope, crate::store::Origin)> =
+            Vec::with_capacity(unique.len());
+        for (e, r) in unique {
+            match known.get(&(e.key.clone(), e.id.clone())) {
+                None => envelopes.push((e, r.origin.clone())),
+                Some(None) => report.duplicates += 1,
+                Some(Some(d)) if *d == e.digest => report.duplicates += 1,
+                Some(Some(d)) => {
+                    let why = conflict(&e, d);
+                    self.metrics.dead_lettered(why.code());
+                    commit.dead_letters.push(dead_letter(r, &why));
+                }
+            }
+        }
+        report.dead_lettered = commit.dead_letters.len();
+        self.metrics.duplicates(report.duplicates as u64);
 
         // 3. Group by entity, keeping arrival order.
         let mut order: Vec<EntityKey> = Vec::new();
@@ -230,6 +342,8 @@ impl Pipeline {
                     time: e.time,
                     data: e.data,
                     origin: Some(origin),
+                    record: Some(e.record),
+                    digest: Some(e.digest),
                 })
                 .collect();
             report.stored += events.len();
@@ -248,22 +362,76 @@ impl Pipeline {
             });
         }
 
-        // 5. Fold, off the async threads: guest calls are CPU-bound.
-        let mut sandboxes = std::mem::take(&mut self.sandboxes);
+        // 5. Fold, off the async threads: guest calls are CPU-bound. Each
+        // entity type folds on a blocking thread of its own (a sandbox serves
+        // one type), a bounded number at once, under one budget for the
+        // batch: a slow or looping type costs the others at most the budget
+        // plus one entity's calls, not the sum of every deadline it runs into.
         let started = Instant::now();
-        let (sandboxes, done) = tokio::task::spawn_blocking(move || {
-            let done: Vec<Done> = work
-                .into_iter()
-                .map(|w| fold_one(&mut sandboxes, &plugins, w))
-                .collect();
-            for s in sandboxes.values_mut() {
-                s.recycle();
+        let budget = Arc::new(FoldBudget {
+            until: started + self.config.fold_budget,
+            ops: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_ops: self.config.max_batch_projection_ops,
+            max_bytes: self.config.max_batch_projection_bytes,
+        });
+        let mut by_type: Vec<(String, Vec<Work>)> = Vec::new();
+        for w in work {
+            let t = &w.record.key.entity_type;
+            match by_type.iter_mut().find(|(have, _)| have == t) {
+                Some((_, ws)) => ws.push(w),
+                None => by_type.push((t.clone(), vec![w])),
             }
-            (sandboxes, done)
-        })
-        .await
-        .map_err(|e| StoreError::Other(anyhow::anyhow!("fold task failed: {e}")))?;
-        self.sandboxes = sandboxes;
+        }
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.config.threads()));
+        let mut tasks = Vec::with_capacity(by_type.len());
+        for (entity_type, works) in by_type {
+            let sandbox = self.sandboxes.remove(&entity_type);
+            let (plugins, budget, permits) = (plugins.clone(), budget.clone(), permits.clone());
+            tasks.push(tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                tokio::task::spawn_blocking(move || {
+                    let mut sandboxes = HashMap::new();
+                    if let Some(s) = sandbox {
+                        sandboxes.insert(entity_type, s);
+                    }
+                    let mut done = Vec::with_capacity(works.len());
+                    let mut deferred = Vec::new();
+                    for w in works {
+                        if budget.exhausted() {
+                            deferred.push(defer(w));
+                            continue;
+                        }
+                        let d = fold_one(&mut sandboxes, &plugins, w);
+                        budget.charge(&d);
+                        done.push(d);
+                    }
+                    for s in sandboxes.values_mut() {
+                        s.recycle();
+                    }
+                    (sandboxes, done, deferred)
+                })
+                .await
+            }));
+        }
+        let mut done = Vec::new();
+        for t in tasks {
+            let (sandboxes, d, deferred) = t
+                .await
+                .map_err(|e| StoreError::Other(anyhow::anyhow!("fold task failed: {e}")))?
+                .map_err(|e| StoreError::Other(anyhow::anyhow!("fold task failed: {e}")))?;
+            self.sandboxes.extend(sandboxes);
+            done.extend(d);
+            report.deferred += deferred.len();
+            commit.entities.extend(deferred);
+        }
+        if report.deferred > 0 {
+            self.metrics.deferred(report.deferred as u64);
+            tracing::info!(
+                deferred = report.deferred,
+                "batch fold budget spent; the remaining entities are folded later"
+            );
+        }
         self.metrics.observe_fold(started.elapsed());
 
         // 6. Collect the effects.
@@ -300,6 +468,23 @@ impl Pipeline {
 
         self.storage.commit(commit).await?;
         Ok(report)
+    }
+}
+
+/// An entity left for later: its events are stored (its head moves on), its
+/// state stays where it was, so the next batch or query that meets it folds
+/// the gap first.
+fn defer(w: Work) -> EntityUpdate {
+    let r = w.record;
+    EntityUpdate {
+        head: w.events.last().map(|e| e.position).unwrap_or(r.head),
+        expected_head: r.head,
+        state: r.state.unwrap_or(Value::Null),
+        position: r.position,
+        plugin: r.plugin,
+        quarantined: r.quarantined,
+        generation: r.generation,
+        key: r.key,
     }
 }
 
@@ -341,7 +526,9 @@ pub(crate) fn fold_one(
             plugin,
         };
     }
-    let state = match record.state {
+    // Position 0 with a `null` state: nothing was ever folded (the entity was
+    // deferred, or quarantined in `init`), so it starts from `init`.
+    let state = match record.state.filter(|s| record.position > 0 || !s.is_null()) {
         Some(s) => s,
         None => match fold::init_state(sandbox, &record.key.entity_id) {
             Ok(s) => s,
@@ -392,6 +579,15 @@ pub fn sandbox_for<'a>(
     entry
 }
 
+fn conflict(e: &Envelope, stored: &str) -> Rejection {
+    Rejection::ConflictingDuplicate {
+        entity: e.key.to_string(),
+        id: e.id.clone(),
+        stored: stored.to_string(),
+        received: e.digest.clone(),
+    }
+}
+
 fn dead_letter(r: &SourceRecord, why: &Rejection) -> DeadLetter {
     let peek: Option<Value> = serde_json::from_slice(&r.payload).ok();
     let attr = |name: &str| {
@@ -436,5 +632,186 @@ fn dead_letter(r: &SourceRecord, why: &Rejection) -> DeadLetter {
         event_id: attr("id").or_else(|| header("ce_id")),
         entity_type: attr("entitytype").or_else(|| header("ce_entitytype")),
         recorded_at: now_rfc3339(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::app::App;
+    use crate::config::Config;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::Origin;
+
+    fn app() -> App {
+        let mut config = Config::default();
+        config.plugins.files =
+            vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bank/bank.wasm")];
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        App::with_storage(config, store.clone(), store).unwrap()
+    }
+
+    fn record(offset: i64, payload: String) -> SourceRecord {
+        SourceRecord {
+            origin: Origin {
+                source: "t".into(),
+                partition: 0,
+                offset,
+            },
+            next_offset: offset + 1,
+            key: None,
+            headers: Vec::new(),
+            payload: payload.into_bytes(),
+            produced_at_ms: None,
+        }
+    }
+
+    fn deposit(offset: i64, account: &str, id: &str, amount: u64) -> SourceRecord {
+        record(
+            offset,
+            format!(
+                r#"{{"specversion":"1.0","id":"{id}","source":"/t","type":"account.deposited","subject":"{account}","entitytype":"account","data":{{"amount":{amount}}}}}"#
+            ),
+        )
+    }
+
+    fn opened(offset: i64, account: &str) -> SourceRecord {
+        record(
+            offset,
+            format!(
+                r#"{{"specversion":"1.0","id":"o-{account}","source":"/t","type":"account.opened","subject":"{account}","entitytype":"account","data":{{"owner":"owner-{account}"}}}}"#
+            ),
+        )
+    }
+
+    async fn balance(app: &App, account: &str) -> Option<u64> {
+        let k = EntityKey::new("account", account);
+        let rec = app.storage.load(std::slice::from_ref(&k)).await.unwrap();
+        rec.get(&k)
+            .and_then(|r| r.state.as_ref())
+            .and_then(|s| s["balance"].as_u64())
+    }
+
+    /// Event ids that repeat across entities ("1", "2", … per entity) are
+    /// distinct events: a re-delivery of (A, "7") in the batch that brings
+    /// (B, "7") drops only A's copy.
+    #[tokio::test]
+    async fn dedup_is_by_entity_and_event_id() {
+        let app = app();
+        let mut p = app.pipeline();
+        let r = p
+            .process(&[deposit(0, "a", "1", 10), deposit(1, "a", "2", 20)])
+            .await
+            .unwrap();
+        assert_eq!(r.applied, 2);
+        let r = p
+            .process(&[
+                deposit(2, "a", "2", 20), // re-delivered
+                deposit(3, "b", "2", 5),  // same id, other entity: new
+                deposit(4, "b", "1", 7),
+                deposit(5, "b", "1", 7), // re-delivered within the batch
+            ])
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.duplicates, r.dead_lettered), (2, 2, 0));
+        assert_eq!(balance(&app, "a").await, Some(30));
+        assert_eq!(balance(&app, "b").await, Some(12));
+    }
+
+    /// The same identity with other bytes is a conflict: dead-lettered with
+    /// both digests, never dropped or applied.
+    #[tokio::test]
+    async fn a_conflicting_duplicate_is_dead_lettered_with_both_digests() {
+        let app = app();
+        let mut p = app.pipeline();
+        p.process(&[deposit(0, "a", "1", 10)]).await.unwrap();
+        let r = p
+            .process(&[deposit(1, "a", "1", 99), deposit(2, "a", "2", 1)])
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.duplicates, r.dead_lettered), (1, 0, 1));
+        // Within one batch too.
+        let r = p
+            .process(&[deposit(3, "c", "1", 1), deposit(4, "c", "1", 2)])
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.dead_lettered), (1, 1));
+        let dl = app.storage.dead_letters(10).await.unwrap();
+        assert_eq!(dl.len(), 2);
+        assert!(dl.iter().all(|d| d.code == "conflicting_duplicate"));
+        let stored = crate::runtime::digest_of(&deposit(0, "a", "1", 10).payload);
+        let received = crate::runtime::digest_of(&deposit(1, "a", "1", 99).payload);
+        assert!(dl[0].reason.contains(&stored), "{}", dl[0].reason);
+        assert!(dl[0].reason.contains(&received), "{}", dl[0].reason);
+        assert_eq!(balance(&app, "a").await, Some(11));
+    }
+
+    /// The stored event is what was received: big integers and key order
+    /// survive, and the plugin reads the same text.
+    #[tokio::test]
+    async fn raw_events_are_kept_as_received() {
+        let app = app();
+        let mut p = app.pipeline();
+        let text = r#"{"specversion":"1.0","id":"x1","source":"/t","type":"account.noted","subject":"a","entitytype":"account","zeta":1,"alpha":2,"data":{"big":123456789012345678901234567890,"b":1,"a":2}}"#;
+        p.process(&[record(0, text.to_string())]).await.unwrap();
+        let h = app
+            .storage
+            .history(&EntityKey::new("account", "a"), 0, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            h[0].data.as_str(),
+            r#"{"big":123456789012345678901234567890,"b":1,"a":2}"#
+        );
+        assert_eq!(h[0].record.as_ref().unwrap().as_str(), text);
+        assert_eq!(
+            h[0].digest.as_deref(),
+            Some(crate::runtime::digest_of(text.as_bytes()).as_str())
+        );
+    }
+
+    /// With no time left in the batch, entities are deferred: their events
+    /// are stored, their state is folded by the next batch that meets them.
+    #[tokio::test]
+    async fn entities_beyond_the_batch_budget_are_deferred_then_caught_up() {
+        let app = app();
+        let mut p = Pipeline::new(
+            app.storage.clone(),
+            app.registry.clone(),
+            PipelineConfig {
+                fold_budget: Duration::ZERO,
+                ..Default::default()
+            },
+            app.metrics.clone(),
+        );
+        let r = p
+            .process(&[deposit(0, "a", "1", 10), deposit(1, "b", "1", 5)])
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.deferred, r.stored), (0, 2, 2));
+        assert_eq!(balance(&app, "a").await, None);
+        let mut p = app.pipeline();
+        let r = p.process(&[deposit(2, "a", "2", 1)]).await.unwrap();
+        assert_eq!((r.applied, r.deferred), (2, 0));
+        assert_eq!(balance(&app, "a").await, Some(11));
+    }
+
+    /// Output beyond the batch's read-model budget defers the rest.
+    #[tokio::test]
+    async fn the_batch_projection_budget_defers_the_rest() {
+        let app = app();
+        let mut p = Pipeline::new(
+            app.storage.clone(),
+            app.registry.clone(),
+            PipelineConfig {
+                max_batch_projection_ops: 1,
+                ..Default::default()
+            },
+            app.metrics.clone(),
+        );
+        let r = p.process(&[opened(0, "a"), opened(1, "b")]).await.unwrap();
+        assert_eq!((r.applied, r.deferred), (1, 1));
     }
 }

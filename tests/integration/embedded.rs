@@ -194,6 +194,47 @@ pub fn generated_bank(
     (lines, reference_bank(&applied))
 }
 
+/// `n` bank events over `accounts` accounts whose ids count per account
+/// ("1", "2", … for each: the same id names a different event in every
+/// account), with 1 % re-deliveries of a random earlier event of any account.
+pub fn generated_bank_local_ids(
+    n: usize,
+    accounts: usize,
+    seed: u64,
+) -> (Vec<String>, BTreeMap<String, Value>) {
+    let mut lines: Vec<String> = Vec::new();
+    let mut applied = Vec::new();
+    let mut next_id = vec![1u64; accounts];
+    let mut x = seed;
+    for i in 0..n {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let a = if i < accounts {
+            i
+        } else {
+            (x >> 33) as usize % accounts
+        };
+        let acc = format!("l-{a}");
+        let (ty, data) = if i < accounts {
+            ("account.opened", json!({"owner": format!("o-{a}")}))
+        } else if (x >> 20).is_multiple_of(3) {
+            ("account.withdrawn", json!({"amount": (x >> 40) % 500}))
+        } else {
+            ("account.deposited", json!({"amount": (x >> 40) % 1000}))
+        };
+        let id = next_id[a].to_string();
+        next_id[a] += 1;
+        lines.push(ce(&id, "account", &acc, ty, data.clone()));
+        applied.push((acc, ty.to_string(), data));
+        if (x >> 12) % 100 == 0 {
+            let again = lines[(x >> 7) as usize % lines.len()].clone();
+            lines.push(again);
+        }
+    }
+    (lines, reference_bank(&applied))
+}
+
 #[test]
 fn run_serves_states_history_projections_dead_letters_and_follows_the_file() {
     let dir = tempdir();

@@ -5,5 +5,6 @@
 mod cluster;
 mod common;
 mod embedded;
+mod integrity;
 mod lifecycle;
 mod sandbox;

@@ -124,7 +124,7 @@ pub async fn demo(
         let r = app.consume(Box::new(source), rx, |_| {}).await?;
         let secs = started.elapsed().as_secs_f64();
         let rate = r.applied as f64 / secs;
-        println!(
+        crate::cli::outln!(
             "generated: {} events folded in {:.2} s = {:.0} events/s (batch 1000, SQLite FULL sync)",
             r.applied, secs, rate
         );

@@ -30,7 +30,7 @@ pub fn inspect(file: &Path) -> anyhow::Result<bool> {
                 "imports": imports,
                 "granted": "log only; WASI is linked with no files, env, args, network; clocks frozen, randomness constant",
             });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            crate::cli::outln!("{}", serde_json::to_string_pretty(&out)?);
             Ok(true)
         }
         Err(e) => {
@@ -40,7 +40,7 @@ pub fn inspect(file: &Path) -> anyhow::Result<bool> {
                 "matches_world": false,
                 "error": e.to_string(),
             });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            crate::cli::outln!("{}", serde_json::to_string_pretty(&out)?);
             Ok(false)
         }
     }

@@ -67,7 +67,7 @@ pub async fn push(ep: &Endpoint, file: &Path, entity_type: &str, mode: &str) -> 
                 .body(bytes),
         )
         .await?;
-    println!(
+    crate::cli::outln!(
         "stored {}@{} sha256:{} (sample fold: {} entities, {} events)",
         body["version"]["name"].as_str().unwrap_or("?"),
         body["version"]["version"].as_str().unwrap_or("?"),
@@ -78,7 +78,7 @@ pub async fn push(ep: &Endpoint, file: &Path, entity_type: &str, mode: &str) -> 
     if let Some(id) = body["rebuild"].as_str() {
         follow_rebuild(ep, id).await?;
     } else if let Some(m) = body["activation"].as_str() {
-        println!("activated ({m})");
+        crate::cli::outln!("activated ({m})");
     }
     Ok(())
 }
@@ -113,11 +113,11 @@ pub async fn follow_rebuild(ep: &Endpoint, id: &str) -> anyhow::Result<()> {
         let _ = std::io::stdout().flush();
         match s["state"].as_str() {
             Some("done") => {
-                println!("\ncut over");
+                crate::cli::outln!("\ncut over");
                 return Ok(());
             }
             Some("failed") => {
-                println!();
+                crate::cli::outln!();
                 anyhow::bail!("rebuild failed: {}", s["error"].as_str().unwrap_or("?"));
             }
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
@@ -137,7 +137,7 @@ pub async fn list(ep: &Endpoint, entity_type: Option<&str>) -> anyhow::Result<()
         Some(Value::Array(a)) => a.clone(),
         _ => vec![v],
     };
-    println!(
+    crate::cli::outln!(
         "{:<10} {:<10} {:<10} {:<14} {:<8}",
         "TYPE", "NAME", "VERSION", "DIGEST", "ACTIVE"
     );
@@ -145,7 +145,7 @@ pub async fn list(ep: &Endpoint, entity_type: Option<&str>) -> anyhow::Result<()
         let active = t["active"]["digest"].as_str().unwrap_or("");
         for ver in t["versions"].as_array().cloned().unwrap_or_default() {
             let d = ver["digest"].as_str().unwrap_or("");
-            println!(
+            crate::cli::outln!(
                 "{:<10} {:<10} {:<10} {:<14} {:<8}",
                 ver["entity_type"].as_str().unwrap_or(""),
                 ver["name"].as_str().unwrap_or(""),
@@ -175,7 +175,7 @@ pub async fn activate(
     if let Some(id) = v["rebuild"].as_str() {
         follow_rebuild(ep, id).await
     } else {
-        println!("activated {digest} for {entity_type}");
+        crate::cli::outln!("activated {digest} for {entity_type}");
         Ok(())
     }
 }
@@ -186,7 +186,7 @@ pub async fn rollback(ep: &Endpoint, entity_type: &str) -> anyhow::Result<()> {
     let v = ep
         .send(c.post(ep.url(&format!("/v1/plugins/{entity_type}/rollback"))))
         .await?;
-    println!(
+    crate::cli::outln!(
         "rolled back {entity_type} to {}",
         v["digest"].as_str().unwrap_or("?")
     );
@@ -215,7 +215,7 @@ pub async fn export(
         dir.join("quarantine.json"),
         serde_json::to_string_pretty(&v["quarantine"])?,
     )?;
-    println!(
+    crate::cli::outln!(
         "wrote {} (run: refold test --plugin PLUGIN.wasm {})",
         dir.display(),
         dir.display()
@@ -239,6 +239,6 @@ pub async fn retry(ep: &Endpoint, entity_type: &str, entity_id: &str) -> anyhow:
     let v = ep
         .send(c.post(ep.url(&format!("/v1/quarantine/{entity_type}/{entity_id}/retry"))))
         .await?;
-    println!("{}", serde_json::to_string_pretty(&v)?);
+    crate::cli::outln!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }

@@ -187,7 +187,7 @@ pub async fn run(
     rate: Option<f64>,
 ) -> anyhow::Result<()> {
     let p = produce(brokers, topic, file, binary, rate).await?;
-    println!(
+    crate::cli::outln!(
         "{}",
         serde_json::json!({"topic": topic, "records": p.records, "events": p.events, "raw": p.raw,
                            "mode": if binary { "binary" } else { "structured" },

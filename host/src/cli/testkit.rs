@@ -203,15 +203,15 @@ pub async fn test(plugin: &Path, dir: &Path, as_json: bool) -> anyhow::Result<bo
             "deterministic": deterministic,
             "nondeterministic_entities": nondeterministic,
         });
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        crate::cli::outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        println!(
+        crate::cli::outln!(
             "refold test: {} (sha256:{}) on {}",
             info.tag(),
             &info.digest[..12],
             dir.display()
         );
-        println!(
+        crate::cli::outln!(
             "  {} records: {} applied, {} duplicates, {} dead letters, {} quarantined {:?}",
             big.report.records,
             big.report.applied,
@@ -221,14 +221,14 @@ pub async fn test(plugin: &Path, dir: &Path, as_json: bool) -> anyhow::Result<bo
             big.quarantined
         );
         for l in &lines {
-            println!("{l}");
+            crate::cli::outln!("{l}");
         }
         if deterministic {
-            println!("  determinism: ok (one event per batch and one batch of all events agree)");
+            crate::cli::outln!("  determinism: ok (one event per batch and one batch of all events agree)");
         } else {
-            println!("  determinism: FAILED for {nondeterministic:?}");
+            crate::cli::outln!("  determinism: FAILED for {nondeterministic:?}");
         }
-        println!(
+        crate::cli::outln!(
             "result: {} entities checked, {} mismatches{}",
             expected.len(),
             mismatches.len(),

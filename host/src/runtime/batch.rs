@@ -7,7 +7,6 @@
 //! the guest, never come back out of it: plugin errors name an event by index,
 //! which the sandbox clamps.
 
-use std::io::Write as _;
 
 use crate::bindings::{EventBatch, EventHeader, Span};
 use crate::store::StoredEvent;
@@ -43,14 +42,9 @@ pub fn encode_into(batch: &mut EventBatch, events: &[StoredEvent]) -> Result<(),
             Some(t) => Some(push(&mut batch.bytes, t.as_bytes())?),
             None => None,
         };
-        let start = batch.bytes.len();
-        // Straight into the buffer: no intermediate `Vec` per event. Writing
-        // a `Value` to a `Vec` cannot fail.
-        if serde_json::to_writer(&mut batch.bytes, &e.data).is_err() {
-            batch.bytes.truncate(start);
-            let _ = batch.bytes.write_all(b"null");
-        }
-        let data = span(start, batch.bytes.len())?;
+        // The data's text as received: the plugin sees the producer's bytes
+        // (big integers, key order), and nothing is re-serialised per event.
+        let data = push(&mut batch.bytes, e.data.as_str().as_bytes())?;
         batch.events.push(EventHeader {
             id,
             event_type,
@@ -92,8 +86,10 @@ mod tests {
             source: "/s".into(),
             event_type: "ty".into(),
             time: time.map(Into::into),
-            data,
+            data: crate::event::RawJson::from_value(&data),
             origin: None,
+            record: None,
+            digest: None,
         }
     }
 

@@ -1,7 +1,10 @@
 //! Event sources: where records come from, and how consumption is checkpointed.
 
+mod fault;
 pub mod jsonl;
 pub mod kafka;
+
+pub use fault::is_transient;
 
 use async_trait::async_trait;
 

@@ -53,11 +53,11 @@ use serde_json::Value;
 
 use super::plugins::{Activation, PluginStore, PluginVersion};
 use super::{
-    Checkpoint, Commit, DeadLetter, EntityRecord, EntityUpdate, EventStore, Origin, PluginRef,
+    Checkpoint, Commit, DeadLetter, EntityRecord, EntityUpdate, EventIdentity, EventStore, Origin, PluginRef,
     ProjectionWrite, QuarantineRecord, StateStore, Storage, StoreError, StoredEvent,
 };
 use crate::config::CassandraConfig;
-use crate::event::EntityKey;
+use crate::event::{EntityKey, RawJson};
 
 /// Shards of the small listing tables (entity index, dead letters).
 const INDEX_SHARDS: i32 = 16;
@@ -92,6 +92,8 @@ const SCHEMA: &[&str] = &[
         event_time     text,
         data           text,
         origin         text,
+        record         text,
+        digest         text,
         base           bigint static,
         cap            bigint static,
         head           bigint static,
@@ -142,6 +144,15 @@ const SCHEMA: &[&str] = &[
         recorded_at    text,
         PRIMARY KEY ((entity_type, entity_id))
     ) WITH comment = 'refold: why an entity is quarantined'",
+    "CREATE TABLE IF NOT EXISTS {ks}.snapshots (
+        entity_type text,
+        entity_id   text,
+        digest      text,
+        position    bigint,
+        state       text,
+        PRIMARY KEY ((entity_type, entity_id), digest, position)
+    ) WITH CLUSTERING ORDER BY (digest ASC, position DESC)
+      AND comment = 'refold: replay snapshots for past-position queries (state folded from the first event by one plugin)'",
     "CREATE TABLE IF NOT EXISTS {ks}.checkpoints (
         source      text,
         part        int,
@@ -190,6 +201,8 @@ const UPGRADES: &[&str] = &[
     "ALTER TABLE {ks}.entity_log ADD generation text static",
     "ALTER TABLE {ks}.activations ADD generation text",
     "ALTER TABLE {ks}.activations ADD previous_generation text",
+    "ALTER TABLE {ks}.entity_log ADD record text",
+    "ALTER TABLE {ks}.entity_log ADD digest text",
 ];
 
 /// Where an entity's live bucket is, and its head there.
@@ -314,6 +327,8 @@ struct Statements {
     quarantine_release: PreparedStatement,
     checkpoint_upsert: PreparedStatement,
     checkpoint_read: PreparedStatement,
+    snapshot_read: PreparedStatement,
+    snapshot_insert: PreparedStatement,
     intent_insert: PreparedStatement,
     intent_delete: PreparedStatement,
     intent_read: PreparedStatement,
@@ -572,13 +587,14 @@ impl CassandraStore {
     }
 
     /// Which of `ids` are stored in `buckets` of an entity.
+    /// Of `ids`, those stored for `key` in these buckets, with their digests.
     async fn ids_in(
         &self,
         key: &EntityKey,
         buckets: Vec<i64>,
         ids: &[String],
-    ) -> Result<HashSet<String>, StoreError> {
-        let mut found = HashSet::new();
+    ) -> Result<HashMap<String, Option<String>>, StoreError> {
+        let mut found = HashMap::new();
         for chunk in ids.chunks(IDS_PER_QUERY) {
             let r = self
                 .session
@@ -589,8 +605,9 @@ impl CassandraStore {
                 .await
                 .map_err(exec_err)?;
             let rows = r.into_rows_result().map_err(other)?;
-            for row in rows.rows::<(String,)>().map_err(other)? {
-                found.insert(row.map_err(other)?.0);
+            for row in rows.rows::<(String, Option<String>)>().map_err(other)? {
+                let (id, digest) = row.map_err(other)?;
+                found.insert(id, digest);
             }
         }
         Ok(found)
@@ -600,11 +617,11 @@ impl CassandraStore {
         &self,
         key: &EntityKey,
         ids: Vec<String>,
-    ) -> Result<HashSet<String>, StoreError> {
+    ) -> Result<HashMap<String, Option<String>>, StoreError> {
         let (s0, in0) = tokio::join!(self.read_static(key, 0), self.ids_in(key, vec![0], &ids));
         let Some(s0) = s0? else {
             self.stash(key, None);
-            return Ok(HashSet::new());
+            return Ok(HashMap::new());
         };
         let mut found = in0?;
         if s0.live == 0 && !s0.located(0).full() {
@@ -616,7 +633,10 @@ impl CassandraStore {
         };
         self.stash(key, Some((loc, row)));
         if loc.bucket > 0 {
-            let rest: Vec<String> = ids.into_iter().filter(|i| !found.contains(i)).collect();
+            let rest: Vec<String> = ids
+                .into_iter()
+                .filter(|i| !found.contains_key(i))
+                .collect();
             if !rest.is_empty() {
                 found.extend(self.ids_in(key, (1..=loc.bucket).collect(), &rest).await?);
             }
@@ -653,11 +673,21 @@ impl CassandraStore {
                 Option<String>,
                 Option<String>,
                 Option<String>,
+                Option<String>,
+                Option<String>,
             );
             let mut rows = pager.rows_stream::<EventRow>().map_err(other)?;
             while let Some(row) = rows.next().await {
-                let (position, id, source, event_type, time, data, origin) =
+                let (position, id, source, event_type, time, data, origin, record, digest) =
                     row.map_err(row_err)?;
+                let data = match data {
+                    None => RawJson::null(),
+                    Some(d) => RawJson::parse(&d).map_err(|e| {
+                        StoreError::Other(anyhow::anyhow!(
+                            "data of event {key} at position {position} is not JSON ({e}); the keyspace is damaged"
+                        ))
+                    })?,
+                };
                 out.push(StoredEvent {
                     key: key.clone(),
                     position: position.max(0) as u64,
@@ -665,10 +695,10 @@ impl CassandraStore {
                     source: source.unwrap_or_default(),
                     event_type: event_type.unwrap_or_default(),
                     time,
-                    data: data
-                        .map(|d| serde_json::from_str(&d).unwrap_or(Value::Null))
-                        .unwrap_or(Value::Null),
+                    data,
                     origin: origin.and_then(|o| serde_json::from_str::<Origin>(&o).ok()),
+                    record: record.and_then(|r| RawJson::parse(&r).ok()),
+                    digest,
                 });
             }
         }
@@ -800,13 +830,15 @@ impl CassandraStore {
                 e.source.as_str(),
                 e.event_type.as_str(),
                 e.time.as_deref(),
-                e.data.to_string(),
+                e.data.as_str(),
                 e.origin
                     .as_ref()
                     .map(|o| serde_json::to_string(o).unwrap_or_default()),
+                e.record.as_ref().map(RawJson::as_str),
+                e.digest.as_deref(),
             )));
             batch.append_statement(self.st.insert_id.clone());
-            values.push(Box::new((t, id, bucket, e.id.as_str())));
+            values.push(Box::new((t, id, bucket, e.id.as_str(), e.digest.as_deref())));
         }
         let p = u.plugin.as_ref();
         let (pn, pv, pd) = (
@@ -996,7 +1028,7 @@ impl CassandraStore {
     async fn apply_if_committed(&self, e: &Effects) -> Result<(), StoreError> {
         let mut applied = e.probes.is_empty();
         for (key, id) in &e.probes {
-            if self.known_for(key, vec![id.clone()]).await?.contains(id) {
+            if self.known_for(key, vec![id.clone()]).await?.contains_key(id) {
                 applied = true;
                 break;
             }
@@ -1343,7 +1375,10 @@ impl CassandraStore {
 
 #[async_trait]
 impl EventStore for CassandraStore {
-    async fn known_ids(&self, ids: &[(EntityKey, String)]) -> anyhow::Result<HashSet<String>> {
+    async fn known_ids(
+        &self,
+        ids: &[EventIdentity],
+    ) -> anyhow::Result<HashMap<EventIdentity, Option<String>>> {
         let mut per: HashMap<&EntityKey, Vec<String>> = HashMap::new();
         for (k, id) in ids {
             per.entry(k).or_default().push(id.clone());
@@ -1352,12 +1387,16 @@ impl EventStore for CassandraStore {
         self.read("looking up event ids", || async {
             let futs: Vec<_> = per
                 .iter()
-                .map(|(k, ids)| self.known_for(k, ids.clone()))
+                .map(|(k, ids)| async move { (*k, self.known_for(k, ids.clone()).await) })
                 .collect();
             let mut s = stream::iter(futs).buffer_unordered(self.concurrency);
-            let mut known = HashSet::new();
-            while let Some(r) = s.next().await {
-                known.extend(r?);
+            // Keyed by the whole identity: an id known for one entity says
+            // nothing about another entity's event with the same id.
+            let mut known = HashMap::new();
+            while let Some((k, r)) = s.next().await {
+                for (id, digest) in r? {
+                    known.insert((k.clone(), id), digest);
+                }
             }
             Ok(known)
         })
@@ -1417,14 +1456,21 @@ impl StateStore for CassandraStore {
                     continue;
                 };
                 self.remember(k, Some(loc));
+                // A state that is not JSON is damage to report, never a
+                // silent `null` that a fold would start over from.
+                let state = match row.state.as_deref() {
+                    None => None,
+                    Some(s) => Some(serde_json::from_str(s).map_err(|e| {
+                        StoreError::Other(anyhow::anyhow!(
+                            "the state of {k} is not JSON ({e}); the keyspace is damaged"
+                        ))
+                    })?),
+                };
                 out.insert(
                     k.clone(),
                     EntityRecord {
                         key: k.clone(),
-                        state: row
-                            .state
-                            .as_deref()
-                            .map(|s| serde_json::from_str(s).unwrap_or(Value::Null)),
+                        state,
                         position: row.position,
                         head: row.head,
                         plugin: row.plugin,
@@ -1600,6 +1646,59 @@ impl StateStore for CassandraStore {
     async fn drop_namespace(&self, ns: &str) -> anyhow::Result<()> {
         self.read("dropping a generation", || self.drop_namespace_inner(ns))
             .await
+    }
+
+    async fn snapshot_before(
+        &self,
+        key: &EntityKey,
+        digest: &str,
+        at: u64,
+    ) -> anyhow::Result<Option<(u64, Value)>> {
+        let at = at.min(i64::MAX as u64) as i64;
+        self.read("reading a snapshot", || async {
+            let r = self
+                .session
+                .execute_unpaged(
+                    &self.st.snapshot_read,
+                    (&key.entity_type, &key.entity_id, digest, at),
+                )
+                .await
+                .map_err(exec_err)?;
+            let rows = r.into_rows_result().map_err(other)?;
+            let row = rows
+                .maybe_first_row::<(i64, String)>()
+                .map_err(other)?;
+            // A snapshot that does not parse is only a lost shortcut.
+            Ok(row.and_then(|(p, s)| {
+                serde_json::from_str(&s).ok().map(|v| (p.max(0) as u64, v))
+            }))
+        })
+        .await
+    }
+
+    async fn put_snapshots(
+        &self,
+        key: &EntityKey,
+        digest: &str,
+        snapshots: &[(u64, Value)],
+    ) -> anyhow::Result<()> {
+        let futs: Vec<_> = snapshots
+            .iter()
+            .map(|(p, v)| {
+                self.session.execute_unpaged(
+                    &self.st.snapshot_insert,
+                    (
+                        &key.entity_type,
+                        &key.entity_id,
+                        digest,
+                        *p as i64,
+                        v.to_string(),
+                    ),
+                )
+            })
+            .collect();
+        self.all(futs).await?;
+        Ok(())
     }
 
     async fn checkpoints(&self, source: &str) -> anyhow::Result<Vec<Checkpoint>> {
@@ -1895,13 +1994,13 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
     let mut st = Statements {
         read_static: p("SELECT base, cap, head, state, state_position, plugin_name, plugin_version, plugin_digest, quarantined, live, generation
                         FROM {ks}.entity_log WHERE entity_type = ? AND entity_id = ? AND bucket = ? LIMIT 1").await?,
-        read_ids: p("SELECT event_id FROM {ks}.entity_log
+        read_ids: p("SELECT event_id, digest FROM {ks}.entity_log
                      WHERE entity_type = ? AND entity_id = ? AND bucket IN ? AND kind = 1 AND position = 0 AND event_id IN ?").await?,
-        read_events: p("SELECT position, event_id, source, event_type, event_time, data, origin FROM {ks}.entity_log
+        read_events: p("SELECT position, event_id, source, event_type, event_time, data, origin, record, digest FROM {ks}.entity_log
                         WHERE entity_type = ? AND entity_id = ? AND bucket = ? AND kind = 0 AND position > ? AND position <= ?").await?,
-        insert_event: p("INSERT INTO {ks}.entity_log (entity_type, entity_id, bucket, kind, position, event_id, source, event_type, event_time, data, origin)
-                         VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)").await?,
-        insert_id: p("INSERT INTO {ks}.entity_log (entity_type, entity_id, bucket, kind, position, event_id) VALUES (?, ?, ?, 1, 0, ?)").await?,
+        insert_event: p("INSERT INTO {ks}.entity_log (entity_type, entity_id, bucket, kind, position, event_id, source, event_type, event_time, data, origin, record, digest)
+                         VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)").await?,
+        insert_id: p("INSERT INTO {ks}.entity_log (entity_type, entity_id, bucket, kind, position, event_id, digest) VALUES (?, ?, ?, 1, 0, ?, ?)").await?,
         advance: p("UPDATE {ks}.entity_log SET head = ?, state = ?, state_position = ?, plugin_name = ?, plugin_version = ?, plugin_digest = ?, quarantined = ?, generation = ?
                     WHERE entity_type = ? AND entity_id = ? AND bucket = ? IF head = ?").await?,
         open_bucket: p("UPDATE {ks}.entity_log SET base = ?, cap = ?, head = ?, state = ?, state_position = ?, plugin_name = ?, plugin_version = ?, plugin_digest = ?, quarantined = ?, generation = ?
@@ -1929,6 +2028,9 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
         quarantine_release: p("DELETE FROM {ks}.quarantine USING TIMESTAMP ? WHERE entity_type = ? AND entity_id = ?").await?,
         checkpoint_upsert: p("INSERT INTO {ks}.checkpoints (source, part, next_offset) VALUES (?, ?, ?) USING TIMESTAMP ?").await?,
         checkpoint_read: p("SELECT part, next_offset FROM {ks}.checkpoints WHERE source = ?").await?,
+        snapshot_read: p("SELECT position, state FROM {ks}.snapshots
+                          WHERE entity_type = ? AND entity_id = ? AND digest = ? AND position <= ? LIMIT 1").await?,
+        snapshot_insert: p("INSERT INTO {ks}.snapshots (entity_type, entity_id, digest, position, state) VALUES (?, ?, ?, ?, ?)").await?,
         intent_insert: p("INSERT INTO {ks}.pending_effects (id, seq, ts, chunk) VALUES (?, ?, ?, ?)").await?,
         intent_delete: p("DELETE FROM {ks}.pending_effects WHERE id = ?").await?,
         intent_read: p("SELECT id, seq, ts, chunk FROM {ks}.pending_effects").await?,

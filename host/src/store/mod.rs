@@ -12,13 +12,13 @@ pub mod sqlite;
 
 pub use plugins::{Activation, PluginStore, PluginVersion};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::EntityKey;
+use crate::event::{EntityKey, RawJson};
 
 /// Which plugin version produced a state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,11 +57,47 @@ pub struct StoredEvent {
     pub event_type: String,
     /// CloudEvents `time`.
     pub time: Option<String>,
-    /// CloudEvents `data`.
-    pub data: Value,
+    /// CloudEvents `data`, as received.
+    pub data: RawJson,
     /// Where it was read from.
     pub origin: Option<Origin>,
+    /// The record as received (see [`crate::event::Envelope::record`]);
+    /// `None` for events stored before records were kept.
+    #[serde(default)]
+    pub record: Option<RawJson>,
+    /// sha256 of `record`; `None` for events stored before digests were kept
+    /// (a re-delivery of one of those is taken as a duplicate).
+    #[serde(default)]
+    pub digest: Option<String>,
 }
+
+impl StoredEvent {
+    /// The event as a structured-mode CloudEvent (for export, fixtures and
+    /// `refold produce`). `data` keeps its text.
+    pub fn to_structured(&self) -> String {
+        let mut head = serde_json::json!({
+            "specversion": "1.0",
+            "id": self.id,
+            "source": self.source,
+            "type": self.event_type,
+            "subject": self.key.entity_id,
+            "entitytype": self.key.entity_type,
+        });
+        if let Some(t) = &self.time {
+            head["time"] = Value::String(t.clone());
+        }
+        let mut out = head.to_string();
+        out.pop();
+        out.push_str(",\"data\":");
+        out.push_str(self.data.as_str());
+        out.push('}');
+        out
+    }
+}
+
+/// An event's identity: entity and event id. Two records with one identity
+/// are one event (when their bytes agree) or a conflict (when they do not).
+pub type EventIdentity = (EntityKey, String);
 
 /// What the store knows about one entity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -246,8 +282,12 @@ impl From<anyhow::Error> for StoreError {
 /// Raw events: append-only, idempotent by event id, read per entity.
 #[async_trait]
 pub trait EventStore: Send + Sync {
-    /// Of these (entity, event id) pairs, the ids already stored.
-    async fn known_ids(&self, ids: &[(EntityKey, String)]) -> anyhow::Result<HashSet<String>>;
+    /// Of these identities, the ones already stored, each with the digest of
+    /// the stored record (`None` when it was stored without one).
+    async fn known_ids(
+        &self,
+        ids: &[EventIdentity],
+    ) -> anyhow::Result<HashMap<EventIdentity, Option<String>>>;
     /// An entity's events with `after < position <= upto`, in order.
     async fn history(
         &self,
@@ -284,6 +324,25 @@ pub trait StateStore: Send + Sync {
     async fn adopt_projections(&self, ns: &str, archive: &str) -> anyhow::Result<()>;
     /// Forget every state, quarantine and projection of namespace `ns`.
     async fn drop_namespace(&self, ns: &str) -> anyhow::Result<()>;
+    /// The latest replay snapshot of `key` by plugin `digest` at a position
+    /// `<= at`: the state folded from the entity's first event up to that
+    /// position by that plugin alone. Lets a past-position query replay a
+    /// bounded stretch instead of the whole history.
+    async fn snapshot_before(
+        &self,
+        key: &EntityKey,
+        digest: &str,
+        at: u64,
+    ) -> anyhow::Result<Option<(u64, Value)>>;
+    /// Keep replay snapshots of `key` by plugin `digest` (position, state).
+    /// Idempotent: a snapshot is a pure function of the events and the
+    /// plugin, so writing one twice writes the same value.
+    async fn put_snapshots(
+        &self,
+        key: &EntityKey,
+        digest: &str,
+        snapshots: &[(u64, Value)],
+    ) -> anyhow::Result<()>;
 }
 
 /// A complete backend: both stores, the plugin registry, plus the atomic

@@ -4,7 +4,7 @@
 //! dead letters and the source checkpoint advance together: after a crash
 //! the pipeline re-reads from the checkpoint and finds exactly what it left.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -15,10 +15,10 @@ use serde_json::Value;
 
 use super::plugins::{Activation, PluginStore, PluginVersion};
 use super::{
-    Checkpoint, Commit, DeadLetter, EntityRecord, EventStore, PluginRef, ProjectionWrite,
-    QuarantineRecord, StateStore, Storage, StoreError, StoredEvent,
+    Checkpoint, Commit, DeadLetter, EntityRecord, EventIdentity, EventStore, PluginRef,
+    ProjectionWrite, QuarantineRecord, StateStore, Storage, StoreError, StoredEvent,
 };
-use crate::event::EntityKey;
+use crate::event::{EntityKey, RawJson};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS events (
@@ -31,6 +31,8 @@ CREATE TABLE IF NOT EXISTS events (
     time        TEXT,
     data        TEXT NOT NULL,
     origin      TEXT,
+    record      TEXT,
+    digest      TEXT,
     PRIMARY KEY (entity_type, entity_id, position)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (entity_type, entity_id, event_id);
@@ -97,6 +99,14 @@ CREATE TABLE IF NOT EXISTS activations (
     generation   TEXT NOT NULL DEFAULT '',
     previous_generation TEXT
 );
+CREATE TABLE IF NOT EXISTS snapshots (
+    entity_type TEXT NOT NULL,
+    entity_id   TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    PRIMARY KEY (entity_type, entity_id, digest, position)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS checkpoints (
     source    TEXT NOT NULL,
     partition INTEGER NOT NULL,
@@ -110,6 +120,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("entities", "generation", "TEXT NOT NULL DEFAULT ''"),
     ("activations", "generation", "TEXT NOT NULL DEFAULT ''"),
     ("activations", "previous_generation", "TEXT"),
+    ("events", "record", "TEXT"),
+    ("events", "digest", "TEXT"),
 ];
 
 fn migrate(c: &Connection) -> rusqlite::Result<()> {
@@ -131,13 +143,84 @@ fn migrate(c: &Connection) -> rusqlite::Result<()> {
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
+    /// The database file and the identity it had when opened: a commit
+    /// first checks that the file is still there, so a database deleted or
+    /// replaced under a running host stops writes instead of vanishing with
+    /// them (SQLite keeps writing to the unlinked inode).
+    file: Option<Arc<DbFile>>,
+}
+
+/// The opened database file, with the lock that makes this process its only
+/// writer for as long as it lives.
+struct DbFile {
+    path: std::path::PathBuf,
+    identity: (u64, u64),
+    /// Held, never read: the exclusive lock on `<db>.lock` lives as long as
+    /// the store.
+    _lock: std::fs::File,
+}
+
+/// Why a database cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Another process holds the database.
+    #[error(
+        "{path} is in use by another refold process (lock {lock} is held): one writer per embedded database; stop the other host or use another store.path"
+    )]
+    Locked {
+        /// The database.
+        path: String,
+        /// The lock file.
+        lock: String,
+    },
+}
+
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl SqliteStore {
     /// Open (or create) the database at `path`.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Self::open_capped(path, 0)
+    }
+
+    /// Open (or create) the database at `path`, capped at `max_bytes`
+    /// (0: no cap). At the cap a write fails with SQLite's "database or
+    /// disk is full", exactly as on a full disk.
+    pub fn open_capped(path: &Path, max_bytes: u64) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        // One writer per database: two hosts folding the same events into one
+        // file would both pass dedup and apply them twice. The lock is the
+        // kernel's, so it is released when the process dies, however it dies.
+        let lock_path = {
+            let mut p = path.as_os_str().to_owned();
+            p.push(".lock");
+            std::path::PathBuf::from(p)
+        };
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(OpenError::Locked {
+                    path: path.display().to_string(),
+                    lock: lock_path.display().to_string(),
+                }
+                .into());
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("locking {}", lock_path.display())));
+            }
         }
         let writer =
             Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -150,13 +233,41 @@ impl SqliteStore {
             .execute_batch(SCHEMA)
             .context("creating the schema")?;
         migrate(&writer).context("upgrading the schema")?;
+        if max_bytes > 0 {
+            let page: i64 = writer.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let pages = (max_bytes / page.max(512) as u64).max(1);
+            writer.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+        }
         let reader = Connection::open(path)?;
         reader.busy_timeout(std::time::Duration::from_secs(10))?;
         tune(&reader)?;
+        let identity = file_identity(path).with_context(|| format!("reading {}", path.display()))?;
         Ok(SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
+            file: Some(Arc::new(DbFile {
+                path: path.to_path_buf(),
+                identity,
+                _lock: lock,
+            })),
         })
+    }
+
+    /// `Unavailable` when the database file is gone or replaced: writing on
+    /// would go to a file nobody can open again.
+    fn check_file(&self) -> Result<(), StoreError> {
+        let Some(f) = &self.file else { return Ok(()) };
+        match file_identity(&f.path) {
+            Ok(id) if id == f.identity => Ok(()),
+            Ok(_) => Err(StoreError::Unavailable(format!(
+                "database {} was replaced while this host had it open; writing stopped (restart the host to open the new file)",
+                f.path.display()
+            ))),
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "database {} is gone ({e}); writing stopped (restore the file, or restart the host to start a new one)",
+                f.path.display()
+            ))),
+        }
     }
 
     /// Open an in-memory store (for unit tests of code above the store).
@@ -173,6 +284,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
+            file: None,
         })
     }
 
@@ -236,18 +348,47 @@ fn json_col(s: String) -> Value {
     serde_json::from_str(&s).unwrap_or(Value::Null)
 }
 
+/// A JSON column that must hold JSON: a rotted value is an error that names
+/// the row, never a silent `null`.
+fn strict_json(s: String, what: impl FnOnce() -> String) -> rusqlite::Result<Value> {
+    serde_json::from_str(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("{} is not JSON ({e}); the database is damaged", what()).into(),
+        )
+    })
+}
+
+fn raw_col(s: String, what: impl FnOnce() -> String) -> rusqlite::Result<RawJson> {
+    RawJson::parse(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("{} is not JSON ({e}); the database is damaged", what()).into(),
+        )
+    })
+}
+
 #[async_trait]
 impl EventStore for SqliteStore {
-    async fn known_ids(&self, ids: &[(EntityKey, String)]) -> anyhow::Result<HashSet<String>> {
+    async fn known_ids(
+        &self,
+        ids: &[EventIdentity],
+    ) -> anyhow::Result<HashMap<EventIdentity, Option<String>>> {
         let ids = ids.to_vec();
         self.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT 1 FROM events WHERE entity_type = ?1 AND entity_id = ?2 AND event_id = ?3",
+                "SELECT digest FROM events WHERE entity_type = ?1 AND entity_id = ?2 AND event_id = ?3",
             )?;
-            let mut known = HashSet::new();
-            for (k, id) in &ids {
-                if st.exists(params![k.entity_type, k.entity_id, id])? {
-                    known.insert(id.clone());
+            let mut known = HashMap::new();
+            for identity in ids {
+                let (k, id) = &identity;
+                let found: Option<Option<String>> = st
+                    .query_row(params![k.entity_type, k.entity_id, id], |r| r.get(0))
+                    .optional()?;
+                if let Some(digest) = found {
+                    known.insert(identity, digest);
                 }
             }
             Ok(known)
@@ -265,24 +406,30 @@ impl EventStore for SqliteStore {
         let upto = upto.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
         self.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT position, event_id, source, event_type, time, data, origin FROM events
+                "SELECT position, event_id, source, event_type, time, data, origin, record, digest FROM events
                  WHERE entity_type = ?1 AND entity_id = ?2 AND position > ?3 AND position <= ?4
                  ORDER BY position",
             )?;
             let rows = st.query_map(
                 params![key.entity_type, key.entity_id, after as i64, upto],
                 |r| {
+                    let position = r.get::<_, i64>(0)? as u64;
+                    let what = || format!("data of event {} at position {position}", key);
                     Ok(StoredEvent {
                         key: key.clone(),
-                        position: r.get::<_, i64>(0)? as u64,
+                        position,
                         id: r.get(1)?,
                         source: r.get(2)?,
                         event_type: r.get(3)?,
                         time: r.get(4)?,
-                        data: json_col(r.get(5)?),
+                        data: raw_col(r.get(5)?, what)?,
                         origin: r
                             .get::<_, Option<String>>(6)?
                             .and_then(|s| serde_json::from_str(&s).ok()),
+                        record: r
+                            .get::<_, Option<String>>(7)?
+                            .and_then(|s| RawJson::parse(&s).ok()),
+                        digest: r.get(8)?,
                     })
                 },
             )?;
@@ -319,7 +466,10 @@ impl StateStore for SqliteStore {
                     .query_row(params![k.entity_type, k.entity_id], |r| {
                         Ok(EntityRecord {
                             key: k.clone(),
-                            state: r.get::<_, Option<String>>(0)?.map(json_col),
+                            state: r
+                                .get::<_, Option<String>>(0)?
+                                .map(|s| strict_json(s, || format!("the state of {k}")))
+                                .transpose()?,
                             position: r.get::<_, i64>(1)? as u64,
                             head: r.get::<_, i64>(2)? as u64,
                             plugin: plugin_ref(r.get(3)?, r.get(4)?, r.get(5)?),
@@ -471,6 +621,61 @@ impl StateStore for SqliteStore {
         .await
     }
 
+    async fn snapshot_before(
+        &self,
+        key: &EntityKey,
+        digest: &str,
+        at: u64,
+    ) -> anyhow::Result<Option<(u64, Value)>> {
+        let (key, digest) = (key.clone(), digest.to_string());
+        let at = at.min(i64::MAX as u64) as i64;
+        self.read(move |c| {
+            let row: Option<(i64, String)> = c
+                .prepare_cached(
+                    "SELECT position, state FROM snapshots
+                     WHERE entity_type = ?1 AND entity_id = ?2 AND digest = ?3 AND position <= ?4
+                     ORDER BY position DESC LIMIT 1",
+                )?
+                .query_row(params![key.entity_type, key.entity_id, digest, at], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            // A snapshot that does not parse is only a lost shortcut.
+            Ok(row.and_then(|(p, s)| serde_json::from_str(&s).ok().map(|v| (p as u64, v))))
+        })
+        .await
+    }
+
+    async fn put_snapshots(
+        &self,
+        key: &EntityKey,
+        digest: &str,
+        snapshots: &[(u64, Value)],
+    ) -> anyhow::Result<()> {
+        if snapshots.is_empty() {
+            return Ok(());
+        }
+        let (key, digest) = (key.clone(), digest.to_string());
+        let snaps: Vec<(i64, String)> = snapshots
+            .iter()
+            .map(|(p, v)| (*p as i64, v.to_string()))
+            .collect();
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO snapshots (entity_type, entity_id, digest, position, state)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for (p, v) in &snaps {
+                    st.execute(params![key.entity_type, key.entity_id, digest, p, v])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
     async fn checkpoints(&self, source: &str) -> anyhow::Result<Vec<Checkpoint>> {
         let s = source.to_string();
         self.read(move |c| {
@@ -493,6 +698,7 @@ impl StateStore for SqliteStore {
 #[async_trait]
 impl Storage for SqliteStore {
     async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+        self.check_file()?;
         let w = self.writer.clone();
         tokio::task::spawn_blocking(move || {
             let mut c = w
@@ -505,15 +711,34 @@ impl Storage for SqliteStore {
     }
 }
 
+/// A failed write, typed by what the caller can do about it: a full disk or
+/// an I/O error is waited out (the batch is retried), a uniqueness conflict
+/// means another writer got there first (the batch is re-run).
+fn classify(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code() {
+        Some(C::DiskFull) => StoreError::Unavailable(format!("disk full: {e}")),
+        Some(C::SystemIoFailure | C::CannotOpen | C::DatabaseBusy | C::DatabaseLocked | C::ReadOnly) => {
+            StoreError::Unavailable(format!("sqlite: {e}"))
+        }
+        Some(C::ConstraintViolation) => StoreError::Fenced(format!(
+            "an event row was written by another writer meanwhile: {e}"
+        )),
+        _ => StoreError::Other(anyhow::Error::from(e).context("sqlite commit")),
+    }
+}
+
 fn write_commit(c: &mut Connection, commit: &Commit) -> Result<(), StoreError> {
-    let other =
-        |e: rusqlite::Error| StoreError::Other(anyhow::Error::from(e).context("sqlite commit"));
+    let other = classify;
     let tx = c.transaction().map_err(other)?;
     {
         let mut ins = tx
             .prepare_cached(
-                "INSERT OR IGNORE INTO events (entity_type, entity_id, position, event_id, source, event_type, time, data, origin)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                // Not `OR IGNORE`: an event row that is already there means
+                // another writer stored it since our dedup, and the state
+                // update that goes with it must not succeed either.
+                "INSERT INTO events (entity_type, entity_id, position, event_id, source, event_type, time, data, origin, record, digest)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )
             .map_err(other)?;
         for e in &commit.events {
@@ -525,10 +750,12 @@ fn write_commit(c: &mut Connection, commit: &Commit) -> Result<(), StoreError> {
                 e.source,
                 e.event_type,
                 e.time,
-                e.data.to_string(),
+                e.data.as_str(),
                 e.origin
                     .as_ref()
                     .map(|o| serde_json::to_string(o).unwrap_or_default()),
+                e.record.as_ref().map(RawJson::as_str),
+                e.digest,
             ])
             .map_err(other)?;
         }
@@ -786,8 +1013,10 @@ mod tests {
             source: "/t".into(),
             event_type: "t".into(),
             time: None,
-            data: json!({"n": pos}),
+            data: RawJson::from_value(&json!({"n": pos})),
             origin: None,
+            record: None,
+            digest: Some(format!("d-{id}")),
         }
     }
 
@@ -877,5 +1106,107 @@ mod tests {
         assert_eq!(s.history(&k, 0, None).await.unwrap().len(), 2);
         assert_eq!(s.checkpoints("f").await.unwrap()[0].offset, 10);
         assert_eq!(s.history(&k, 1, Some(1)).await.unwrap().len(), 0);
+    }
+
+    /// One writer per database: a second open is refused with a reason that
+    /// says so, and the lock goes with the first store.
+    #[test]
+    fn a_second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let first = SqliteStore::open(&path).unwrap();
+        let err = SqliteStore::open(&path).err().expect("second open refused");
+        assert!(
+            matches!(err.downcast_ref::<OpenError>(), Some(OpenError::Locked { .. })),
+            "{err:#}"
+        );
+        assert!(err.to_string().contains("in use by another refold process"));
+        drop(first);
+        SqliteStore::open(&path).expect("free again once the first is gone");
+    }
+
+    /// A database deleted under a running store stops writes, typed as an
+    /// outage to wait out, instead of writing into the unlinked file.
+    #[tokio::test]
+    async fn a_deleted_database_stops_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let s = SqliteStore::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let k = EntityKey::new("account", "a1");
+        let c = Commit {
+            events: vec![ev(&k, 1, "e1")],
+            ..Default::default()
+        };
+        match s.commit(c).await {
+            Err(StoreError::Unavailable(why)) => assert!(why.contains("is gone"), "{why}"),
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+    }
+
+    /// A full disk is an outage (retried), a uniqueness conflict a lost race.
+    #[test]
+    fn write_errors_are_typed() {
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        assert!(matches!(classify(full), StoreError::Unavailable(_)));
+        let dup = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE),
+            None,
+        );
+        assert!(matches!(classify(dup), StoreError::Fenced(_)));
+    }
+
+    /// An event row already written by someone else fails the whole commit,
+    /// so no state advances past an event that this writer did not store.
+    #[tokio::test]
+    async fn an_event_row_written_meanwhile_fences_the_commit() {
+        let s = SqliteStore::in_memory().unwrap();
+        let k = EntityKey::new("account", "a1");
+        let update = |head, expected| super::super::EntityUpdate {
+            key: k.clone(),
+            state: json!({"head": head}),
+            position: head,
+            head,
+            expected_head: expected,
+            plugin: None,
+            quarantined: false,
+            generation: String::new(),
+        };
+        let c = Commit {
+            events: vec![ev(&k, 1, "e1")],
+            entities: vec![update(1, 0)],
+            ..Default::default()
+        };
+        s.commit(c.clone()).await.unwrap();
+        // The same event at another position, state fenced on the new head.
+        let again = Commit {
+            events: vec![ev(&k, 2, "e1")],
+            entities: vec![update(2, 1)],
+            ..Default::default()
+        };
+        assert!(matches!(s.commit(again).await, Err(StoreError::Fenced(_))));
+        assert_eq!(s.load(std::slice::from_ref(&k)).await.unwrap()[&k].head, 1);
+    }
+
+    /// A state column that is not JSON is an error naming the entity.
+    #[tokio::test]
+    async fn a_rotted_state_is_an_error_not_null() {
+        let s = SqliteStore::in_memory().unwrap();
+        s.write(|c| {
+            c.execute(
+                "INSERT INTO entities (entity_type, entity_id, state, position, head) VALUES ('account', 'a1', '{rot', 1, 1)",
+                [],
+            )
+        })
+        .await
+        .unwrap();
+        let err = s
+            .load(&[EntityKey::new("account", "a1")])
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("account/a1"), "{err:#}");
     }
 }

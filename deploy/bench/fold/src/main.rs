@@ -122,8 +122,10 @@ fn generate() -> Vec<StoredEvent> {
                     1 + (secs - 1_735_689_600) / 86_400,
                     r % 1000
                 )),
-                data,
+                data: refold::event::RawJson::from_value(&data),
                 origin: None,
+                record: None,
+                digest: None,
             }
         })
         .collect()

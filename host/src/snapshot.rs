@@ -1,0 +1,112 @@
+//! Past-position answers from replay snapshots: the state of an entity at a
+//! position, folded by one plugin version from the entity's first event, is
+//! a pure function of the stored events and that version (plugins get no
+//! clock, randomness or I/O). So it is kept every [`EVERY`] positions as a
+//! replay passes them, and a later question about a position replays only
+//! from the snapshot before it: at most about `EVERY` events plus what
+//! arrived since, instead of the whole history.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::event::EntityKey;
+use crate::fold;
+use crate::runtime::{Plugin, Sandbox};
+use crate::store::Storage;
+
+/// Positions between two replay snapshots of an entity.
+pub const EVERY: u64 = 1_000;
+
+/// The state of an entity at a position, as one plugin folds it.
+#[derive(Debug)]
+pub struct StateAt {
+    /// The state after the last event applied.
+    pub state: Value,
+    /// The position of that event (0: none).
+    pub position: u64,
+    /// Why folding stopped before the position asked for, if it did.
+    pub failure: Option<String>,
+    /// Events replayed to answer (after the snapshot it started from).
+    pub replayed: usize,
+}
+
+/// Fold `key` up to position `at` with `plugin`, starting from the latest
+/// replay snapshot at or before `at`, and keep the snapshots this replay
+/// passes. `Ok(None)` when the entity has no events up to `at`.
+pub async fn state_at(
+    storage: &dyn Storage,
+    plugin: &Arc<Plugin>,
+    key: &EntityKey,
+    at: u64,
+) -> anyhow::Result<Option<StateAt>> {
+    let snap = storage.snapshot_before(key, &plugin.digest, at).await?;
+    let (from, start) = match snap {
+        Some((p, s)) => (p, Some(s)),
+        None => (0, None),
+    };
+    let events = storage.history(key, from, Some(at)).await?;
+    if events.is_empty() && start.is_none() {
+        return Ok(None);
+    }
+    let id = key.entity_id.clone();
+    let p = plugin.clone();
+    let (answer, snapshots) = tokio::task::spawn_blocking(move || {
+        let sandbox = &mut Sandbox::new(p);
+        let mut state = match start {
+            Some(s) => s,
+            None => match fold::init_state(sandbox, &id) {
+                Ok(s) => s,
+                Err(e) => {
+                    let answer = StateAt {
+                        state: Value::Null,
+                        position: 0,
+                        failure: Some(format!("init failed: {e}")),
+                        replayed: 0,
+                    };
+                    return (answer, Vec::new());
+                }
+            },
+        };
+        let mut position = from;
+        let mut snapshots = Vec::new();
+        let mut failure = None;
+        let mut rest = &events[..];
+        while !rest.is_empty() {
+            // Up to the next multiple of EVERY, so snapshots land on it.
+            let next_mark = (position / EVERY + 1) * EVERY;
+            let n = rest
+                .iter()
+                .take_while(|e| e.position <= next_mark)
+                .count()
+                .max(1);
+            let (chunk, tail) = rest.split_at(n);
+            let o = fold::fold_and_project(sandbox, &id, state, chunk, false);
+            state = o.state;
+            if o.applied > 0 {
+                position = chunk[o.applied - 1].position;
+            }
+            if let Some((i, e)) = o.failure {
+                failure = Some(format!("event {} failed: {e}", chunk[i].id));
+                break;
+            }
+            if position % EVERY == 0 && position > from {
+                snapshots.push((position, state.clone()));
+            }
+            rest = tail;
+        }
+        let answer = StateAt {
+            state,
+            position,
+            failure,
+            replayed: events.len(),
+        };
+        (answer, snapshots)
+    })
+    .await?;
+    if let Err(e) = storage.put_snapshots(key, &plugin.digest, &snapshots).await {
+        // Only a shortcut lost: the next question replays further.
+        tracing::debug!(entity = %key, error = %format!("{e:#}"), "keeping replay snapshots failed");
+    }
+    Ok(Some(answer))
+}
