@@ -350,7 +350,7 @@ impl App {
                 self.health.lag(&l.source, l.partition, l.lag);
             }
             let Some(records) = batch else { break };
-            if records.is_empty() {
+            if records.is_empty() && !pipeline.has_deferred() {
                 continue;
             }
             let produced_at: Vec<i64> = records.iter().filter_map(|r| r.produced_at_ms).collect();

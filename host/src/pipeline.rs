@@ -144,6 +144,9 @@ pub struct Pipeline {
     storage: Arc<dyn Storage>,
     registry: Arc<Registry>,
     sandboxes: HashMap<String, Sandbox>,
+    /// Entities a batch deferred, to be folded by the next ones even when no
+    /// new event of theirs arrives (so their read models catch up too).
+    behind: std::collections::VecDeque<EntityKey>,
     config: PipelineConfig,
     metrics: Arc<Metrics>,
 }
@@ -194,6 +197,7 @@ impl Pipeline {
             storage,
             registry,
             sandboxes: HashMap::new(),
+            behind: Default::default(),
             config,
             metrics,
         }
@@ -303,6 +307,15 @@ impl Pipeline {
                     Vec::new()
                 })
                 .push((e, o));
+        }
+        // Entities left behind by earlier batches come along (a bounded
+        // number per batch), with no new events: their gap is folded.
+        let take = self.behind.len().min(records.len().max(MIN_CATCH_UP));
+        for key in self.behind.drain(..take) {
+            if !groups.contains_key(&key) && plugins.contains_key(&key.entity_type) {
+                groups.insert(key.clone(), Vec::new());
+                order.push(key);
+            }
         }
         let mut records_by_key = if order.is_empty() {
             HashMap::new()
@@ -423,6 +436,11 @@ impl Pipeline {
             self.sandboxes.extend(sandboxes);
             done.extend(d);
             report.deferred += deferred.len();
+            for d in &deferred {
+                if self.behind.len() < MAX_BEHIND {
+                    self.behind.push_back(d.key.clone());
+                }
+            }
             commit.entities.extend(deferred);
         }
         if report.deferred > 0 {
@@ -468,6 +486,21 @@ impl Pipeline {
 
         self.storage.commit(commit).await?;
         Ok(report)
+    }
+}
+
+/// Deferred entities remembered for catching up; beyond it they are folded
+/// by their own next batch or a query, like any entity behind its head.
+const MAX_BEHIND: usize = 100_000;
+/// Deferred entities a batch takes along at least (an idle poll has none of
+/// its own records).
+const MIN_CATCH_UP: usize = 256;
+
+impl Pipeline {
+    /// Whether entities deferred by earlier batches wait to be folded (the
+    /// consume loop then runs a batch even when the source is idle).
+    pub fn has_deferred(&self) -> bool {
+        !self.behind.is_empty()
     }
 }
 
@@ -796,6 +829,33 @@ mod tests {
         let r = p.process(&[deposit(2, "a", "2", 1)]).await.unwrap();
         assert_eq!((r.applied, r.deferred), (2, 0));
         assert_eq!(balance(&app, "a").await, Some(11));
+    }
+
+    /// Deferred entities are folded by the next batches even when none of
+    /// their events arrives again (an idle poll runs with no records).
+    #[tokio::test]
+    async fn deferred_entities_catch_up_without_new_events() {
+        let app = app();
+        let mut p = Pipeline::new(
+            app.storage.clone(),
+            app.registry.clone(),
+            PipelineConfig {
+                fold_budget: Duration::ZERO,
+                ..Default::default()
+            },
+            app.metrics.clone(),
+        );
+        let r = p
+            .process(&[deposit(0, "a", "1", 10), deposit(1, "b", "1", 5)])
+            .await
+            .unwrap();
+        assert_eq!(r.deferred, 2);
+        assert!(p.has_deferred());
+        p.config.fold_budget = Duration::from_secs(5);
+        let r = p.process(&[]).await.unwrap();
+        assert_eq!((r.applied, r.deferred), (2, 0));
+        assert!(!p.has_deferred());
+        assert_eq!(balance(&app, "b").await, Some(5));
     }
 
     /// Output beyond the batch's read-model budget defers the rest.
