@@ -52,12 +52,15 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
             for n in &names {
                 cps.extend(app.storage.checkpoints(n).await?);
             }
-            Box::new(JsonlSource::new(
-                &config.source.paths,
-                &cps,
-                config.source.follow,
-                std::time::Duration::from_millis(config.source.linger_ms),
-            ))
+            Box::new(
+                JsonlSource::new(
+                    &config.source.paths,
+                    &cps,
+                    config.source.follow,
+                    std::time::Duration::from_millis(config.source.linger_ms),
+                )
+                .with_max_record_bytes(config.engine.max_record_bytes),
+            )
         }
         SourceKind::Kafka => crate::source::open_kafka(&app).await?,
     };
