@@ -13,6 +13,15 @@ use crate::source::jsonl::JsonlSource;
 /// Run until SIGINT/SIGTERM.
 pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
     let config = Config::load(config_file)?;
+    // Idle connections, followed files and the database all take
+    // descriptors; a low default soft limit must not stop the engine.
+    match crate::source::raise_open_files_limit() {
+        Ok((from, to)) if from != to => {
+            tracing::info!(?from, ?to, "raised the open files limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "open files limit unchanged"),
+    }
     let app = App::open(config.clone()).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -52,12 +61,15 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
             for n in &names {
                 cps.extend(app.storage.checkpoints(n).await?);
             }
-            Box::new(JsonlSource::new(
-                &config.source.paths,
-                &cps,
-                config.source.follow,
-                std::time::Duration::from_millis(config.source.linger_ms),
-            ))
+            Box::new(
+                JsonlSource::new(
+                    &config.source.paths,
+                    &cps,
+                    config.source.follow,
+                    std::time::Duration::from_millis(config.source.linger_ms),
+                )
+                .with_max_record_bytes(config.engine.max_record_bytes),
+            )
         }
         SourceKind::Kafka => crate::source::open_kafka(&app).await?,
     };

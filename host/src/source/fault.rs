@@ -7,7 +7,7 @@ use std::io::ErrorKind;
 /// chain that goes away by itself or by an operator's hand without a restart
 /// (too many open files, a permission being fixed, a file not there yet, a
 /// connection refused or reset, a timeout).
-pub fn is_transient(e: &anyhow::Error) -> bool {
+pub(super) fn io_transient(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         let Some(io) = c.downcast_ref::<std::io::Error>() else {
             return false;
@@ -42,10 +42,10 @@ mod tests {
     fn machine_faults_are_transient_and_others_are_not() {
         let emfile: anyhow::Result<()> =
             Err(std::io::Error::from_raw_os_error(24)).context("opening input.jsonl");
-        assert!(is_transient(&emfile.unwrap_err()));
+        assert!(io_transient(&emfile.unwrap_err()));
         let denied: anyhow::Result<()> = Err(std::io::Error::from(ErrorKind::PermissionDenied))
             .context("reading input.jsonl");
-        assert!(is_transient(&denied.unwrap_err()));
-        assert!(!is_transient(&anyhow::anyhow!("bad config")));
+        assert!(io_transient(&denied.unwrap_err()));
+        assert!(!io_transient(&anyhow::anyhow!("bad config")));
     }
 }

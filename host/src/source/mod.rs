@@ -4,8 +4,7 @@ mod fault;
 pub mod jsonl;
 pub mod kafka;
 
-pub use fault::is_transient;
-
+use anyhow::Context as _;
 use async_trait::async_trait;
 
 use crate::store::{Checkpoint, Origin};
@@ -39,12 +38,66 @@ pub struct PartitionLag {
     pub lag: i64,
 }
 
+/// Why a source could not deliver a batch. `next_batch` returns it inside its
+/// `anyhow::Error` (find it with [`SourceError::of`] or [`is_transient`]).
+///
+/// Either way nothing was handed out and nothing was skipped: the next call
+/// resumes exactly where the last delivered batch ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// Likely to clear up by itself (a followed file that does not exist
+    /// yet or was deleted, a permission being fixed, the process out of file
+    /// descriptors, an I/O error): call `next_batch` again, after a pause.
+    #[error("source unavailable: {reason}")]
+    Transient {
+        /// What is wrong, naming the file.
+        reason: String,
+    },
+    /// Will not clear up without a change of configuration (a file that is
+    /// not followed and does not exist, a directory given as an input file).
+    #[error("source failed: {reason}")]
+    Fatal {
+        /// What is wrong, naming the file.
+        reason: String,
+    },
+}
+
+impl SourceError {
+    /// The `SourceError` somewhere in `e`'s chain, if any.
+    pub fn of(e: &anyhow::Error) -> Option<&SourceError> {
+        e.chain().find_map(|c| c.downcast_ref::<SourceError>())
+    }
+
+    /// Retrying can help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Transient { .. })
+    }
+
+    /// What is wrong.
+    pub fn reason(&self) -> &str {
+        match self {
+            SourceError::Transient { reason } | SourceError::Fatal { reason } => reason,
+        }
+    }
+}
+
+/// The caller should wait and call `next_batch` again rather than stop: `e`
+/// carries a [`SourceError::Transient`], or, from a source that does not
+/// type its errors (librdkafka's), an I/O error of the machine.
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    match SourceError::of(e) {
+        Some(se) => se.is_transient(),
+        None => fault::io_transient(e),
+    }
+}
+
 /// A partitioned, per-entity-ordered stream of records.
 #[async_trait]
 pub trait EventSource: Send {
     /// Up to `max` records. `Ok(None)` when the source is exhausted (a file
     /// source not following); `Ok(Some(vec![]))` when nothing arrived within
-    /// the linger time.
+    /// the linger time. An error carrying a [`SourceError`] says whether to
+    /// retry; a failed call hands out nothing and moves nothing on.
     async fn next_batch(&mut self, max: usize) -> anyhow::Result<Option<Vec<SourceRecord>>>;
     /// The effects of everything before these checkpoints are durable.
     async fn commit(&mut self, checkpoints: &[Checkpoint]) -> anyhow::Result<()>;
@@ -69,6 +122,35 @@ pub fn checkpoints_of(records: &[SourceRecord]) -> Vec<Checkpoint> {
         }
     }
     out
+}
+
+/// Raise this process's soft limit on open files (`RLIMIT_NOFILE`) to its
+/// hard limit, so that a host following files, holding SQLite and sockets
+/// open, does not run out of descriptors at a low default soft limit.
+/// Returns the (old, new) soft limits; `None` stands for unlimited. Failing
+/// to raise it is not fatal (the old limit stays), so callers log the error
+/// and go on.
+pub fn raise_open_files_limit() -> anyhow::Result<(Option<u64>, Option<u64>)> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current == lim.maximum {
+        return Ok((lim.current, lim.current));
+    }
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        },
+    )
+    .map_err(std::io::Error::from)
+    .with_context(|| {
+        format!(
+            "raising the open files limit from {:?} to {:?}",
+            lim.current, lim.maximum
+        )
+    })?;
+    Ok((lim.current, lim.maximum))
 }
 
 /// Open the Kafka source of the configured consumer group.
