@@ -5,5 +5,6 @@
 mod cluster;
 mod common;
 mod embedded;
+mod follow;
 mod lifecycle;
 mod sandbox;
