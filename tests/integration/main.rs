@@ -5,6 +5,7 @@
 mod cluster;
 mod common;
 mod embedded;
+mod follow;
 mod integrity;
 mod lifecycle;
 mod sandbox;
