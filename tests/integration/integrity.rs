@@ -151,3 +151,42 @@ fn a_full_store_is_waited_out_and_loses_nothing() {
         (c == 200).then_some(h)
     });
 }
+
+/// A followed input that is not there yet (or gone) is a fault to wait
+/// out, not a reason to exit: `/healthz` says which file, queries are
+/// answered, and the events are read once the file appears.
+#[test]
+fn a_missing_input_file_is_waited_out() {
+    let dir = tempdir();
+    let events = dir.path().join("later.jsonl");
+    let cfg = embedded_config(
+        dir.path(),
+        std::slice::from_ref(&events),
+        &[root().join("examples/bank/bank.wasm")],
+        "",
+    );
+    let mut host = Host::start(&cfg, dir.path(), &[]);
+    let h = wait_for(Duration::from_secs(30), "healthz to name the missing file", || {
+        let (c, h) = host.get("/healthz");
+        (c == 503
+            && h["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("later.jsonl")))
+        .then_some(h)
+    });
+    eprintln!("{h}");
+    assert!(host.child.try_wait().unwrap().is_none(), "the host stays up");
+    let (lines, expected) = generated_bank_local_ids(300, 10, 4);
+    append(&events, &lines);
+    for (id, want) in &expected {
+        let path = format!("/v1/entities/account/{id}");
+        wait_for(Duration::from_secs(60), &path, || {
+            let (c, v) = host.get(&path);
+            (c == 200 && v["state"] == *want).then_some(v)
+        });
+    }
+    wait_for(Duration::from_secs(30), "healthz 200 again", || {
+        let (c, h) = host.get("/healthz");
+        (c == 200).then_some(h)
+    });
+}
