@@ -164,10 +164,6 @@ struct Replay {
     state: Value,
     /// How many of them were applied.
     applied: usize,
-    /// Why the rest were not.
-    failure: Option<String>,
-    /// The events, given back.
-    events: Vec<StoredEvent>,
 }
 
 /// Fold `events` onto `start` (the plugin's initial state when `None`) in a
@@ -186,24 +182,18 @@ async fn replay(
             Some(s) => s,
             None => match fold::init_state(sandbox, &id) {
                 Ok(s) => s,
-                Err(e) => {
+                Err(_) => {
                     return Replay {
                         state: Value::Null,
                         applied: 0,
-                        failure: Some(e.to_string()),
-                        events,
                     };
                 }
             },
         };
         let o = fold::fold_and_project(sandbox, &id, state, &events, false);
         Replay {
-            failure: o
-                .failure
-                .map(|(i, e)| format!("event {} failed: {e}", events[i].id)),
             state: o.state,
             applied: o.applied,
-            events,
         }
     })
     .await
@@ -219,29 +209,21 @@ pub async fn state_at(app: &App, key: &EntityKey, at: u64) -> ApiResult<Value> {
             format!("no plugin for entity type {}", key.entity_type),
         )
     })?;
-    let events = app.storage.history(key, 0, Some(at)).await?;
-    if events.is_empty() {
+    // From the replay snapshot before `at`: a bounded stretch of history,
+    // not all of it (see `snapshot`).
+    let Some(r) = crate::snapshot::state_at(&*app.storage, &plugin, key, at).await? else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no events for {key} up to position {at}"),
         ));
-    }
-    let Replay {
-        state,
-        applied,
-        failure,
-        events,
-    } = replay(&plugin, key, None, events).await?;
-    let applied = match applied {
-        0 => 0,
-        n => events[n - 1].position,
     };
-    if let Some(f) = failure {
+    if let Some(f) = r.failure {
         return Err(ApiError(
             StatusCode::CONFLICT,
             format!("cannot fold {key} up to {at}: {f}"),
         ));
     }
+    let (state, applied) = (r.state, r.position);
     Ok(json!({
         "entity_type": key.entity_type,
         "entity_id": key.entity_id,

@@ -110,3 +110,61 @@ pub async fn state_at(
     }
     Ok(Some(answer))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::app::App;
+    use crate::config::Config;
+    use crate::source::SourceRecord;
+    use crate::store::Origin;
+    use crate::store::sqlite::SqliteStore;
+
+    fn deposit(i: i64) -> SourceRecord {
+        SourceRecord {
+            origin: Origin {
+                source: "t".into(),
+                partition: 0,
+                offset: i,
+            },
+            next_offset: i + 1,
+            key: None,
+            headers: Vec::new(),
+            payload: format!(
+                r#"{{"specversion":"1.0","id":"e{i}","source":"/t","type":"account.deposited","subject":"a","entitytype":"account","data":{{"amount":{}}}}}"#,
+                i + 1
+            )
+            .into_bytes(),
+            produced_at_ms: None,
+        }
+    }
+
+    /// A second question starts from the snapshot the first one kept, and
+    /// gets the same answer as a replay from the first event.
+    #[tokio::test]
+    async fn past_positions_replay_from_the_snapshot_before_them() {
+        let mut config = Config::default();
+        config.plugins.files =
+            vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bank/bank.wasm")];
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let app = App::with_storage(config, store.clone(), store).unwrap();
+        let records: Vec<SourceRecord> = (0..2_500).map(deposit).collect();
+        app.pipeline().process(&records).await.unwrap();
+        let plugin = app.registry.get("account").unwrap();
+        let key = EntityKey::new("account", "a");
+
+        let first = state_at(&*app.storage, &plugin, &key, 2_400).await.unwrap().unwrap();
+        assert_eq!((first.position, first.replayed), (2_400, 2_400));
+        assert_eq!(first.state["balance"], 2_400 * 2_401 / 2);
+
+        let again = state_at(&*app.storage, &plugin, &key, 2_300).await.unwrap().unwrap();
+        assert_eq!((again.position, again.replayed), (2_300, 300));
+        assert_eq!(again.state["balance"], 2_300 * 2_301 / 2);
+
+        let exact = state_at(&*app.storage, &plugin, &key, 1_000).await.unwrap().unwrap();
+        assert_eq!((exact.position, exact.replayed), (1_000, 0));
+        assert_eq!(exact.state["balance"], 1_000 * 1_001 / 2);
+    }
+}
