@@ -2,11 +2,13 @@
 //! status, quarantine retry and export, dead-letter re-submission. Every
 //! route requires `Authorization: Bearer <admin.token>`; without a
 //! configured token the admin API refuses everything unless
-//! `admin.disable_auth` is set explicitly.
+//! `admin.disable_auth` is set explicitly. `GET /v1/admin/limits` tells a
+//! client what the host accepts (the upload size, the page limits).
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::extract::rejection::{BytesRejection, FailedToBufferBody, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest as _, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post, put};
@@ -21,9 +23,16 @@ use crate::lifecycle::{self, InstallError, SwapMode};
 
 /// The admin routes, behind the token check.
 pub fn router(app: App) -> Router<App> {
+    // The upload takes components up to `plugins.max_upload_bytes` rather
+    // than axum's default of 2 MiB; `upload` answers past it.
+    let max_upload = DefaultBodyLimit::max(app.config.plugins.max_upload_bytes);
     Router::new()
+        .route("/v1/admin/limits", get(limits))
         .route("/v1/plugins", get(list_all))
-        .route("/v1/plugins/{entity_type}", put(upload).get(list_type))
+        .route(
+            "/v1/plugins/{entity_type}",
+            put(upload).layer(max_upload).get(list_type),
+        )
         .route("/v1/plugins/{entity_type}/activate", post(activate))
         .route("/v1/plugins/{entity_type}/rollback", post(rollback))
         .route("/v1/rebuilds", get(rebuilds))
@@ -37,7 +46,9 @@ pub fn router(app: App) -> Router<App> {
             get(fixture),
         )
         .route("/v1/dead-letters/{id}/resubmit", post(resubmit))
-        .layer(middleware::from_fn_with_state(app, require_token))
+        // `route_layer`: only these routes need the token; an unknown path
+        // is a 404 for anyone.
+        .route_layer(middleware::from_fn_with_state(app, require_token))
 }
 
 async fn require_token(
@@ -54,12 +65,7 @@ async fn require_token(
             "the admin API is disabled: set admin.token (or admin.disable_auth = true)".into(),
         ));
     };
-    let given = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
+    match crate::api::bearer(&req) {
         Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(next.run(req).await),
         Some(_) => Err(ApiError(
             StatusCode::UNAUTHORIZED,
@@ -73,7 +79,7 @@ async fn require_token(
 }
 
 /// Compare without an early exit, so timing does not reveal the prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -109,12 +115,42 @@ fn parse_mode(m: Option<&str>) -> Result<Option<SwapMode>, ApiError> {
     }
 }
 
+/// The 413 of a component over `plugins.max_upload_bytes`.
+fn too_large(size: Option<u64>, limit: usize) -> ApiError {
+    let size = match size {
+        Some(n) => format!("{n} bytes"),
+        None => format!("more than {limit} bytes"),
+    };
+    ApiError(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("component is {size}; limit plugins.max_upload_bytes = {limit}"),
+    )
+}
+
 async fn upload(
     State(app): State<App>,
     Path(entity_type): Path<String>,
-    Query(q): Query<UploadQuery>,
-    body: Bytes,
+    q: Result<Query<UploadQuery>, QueryRejection>,
+    req: Request,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    let limit = app.config.plugins.max_upload_bytes;
+    // A declared size over the limit is refused before a byte is read.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(declared, limit));
+    }
+    let body = match Bytes::from_request(req, &app).await {
+        Ok(b) => b,
+        Err(BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_))) => {
+            return Err(too_large(None, limit));
+        }
+        Err(e) => return Err(ApiError(e.status(), e.body_text())),
+    };
+    let Query(q) = q?;
     let mode = parse_mode(q.mode.as_deref())?;
     if body.is_empty() {
         return Err(ApiError(
@@ -127,6 +163,22 @@ async fn upload(
         StatusCode::CREATED,
         Json(serde_json::to_value(installed).unwrap_or_default()),
     ))
+}
+
+/// `GET /v1/admin/limits`: what this host accepts, so that a client can
+/// refuse locally what would be refused here (`refold plugin push` does).
+async fn limits(State(app): State<App>) -> Json<Value> {
+    let h = &app.config.http;
+    Json(json!({
+        "plugins": { "max_upload_bytes": app.config.plugins.max_upload_bytes },
+        "http": {
+            "max_page_items": h.max_page_items,
+            "max_page_bytes": h.max_page_bytes,
+            "max_concurrent_queries": h.max_concurrent_queries,
+            "max_concurrent_replays": h.max_concurrent_replays,
+            "replay_timeout_ms": h.replay_timeout_ms,
+        },
+    }))
 }
 
 async fn describe_type(app: &App, entity_type: &str) -> ApiResult<Value> {

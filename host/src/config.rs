@@ -170,12 +170,36 @@ impl Default for CassandraConfig {
 pub struct HttpConfig {
     /// Listen address; empty disables the API.
     pub listen: String,
+    /// Bearer token the `/v1` query routes require when set (the admin
+    /// token is accepted too). `/healthz` and `/metrics` stay open.
+    pub read_token: Option<String>,
+    /// Most items one page of a listing holds; `?limit=` is capped to it.
+    pub max_page_items: usize,
+    /// Most bytes of items one page of a listing holds: a page ends before
+    /// the item that would pass it (a single larger item is still served
+    /// alone, so that a listing always moves on).
+    pub max_page_bytes: usize,
+    /// Query requests (`/v1` reads) served at once; the others wait their
+    /// turn, so readers cannot take every core from ingest.
+    pub max_concurrent_queries: usize,
+    /// `?at=` replays running at once; beyond it a query is answered 429
+    /// with `Retry-After`.
+    pub max_concurrent_replays: usize,
+    /// Time budget of one replay (`?at=`, or catching a state up after a
+    /// cut-over), in milliseconds; beyond it the query is answered 503.
+    pub replay_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:8080".into(),
+            read_token: None,
+            max_page_items: 100,
+            max_page_bytes: 4 << 20,
+            max_concurrent_queries: 4,
+            max_concurrent_replays: 2,
+            replay_timeout_ms: 10_000,
         }
     }
 }
@@ -194,6 +218,9 @@ pub struct PluginsConfig {
     pub entity_limits: HashMap<String, Limits>,
     /// Debounce of the watched directory, in milliseconds.
     pub debounce_ms: u64,
+    /// Largest component accepted, by the admin API and from the watched
+    /// directory, in bytes.
+    pub max_upload_bytes: usize,
 }
 
 impl Default for PluginsConfig {
@@ -204,6 +231,7 @@ impl Default for PluginsConfig {
             limits: Limits::default(),
             entity_limits: HashMap::new(),
             debounce_ms: 200,
+            max_upload_bytes: 64 << 20,
         }
     }
 }

@@ -29,6 +29,9 @@ pub struct StateAt {
     pub failure: Option<String>,
     /// Events replayed to answer (after the snapshot it started from).
     pub replayed: usize,
+    /// The deadline passed before `at` was reached (`state` is as far as
+    /// it got; the snapshots passed are kept all the same).
+    pub timed_out: bool,
 }
 
 /// Fold `key` up to position `at` with `plugin`, starting from the latest
@@ -39,6 +42,7 @@ pub async fn state_at(
     plugin: &Arc<Plugin>,
     key: &EntityKey,
     at: u64,
+    deadline: Option<std::time::Instant>,
 ) -> anyhow::Result<Option<StateAt>> {
     let snap = storage.snapshot_before(key, &plugin.digest, at).await?;
     let (from, start) = match snap {
@@ -63,6 +67,7 @@ pub async fn state_at(
                         position: 0,
                         failure: Some(format!("init failed: {e}")),
                         replayed: 0,
+                        timed_out: false,
                     };
                     return (answer, Vec::new());
                 }
@@ -71,8 +76,13 @@ pub async fn state_at(
         let mut position = from;
         let mut snapshots = Vec::new();
         let mut failure = None;
+        let mut timed_out = false;
         let mut rest = &events[..];
         while !rest.is_empty() {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                timed_out = true;
+                break;
+            }
             // Up to the next multiple of EVERY, so snapshots land on it.
             let next_mark = (position / EVERY + 1) * EVERY;
             let n = rest
@@ -100,6 +110,7 @@ pub async fn state_at(
             position,
             failure,
             replayed: events.len(),
+            timed_out,
         };
         (answer, snapshots)
     })
@@ -155,15 +166,15 @@ mod tests {
         let plugin = app.registry.get("account").unwrap();
         let key = EntityKey::new("account", "a");
 
-        let first = state_at(&*app.storage, &plugin, &key, 2_400).await.unwrap().unwrap();
+        let first = state_at(&*app.storage, &plugin, &key, 2_400, None).await.unwrap().unwrap();
         assert_eq!((first.position, first.replayed), (2_400, 2_400));
         assert_eq!(first.state["balance"], 2_400 * 2_401 / 2);
 
-        let again = state_at(&*app.storage, &plugin, &key, 2_300).await.unwrap().unwrap();
+        let again = state_at(&*app.storage, &plugin, &key, 2_300, None).await.unwrap().unwrap();
         assert_eq!((again.position, again.replayed), (2_300, 300));
         assert_eq!(again.state["balance"], 2_300 * 2_301 / 2);
 
-        let exact = state_at(&*app.storage, &plugin, &key, 1_000).await.unwrap().unwrap();
+        let exact = state_at(&*app.storage, &plugin, &key, 1_000, None).await.unwrap().unwrap();
         assert_eq!((exact.position, exact.replayed), (1_000, 0));
         assert_eq!(exact.state["balance"], 1_000 * 1_001 / 2);
     }

@@ -144,7 +144,7 @@ fn bad_uploads_are_refused_with_the_reason_and_the_active_version_keeps_running(
     std::fs::write(&junk, b"\0asm\x01\0\0\0").unwrap();
     let (c, v) = put_plugin(&host, "probe", &junk, "forward", Some(TOKEN));
     assert_eq!(c, 422, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("component"), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("component"), "{v}");
 
     // Describes another entity type.
     let (c, v) = put_plugin(
@@ -155,7 +155,7 @@ fn bad_uploads_are_refused_with_the_reason_and_the_active_version_keeps_running(
         Some(TOKEN),
     );
     assert_eq!(c, 422, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("`order`"), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("`order`"), "{v}");
 
     // Traps in describe().
     let (c, v) = put_plugin(
@@ -167,7 +167,7 @@ fn bad_uploads_are_refused_with_the_reason_and_the_active_version_keeps_running(
     );
     assert_eq!(c, 422, "{v}");
     assert!(
-        v["error"].as_str().unwrap().contains("describe exploded"),
+        v["message"].as_str().unwrap().contains("describe exploded"),
         "{v}"
     );
 
@@ -180,7 +180,10 @@ fn bad_uploads_are_refused_with_the_reason_and_the_active_version_keeps_running(
         Some(TOKEN),
     );
     assert_eq!(c, 422, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("sample fold"), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("sample fold"),
+        "{v}"
+    );
 
     assert_eq!(
         running_digest(&host, "probe"),

@@ -42,8 +42,11 @@ impl Endpoint {
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
+            // `{"error": code, "message": text}`; older hosts put the text
+            // in `error`.
             let msg = body
-                .get("error")
+                .get("message")
+                .or_else(|| body.get("error"))
                 .and_then(Value::as_str)
                 .unwrap_or("(no message)")
                 .to_string();
@@ -52,15 +55,51 @@ impl Endpoint {
         Ok(body)
     }
 
+    /// The largest component the host accepts (`plugins.max_upload_bytes`,
+    /// from `GET /v1/admin/limits`); `None` from a host without that route.
+    async fn max_upload_bytes(&self, c: &reqwest::Client) -> anyhow::Result<Option<u64>> {
+        let resp = self
+            .auth(c.get(self.url("/v1/admin/limits")))
+            .send()
+            .await
+            .with_context(|| format!("calling {}", self.api))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let msg = body["message"].as_str().unwrap_or("(no message)");
+            anyhow::bail!("{status}: {msg}");
+        }
+        Ok(body["plugins"]["max_upload_bytes"].as_u64())
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.api.trim_end_matches('/'))
     }
 }
 
 /// `plugin push`: upload, then (for a rebuild) follow its progress.
+///
+/// The file's size is checked against the host's upload limit first, so
+/// that an oversized component is refused here with the limit named rather
+/// than sent whole to be refused.
 pub async fn push(ep: &Endpoint, file: &Path, entity_type: &str, mode: &str) -> anyhow::Result<()> {
-    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let size = std::fs::metadata(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .len();
     let c = ep.client()?;
+    if let Some(limit) = ep.max_upload_bytes(&c).await?
+        && size > limit
+    {
+        anyhow::bail!(
+            "{} is {size} bytes; {} accepts components up to {limit} bytes (plugins.max_upload_bytes)",
+            file.display(),
+            ep.api
+        );
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let body = ep
         .send(
             c.put(ep.url(&format!("/v1/plugins/{entity_type}?mode={mode}")))

@@ -323,6 +323,7 @@ struct Statements {
     dead_letter_delete: PreparedStatement,
     quarantine_insert: PreparedStatement,
     quarantine_read: PreparedStatement,
+    quarantine_page: PreparedStatement,
     quarantine_delete: PreparedStatement,
     quarantine_release: PreparedStatement,
     checkpoint_upsert: PreparedStatement,
@@ -1503,16 +1504,39 @@ impl StateStore for CassandraStore {
         .await
     }
 
-    async fn dead_letters(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
-        let limit_i = limit.min(i32::MAX as usize) as i32;
+    async fn dead_letter_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<super::Paged<DeadLetter>>> {
+        // The cursor is (shard, id) of the last item seen: each shard is one
+        // partition clustered by id, read in order, shard after shard, so a
+        // page is at most `limit` rows whatever the table holds.
+        let (first_shard, first_id): (i32, String) = after
+            .map(super::decode_cursor)
+            .transpose()?
+            .unwrap_or_default();
+        let limit = limit.min(i32::MAX as usize);
         self.read("listing dead letters", || async {
-            let mut all = Vec::new();
-            for shard in 0..DEAD_LETTER_SHARDS {
-                let pager = self
+            let mut page = Vec::new();
+            for shard in first_shard.max(0)..DEAD_LETTER_SHARDS {
+                if page.len() >= limit {
+                    break;
+                }
+                // "" sorts before every id: the whole next shard.
+                let after_id = if shard == first_shard {
+                    first_id.as_str()
+                } else {
+                    ""
+                };
+                let r = self
                     .session
-                    .execute_iter(self.st.dead_letter_read.clone(), (shard, limit_i.max(1)))
+                    .execute_unpaged(
+                        &self.st.dead_letter_read,
+                        (shard, after_id, (limit - page.len()) as i32),
+                    )
                     .await
-                    .map_err(pager_err)?;
+                    .map_err(exec_err)?;
                 type DlRow = (
                     String,
                     String,
@@ -1523,40 +1547,26 @@ impl StateStore for CassandraStore {
                     Option<String>,
                     String,
                 );
-                let mut rows = pager.rows_stream::<DlRow>().map_err(other)?;
-                while let Some(r) = rows.next().await {
+                let rows = r.into_rows_result().map_err(other)?;
+                for row in rows.rows::<DlRow>().map_err(other)? {
                     let (id, code, reason, payload, origin, event_id, entity_type, recorded_at) =
-                        r.map_err(row_err)?;
-                    all.push(DeadLetter {
-                        id,
-                        code,
-                        reason,
-                        payload,
-                        origin: origin.and_then(|o| serde_json::from_str(&o).ok()),
-                        event_id,
-                        entity_type,
-                        recorded_at,
+                        row.map_err(other)?;
+                    page.push(super::Paged {
+                        cursor: super::encode_cursor(&(shard, &id)),
+                        item: DeadLetter {
+                            id,
+                            code,
+                            reason,
+                            payload,
+                            origin: origin.and_then(|o| serde_json::from_str(&o).ok()),
+                            event_id,
+                            entity_type,
+                            recorded_at,
+                        },
                     });
                 }
             }
-            // Oldest first; within a second, by origin (source, partition, offset).
-            all.sort_by(|a, b| {
-                let oa = a
-                    .origin
-                    .as_ref()
-                    .map(|o| (o.source.as_str(), o.partition, o.offset));
-                let ob = b
-                    .origin
-                    .as_ref()
-                    .map(|o| (o.source.as_str(), o.partition, o.offset));
-                (a.recorded_at.as_str(), oa, a.id.as_str()).cmp(&(
-                    b.recorded_at.as_str(),
-                    ob,
-                    b.id.as_str(),
-                ))
-            });
-            all.truncate(limit);
-            Ok(all)
+            Ok(page)
         })
         .await
     }
@@ -1586,11 +1596,63 @@ impl StateStore for CassandraStore {
         .await
     }
 
-    async fn quarantined(&self) -> anyhow::Result<Vec<QuarantineRecord>> {
+    async fn quarantine_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<super::Paged<QuarantineRecord>>> {
+        // The cursor is the partition token of the last item seen (one
+        // partition per entity): a range scan from it reads at most `limit`
+        // rows. No key hashes to i64::MIN under Murmur3, so `> MIN` is the
+        // whole table. Two entities sharing a 64-bit token across a page
+        // boundary would lose the second; the odds are negligible.
+        let after: i64 = after
+            .map(super::decode_cursor)
+            .transpose()?
+            .unwrap_or(i64::MIN);
+        let limit = limit.min(i32::MAX as usize) as i32;
         self.read("listing quarantined entities", || async {
-            let mut out = self.all_quarantine().await?;
-            out.sort_by(|a, b| (&a.recorded_at, &a.key).cmp(&(&b.recorded_at, &b.key)));
-            Ok(out)
+            let r = self
+                .session
+                .execute_unpaged(&self.st.quarantine_page, (after, limit))
+                .await
+                .map_err(exec_err)?;
+            type QRow = (
+                i64,
+                String,
+                String,
+                String,
+                i64,
+                String,
+                String,
+                String,
+                String,
+                String,
+                String,
+            );
+            let rows = r.into_rows_result().map_err(other)?;
+            let mut page = Vec::new();
+            for row in rows.rows::<QRow>().map_err(other)? {
+                let (token, t, id, event_id, pos, kind, error, pn, pv, pd, at) =
+                    row.map_err(other)?;
+                page.push(super::Paged {
+                    cursor: super::encode_cursor(&token),
+                    item: QuarantineRecord {
+                        key: EntityKey::new(t, id),
+                        event_id,
+                        event_position: pos.max(0) as u64,
+                        kind,
+                        error,
+                        plugin: PluginRef {
+                            name: pn,
+                            version: pv,
+                            digest: pd,
+                        },
+                        recorded_at: at,
+                    },
+                });
+            }
+            Ok(page)
         })
         .await
     }
@@ -2017,13 +2079,15 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
         dead_letter_insert: p("INSERT INTO {ks}.dead_letters (shard, id, code, reason, payload, origin, event_id, entity_type, recorded_at)
                                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?").await?,
         dead_letter_read: p("SELECT id, code, reason, payload, origin, event_id, entity_type, recorded_at
-                             FROM {ks}.dead_letters WHERE shard = ? LIMIT ?").await?,
+                             FROM {ks}.dead_letters WHERE shard = ? AND id > ? LIMIT ?").await?,
         dead_letter_exists: p("SELECT id FROM {ks}.dead_letters WHERE shard = ? AND id = ?").await?,
         dead_letter_delete: p("DELETE FROM {ks}.dead_letters WHERE shard = ? AND id = ?").await?,
         quarantine_insert: p("INSERT INTO {ks}.quarantine (entity_type, entity_id, event_id, event_position, failure_kind, error, plugin_name, plugin_version, plugin_digest, recorded_at)
                               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?").await?,
         quarantine_read: p("SELECT entity_type, entity_id, event_id, event_position, failure_kind, error, plugin_name, plugin_version, plugin_digest, recorded_at
                             FROM {ks}.quarantine").await?,
+        quarantine_page: p("SELECT token(entity_type, entity_id), entity_type, entity_id, event_id, event_position, failure_kind, error, plugin_name, plugin_version, plugin_digest, recorded_at
+                            FROM {ks}.quarantine WHERE token(entity_type, entity_id) > ? LIMIT ?").await?,
         quarantine_delete: p("DELETE FROM {ks}.quarantine WHERE entity_type = ? AND entity_id = ?").await?,
         quarantine_release: p("DELETE FROM {ks}.quarantine USING TIMESTAMP ? WHERE entity_type = ? AND entity_id = ?").await?,
         checkpoint_upsert: p("INSERT INTO {ks}.checkpoints (source, part, next_offset) VALUES (?, ?, ?) USING TIMESTAMP ?").await?,

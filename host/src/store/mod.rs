@@ -257,6 +257,38 @@ pub struct Commit {
     pub exclusive: bool,
 }
 
+/// One item of a listing page, with the cursor that resumes right after it
+/// (so that a page cut short by its size in bytes can still be resumed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paged<T> {
+    /// Pass as `after` to list what follows this item.
+    pub cursor: String,
+    /// The item.
+    pub item: T,
+}
+
+/// Page size of the unpaged listings built on the paged ones.
+const INTERNAL_PAGE: usize = 256;
+
+/// A listing cursor the store did not issue (or cannot read back).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid cursor {0:?}: pass back the `next` of a previous page")]
+pub struct BadCursor(pub String);
+
+/// A cursor from a store's position: opaque to clients and safe in a URL
+/// (hex of its JSON).
+pub fn encode_cursor<T: Serialize>(position: &T) -> String {
+    hex::encode(serde_json::to_vec(position).unwrap_or_default())
+}
+
+/// The position a cursor from [`encode_cursor`] holds.
+pub fn decode_cursor<T: serde::de::DeserializeOwned>(cursor: &str) -> Result<T, BadCursor> {
+    hex::decode(cursor)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| BadCursor(cursor.chars().take(64).collect()))
+}
+
 /// Failure of a storage operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -306,12 +338,54 @@ pub trait StateStore: Send + Sync {
     async fn load(&self, keys: &[EntityKey]) -> anyhow::Result<HashMap<EntityKey, EntityRecord>>;
     /// One document of a projection.
     async fn projection(&self, name: &str, key: &str) -> anyhow::Result<Option<Value>>;
-    /// Dead letters, oldest first, up to `limit`.
-    async fn dead_letters(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>>;
+    /// One page of dead letters: those after the cursor `after` (from the
+    /// start when `None`), at most `limit`, in the store's listing order
+    /// (SQLite: arrival; Cassandra: by shard, then id), each with the cursor
+    /// that resumes right after it. Reads no more than `limit` records, so a
+    /// listing costs a page of memory however many there are. A cursor the
+    /// store did not issue is a [`BadCursor`].
+    async fn dead_letter_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<Paged<DeadLetter>>>;
+    /// Up to `limit` dead letters in listing order, read page by page.
+    async fn dead_letters(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        while out.len() < limit {
+            let page = self
+                .dead_letter_page(after.as_deref(), (limit - out.len()).min(INTERNAL_PAGE))
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.cursor.clone());
+            out.extend(page.into_iter().map(|p| p.item));
+        }
+        Ok(out)
+    }
     /// Remove a dead letter (after it was re-submitted).
     async fn remove_dead_letter(&self, id: &str) -> anyhow::Result<bool>;
-    /// All quarantine records.
-    async fn quarantined(&self) -> anyhow::Result<Vec<QuarantineRecord>>;
+    /// One page of quarantine records, like [`StateStore::dead_letter_page`]
+    /// (SQLite: by entity type and id; Cassandra: by partition token).
+    async fn quarantine_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<Paged<QuarantineRecord>>>;
+    /// All quarantine records, read page by page.
+    async fn quarantined(&self) -> anyhow::Result<Vec<QuarantineRecord>> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .quarantine_page(after.as_deref(), INTERNAL_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.cursor.clone());
+            out.extend(page.into_iter().map(|p| p.item));
+        }
+        Ok(out)
+    }
     /// Lift a quarantine: the record is removed and the entity flagged free.
     async fn release(&self, key: &EntityKey) -> anyhow::Result<()>;
     /// Checkpoints recorded for a source.
@@ -397,6 +471,87 @@ pub async fn open_cassandra(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn dead_letter(i: usize) -> DeadLetter {
+        DeadLetter {
+            id: format!("dl-{i:03}"),
+            code: "invalid_json".into(),
+            reason: "not JSON".into(),
+            payload: "x".repeat(i),
+            origin: None,
+            event_id: None,
+            entity_type: None,
+            recorded_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    fn quarantine(i: usize) -> QuarantineRecord {
+        QuarantineRecord {
+            key: EntityKey::new(if i % 2 == 0 { "a" } else { "b" }, format!("e-{i}")),
+            event_id: format!("ev-{i}"),
+            event_position: 1,
+            kind: "panic".into(),
+            error: "boom".into(),
+            plugin: PluginRef {
+                name: "p".into(),
+                version: "1".into(),
+                digest: "d".into(),
+            },
+            recorded_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    /// Pages of at most `limit`, each resumed from the last item's cursor,
+    /// list everything exactly once; the unpaged listings still see it all.
+    #[tokio::test]
+    async fn listings_page_through_everything_once() {
+        let s = sqlite::SqliteStore::in_memory().unwrap();
+        s.commit(Commit {
+            dead_letters: (0..23).map(dead_letter).collect(),
+            quarantines: (0..11).map(quarantine).collect(),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = s.dead_letter_page(after.as_deref(), 5).await.unwrap();
+            assert!(page.len() <= 5);
+            let Some(last) = page.last() else { break };
+            after = Some(last.cursor.clone());
+            seen.extend(page.into_iter().map(|p| p.item.id));
+        }
+        let want: Vec<String> = (0..23).map(|i| format!("dl-{i:03}")).collect();
+        assert_eq!(seen, want, "arrival order, each once");
+        assert_eq!(s.dead_letters(7).await.unwrap().len(), 7);
+        assert_eq!(s.dead_letters(1000).await.unwrap().len(), 23);
+
+        let mut keys = HashSet::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = s.quarantine_page(after.as_deref(), 4).await.unwrap();
+            assert!(page.len() <= 4);
+            let Some(last) = page.last() else { break };
+            after = Some(last.cursor.clone());
+            for p in page {
+                assert!(keys.insert(p.item.key), "listed twice");
+            }
+        }
+        assert_eq!(keys.len(), 11);
+        assert_eq!(s.quarantined().await.unwrap().len(), 11);
+
+        let e = s.dead_letter_page(Some("not-hex"), 5).await.unwrap_err();
+        assert!(e.downcast_ref::<BadCursor>().is_some(), "{e:#}");
+        let e = s
+            .quarantine_page(Some(&encode_cursor(&7)), 5)
+            .await
+            .unwrap_err();
+        assert!(e.downcast_ref::<BadCursor>().is_some(), "{e:#}");
+    }
+
     #[test]
     fn civil_dates() {
         assert_eq!(super::civil_from_days(0), (1970, 1, 1));

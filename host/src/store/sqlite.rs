@@ -501,24 +501,34 @@ impl StateStore for SqliteStore {
         .await
     }
 
-    async fn dead_letters(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+    async fn dead_letter_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<super::Paged<DeadLetter>>> {
+        // The cursor is the arrival sequence number of the last item seen.
+        let after: i64 = after.map(super::decode_cursor).transpose()?.unwrap_or(0);
+        let limit = limit.min(i64::MAX as usize) as i64;
         self.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT id, code, reason, payload, origin, event_id, entity_type, recorded_at
-                 FROM dead_letters ORDER BY seq LIMIT ?1",
+                "SELECT seq, id, code, reason, payload, origin, event_id, entity_type, recorded_at
+                 FROM dead_letters WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
-            let rows = st.query_map(params![limit as i64], |r| {
-                Ok(DeadLetter {
-                    id: r.get(0)?,
-                    code: r.get(1)?,
-                    reason: r.get(2)?,
-                    payload: r.get(3)?,
-                    origin: r
-                        .get::<_, Option<String>>(4)?
-                        .and_then(|s| serde_json::from_str(&s).ok()),
-                    event_id: r.get(5)?,
-                    entity_type: r.get(6)?,
-                    recorded_at: r.get(7)?,
+            let rows = st.query_map(params![after, limit], |r| {
+                Ok(super::Paged {
+                    cursor: super::encode_cursor(&r.get::<_, i64>(0)?),
+                    item: DeadLetter {
+                        id: r.get(1)?,
+                        code: r.get(2)?,
+                        reason: r.get(3)?,
+                        payload: r.get(4)?,
+                        origin: r
+                            .get::<_, Option<String>>(5)?
+                            .and_then(|s| serde_json::from_str(&s).ok()),
+                        event_id: r.get(6)?,
+                        entity_type: r.get(7)?,
+                        recorded_at: r.get(8)?,
+                    },
                 })
             })?;
             rows.collect()
@@ -534,26 +544,42 @@ impl StateStore for SqliteStore {
         .await
     }
 
-    async fn quarantined(&self) -> anyhow::Result<Vec<QuarantineRecord>> {
-        self.read(|c| {
+    async fn quarantine_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<super::Paged<QuarantineRecord>>> {
+        // The cursor is the primary key (entity type, entity id) of the last
+        // item seen; the empty key sorts before every real one.
+        let (t, id): (String, String) = after
+            .map(super::decode_cursor)
+            .transpose()?
+            .unwrap_or_default();
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.read(move |c| {
             let mut st = c.prepare_cached(
                 "SELECT entity_type, entity_id, event_id, event_position, kind, error,
                         plugin_name, plugin_version, plugin_digest, recorded_at
-                 FROM quarantine ORDER BY recorded_at, entity_type, entity_id",
+                 FROM quarantine WHERE (entity_type, entity_id) > (?1, ?2)
+                 ORDER BY entity_type, entity_id LIMIT ?3",
             )?;
-            let rows = st.query_map([], |r| {
-                Ok(QuarantineRecord {
-                    key: EntityKey::new(r.get::<_, String>(0)?, r.get::<_, String>(1)?),
-                    event_id: r.get(2)?,
-                    event_position: r.get::<_, i64>(3)? as u64,
-                    kind: r.get(4)?,
-                    error: r.get(5)?,
-                    plugin: PluginRef {
-                        name: r.get(6)?,
-                        version: r.get(7)?,
-                        digest: r.get(8)?,
+            let rows = st.query_map(params![t, id, limit], |r| {
+                let key = EntityKey::new(r.get::<_, String>(0)?, r.get::<_, String>(1)?);
+                Ok(super::Paged {
+                    cursor: super::encode_cursor(&(&key.entity_type, &key.entity_id)),
+                    item: QuarantineRecord {
+                        key,
+                        event_id: r.get(2)?,
+                        event_position: r.get::<_, i64>(3)? as u64,
+                        kind: r.get(4)?,
+                        error: r.get(5)?,
+                        plugin: PluginRef {
+                            name: r.get(6)?,
+                            version: r.get(7)?,
+                            digest: r.get(8)?,
+                        },
+                        recorded_at: r.get(9)?,
                     },
-                    recorded_at: r.get(9)?,
                 })
             })?;
             rows.collect()
