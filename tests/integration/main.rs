@@ -2,6 +2,7 @@
 //! API, with fixtures from `examples/` and guest components built from
 //! `plugins/` during the run.
 
+mod api;
 mod cluster;
 mod common;
 mod embedded;
