@@ -189,6 +189,10 @@ pub struct PluginsConfig {
     pub entity_limits: HashMap<String, Limits>,
     /// Debounce of the watched directory, in milliseconds.
     pub debounce_ms: u64,
+    /// Largest component accepted, in bytes, whichever way it comes in
+    /// (admin upload or watched directory). Missing: 64 MiB (the struct's
+    /// `serde(default)` takes it from `Default`).
+    pub max_upload_bytes: u64,
 }
 
 impl Default for PluginsConfig {
@@ -199,6 +203,7 @@ impl Default for PluginsConfig {
             limits: Limits::default(),
             entity_limits: HashMap::new(),
             debounce_ms: 200,
+            max_upload_bytes: 64 << 20,
         }
     }
 }
