@@ -253,25 +253,13 @@ async fn rollback(
 }
 
 async fn rebuilds(State(app): State<App>) -> ApiResult<Json<Value>> {
-    let mut all: Vec<_> = app
-        .rebuilds
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .values()
-        .cloned()
-        .collect();
-    all.sort_by(|a, b| a.id.cmp(&b.id));
+    let all = lifecycle::rebuild_list(&app).await?;
     Ok(Json(json!({ "rebuilds": all })))
 }
 
+/// Live from this host, else as stored: still known after a restart.
 async fn rebuild(State(app): State<App>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let r = app
-        .rebuilds
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&id)
-        .cloned();
-    match r {
+    match lifecycle::rebuild_status(&app, &id).await? {
         Some(r) => Ok(Json(serde_json::to_value(r).unwrap_or_default())),
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no rebuild {id}"))),
     }

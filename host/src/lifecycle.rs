@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use futures::StreamExt as _;
 use serde::Serialize;
 use serde_json::Value;
@@ -23,6 +24,7 @@ use crate::pipeline::{Work, fold_one};
 use crate::registry::plugin_ref;
 use crate::runtime::{LoadError, Plugin, Sandbox};
 use crate::source::SourceRecord;
+use crate::store::plugins::RebuildRecord;
 use crate::store::{
     Activation, Commit, EntityRecord, EntityUpdate, Origin, PluginVersion, ProjectionWrite,
     now_rfc3339,
@@ -129,6 +131,59 @@ pub struct RebuildStatus {
     pub elapsed_seconds: f64,
     /// Id of the generation being built.
     pub generation: String,
+    /// The host process running it.
+    pub owner: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// When it ended (RFC 3339).
+    pub finished_at: Option<String>,
+}
+
+impl RebuildStatus {
+    /// The record the store keeps of it.
+    fn record(&self, heartbeat_ms: i64) -> RebuildRecord {
+        RebuildRecord {
+            id: self.id.clone(),
+            entity_type: self.entity_type.clone(),
+            digest: self.digest.clone(),
+            generation: self.generation.clone(),
+            state: self.state.clone(),
+            entities_done: self.entities_done,
+            entities_total: self.entities_total,
+            events_done: self.events_done,
+            events_total: self.events_total,
+            quarantined: self.quarantined,
+            error: self.error.clone(),
+            owner: self.owner.clone(),
+            started_at: self.started_at.clone(),
+            finished_at: self.finished_at.clone(),
+            heartbeat_ms,
+        }
+    }
+
+    /// The status of a rebuild this process does not run: as stored. Rate,
+    /// ETA and elapsed time are only known to the process running it.
+    fn from_record(r: &RebuildRecord) -> RebuildStatus {
+        RebuildStatus {
+            id: r.id.clone(),
+            entity_type: r.entity_type.clone(),
+            digest: r.digest.clone(),
+            state: r.state.clone(),
+            entities_done: r.entities_done,
+            entities_total: r.entities_total,
+            events_done: r.events_done,
+            events_total: r.events_total,
+            rate: 0.0,
+            eta_seconds: None,
+            quarantined: r.quarantined,
+            error: r.error.clone(),
+            elapsed_seconds: 0.0,
+            generation: r.generation.clone(),
+            owner: r.owner.clone(),
+            started_at: r.started_at.clone(),
+            finished_at: r.finished_at.clone(),
+        }
+    }
 }
 
 /// Compile and validate bytes; `expected` is the entity type the caller
@@ -138,6 +193,23 @@ pub async fn validate(
     bytes: Vec<u8>,
     expected: Option<&str>,
 ) -> Result<(Arc<Plugin>, SampleReport), InstallError> {
+    validate_as(app, bytes, |got| match expected {
+        Some(expected) if expected != got => Err(InstallError::WrongEntityType {
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }),
+        _ => Ok(()),
+    })
+    .await
+}
+
+/// Compile, let `admit` judge the entity type `describe()` names (before
+/// the sample fold, which is the expensive part), then fold the sample.
+async fn validate_as(
+    app: &App,
+    bytes: Vec<u8>,
+    admit: impl FnOnce(&str) -> Result<(), InstallError>,
+) -> Result<(Arc<Plugin>, SampleReport), InstallError> {
     let app2 = app.clone();
     let plugin = tokio::task::spawn_blocking(move || app2.load_plugin_bytes(&bytes))
         .await
@@ -146,12 +218,7 @@ pub async fn validate(
             Ok(l) => InstallError::Invalid(l),
             Err(e) => InstallError::Internal(e),
         })?;
-    if let Some(expected) = expected.filter(|e| *e != plugin.info.entity_type) {
-        return Err(InstallError::WrongEntityType {
-            expected: expected.to_string(),
-            got: plugin.info.entity_type.clone(),
-        });
-    }
+    admit(&plugin.info.entity_type)?;
     let sample = sample_fold(app, &plugin).await?;
     Ok((plugin, sample))
 }
@@ -211,8 +278,19 @@ pub async fn install(
 ) -> Result<Installed, InstallError> {
     let raw = bytes.clone();
     let (plugin, sample) = validate(app, bytes, expected).await?;
+    keep(app, &raw, plugin, sample, mode).await
+}
+
+/// Store a validated version, and activate it when `mode` says so.
+async fn keep(
+    app: &App,
+    raw: &[u8],
+    plugin: Arc<Plugin>,
+    sample: SampleReport,
+    mode: Option<SwapMode>,
+) -> Result<Installed, InstallError> {
     let version = version_of(&plugin);
-    app.plugin_store.put_plugin(&version, &raw).await?;
+    app.plugin_store.put_plugin(&version, raw).await?;
     app.compiled
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -321,6 +399,9 @@ pub async fn activate(
     }
 }
 
+/// Rolled-back digests remembered per entity type.
+const ROLLED_BACK_KEPT: usize = 32;
+
 async fn record_activation(
     app: &App,
     entity_type: &str,
@@ -329,6 +410,22 @@ async fn record_activation(
     mode: &str,
     generation: &str,
 ) -> Result<(), InstallError> {
+    // A digest chosen again is no longer "rolled back"; the one a rollback
+    // leaves is, until an activation chooses it again.
+    let mut rolled_back = cur
+        .as_ref()
+        .map(|c| c.rolled_back.clone())
+        .unwrap_or_default();
+    rolled_back.retain(|d| d != digest);
+    if mode == "rollback"
+        && let Some(c) = cur.as_ref().filter(|c| c.digest != digest)
+    {
+        rolled_back.retain(|d| d != &c.digest);
+        rolled_back.push(c.digest.clone());
+    }
+    // The row stays small: the oldest marks go first.
+    let excess = rolled_back.len().saturating_sub(ROLLED_BACK_KEPT);
+    rolled_back.drain(..excess);
     let a = Activation {
         entity_type: entity_type.to_string(),
         digest: digest.to_string(),
@@ -341,6 +438,7 @@ async fn record_activation(
         previous_generation: cur.as_ref().map(|c| c.generation.clone()),
         seq: cur.map(|c| c.seq + 1).unwrap_or(1),
         activated_at: now_rfc3339(),
+        rolled_back,
     };
     app.plugin_store.put_activation(&a).await.map_err(|e| {
         match e.downcast_ref::<crate::store::StoreError>() {
@@ -410,8 +508,15 @@ async fn start_rebuild(app: &App, plugin: Arc<Plugin>) -> Result<String, Install
             )));
         }
     }
+    // Ids outlive the process (the record is stored): the start time keeps
+    // them unique across restarts, the counter within one millisecond.
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    let id = format!("rb-{}-{}", t, NEXT.fetch_add(1, Ordering::Relaxed));
+    let id = format!(
+        "rb-{}-{}-{}",
+        t,
+        now_ms(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
     let status = RebuildStatus {
         id: id.clone(),
         entity_type: t.clone(),
@@ -427,15 +532,65 @@ async fn start_rebuild(app: &App, plugin: Arc<Plugin>) -> Result<String, Install
         error: None,
         elapsed_seconds: 0.0,
         generation: String::new(),
+        owner: host_id().to_string(),
+        started_at: now_rfc3339(),
+        finished_at: None,
     };
+    let first_beat = now_ms();
+    // Stored before anything is built: a rebuild the store does not know of
+    // could leave a generation nobody finds again.
+    let created = app
+        .plugin_store
+        .put_rebuild(&status.record(first_beat), None)
+        .await
+        .context("recording the rebuild")?;
+    if !created {
+        return Err(InstallError::Conflict(format!(
+            "a rebuild with id {id} is already recorded; try again"
+        )));
+    }
     app.rebuilds
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(id.clone(), status);
+    let lease = Arc::new(Lease {
+        app: app.clone(),
+        id: id.clone(),
+        last: tokio::sync::Mutex::new(first_beat),
+        lost: std::sync::atomic::AtomicBool::new(false),
+    });
     let app2 = app.clone();
     let id2 = id.clone();
     tokio::spawn(async move {
-        let result = run_rebuild(&app2, &plugin, &id2).await;
+        let beating = lease.clone();
+        let beats = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(HEARTBEAT).await;
+                match beating.beat().await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    // The store may come back; a record that stops moving
+                    // for long is only cleaned up after ORPHANED_AFTER_MS.
+                    Err(e) => {
+                        tracing::warn!(rebuild = %beating.id, error = %format!("{e:#}"), "could not record rebuild progress")
+                    }
+                }
+            }
+        });
+        let result = run_rebuild(&app2, &plugin, &id2, &lease).await;
+        beats.abort();
+        if lease.is_lost() {
+            // Another host took the record over as orphaned and drops the
+            // generation itself; nothing of ours may be written any more.
+            tracing::error!(rebuild = %id2, "rebuild abandoned: its record was claimed as orphaned by another host; the old generation keeps serving");
+            update_status(&app2, &id2, |s| {
+                s.state = "abandoned".into();
+                s.error = Some("its record was claimed as orphaned (no heartbeat for too long) by another host, which drops its generation".into());
+                s.finished_at = Some(now_rfc3339());
+            });
+            app2.metrics.rebuilt(&plugin.info.entity_type, "abandoned");
+            return;
+        }
         if result.is_err() {
             // A failed build is never activated: its states are garbage.
             let ns = app2
@@ -451,8 +606,8 @@ async fn start_rebuild(app: &App, plugin: Arc<Plugin>) -> Result<String, Install
                 tracing::warn!(generation = %ns, error = %format!("{e:#}"), "could not drop a failed generation");
             }
         }
-        let mut r = app2.rebuilds.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = r.get_mut(&id2) {
+        update_status(&app2, &id2, |s| {
+            s.finished_at = Some(now_rfc3339());
             match result {
                 Ok(()) => {
                     s.state = "done".into();
@@ -466,9 +621,269 @@ async fn start_rebuild(app: &App, plugin: Arc<Plugin>) -> Result<String, Install
                     app2.metrics.rebuilt(&s.entity_type, "failed");
                 }
             }
+        });
+        // The outcome outlives the process. If this write is lost, the
+        // record stays `running` and a later cleanup finds the generation
+        // either active (recorded as done) or not (dropped, abandoned).
+        if let Err(e) = lease.beat().await {
+            tracing::warn!(rebuild = %id2, error = %format!("{e:#}"), "could not record the rebuild's outcome");
         }
     });
     Ok(id)
+}
+
+/// A rebuild's owner writes its record at least this often while it runs.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// A running rebuild whose record has not moved for this long has lost its
+/// process, and may be cleaned up by any host. Generous (24 heartbeats),
+/// because cleaning up a live rebuild wastes it, and because heartbeats are
+/// stamped with the owner's clock and compared with the reader's: clock
+/// skew between hosts must stay well below it.
+const ORPHANED_AFTER_MS: i64 = 120_000;
+
+/// How often `sync_registry` looks for orphaned rebuilds.
+const ORPHAN_SWEEP_MS: i64 = 30_000;
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// This process, as the owner of the rebuilds it runs: host name, process
+/// id and a random part (a restarted process may get the same pid).
+fn host_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "host".into());
+        format!(
+            "{host}/{}/{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        )
+    })
+}
+
+/// The running rebuild's hold on its stored record. Every write is a
+/// compare-and-set on the heartbeat it wrote last: if a cleanup claimed the
+/// record meanwhile (the owner looked dead), the owner learns it from the
+/// failed write and stops before it could cut over to a generation being
+/// dropped.
+struct Lease {
+    app: App,
+    id: String,
+    last: tokio::sync::Mutex<i64>,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl Lease {
+    /// Store the current status; `false` once the record was claimed.
+    async fn beat(&self) -> anyhow::Result<bool> {
+        let mut last = self.last.lock().await;
+        if self.is_lost() {
+            return Ok(false);
+        }
+        let status = self
+            .app
+            .rebuilds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&self.id)
+            .cloned();
+        let Some(status) = status else {
+            return Ok(true);
+        };
+        let beat = now_ms().max(*last + 1);
+        let written = self
+            .app
+            .plugin_store
+            .put_rebuild(&status.record(beat), Some(*last))
+            .await?;
+        if written {
+            *last = beat;
+        } else {
+            self.lost.store(true, Ordering::SeqCst);
+        }
+        Ok(written)
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// An error once the record was claimed.
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.is_lost(),
+            "the rebuild's record was claimed as orphaned by another host"
+        );
+        Ok(())
+    }
+}
+
+/// Clean up rebuilds whose process is gone; returns how many.
+///
+/// A rebuild is orphaned when its state says it is still going (`running`,
+/// `catching_up`, or `abandoning`: claimed by a cleanup that did not
+/// finish) and its owner is not alive: with SQLite, the host is the only
+/// one on its database, so at start any such rebuild of another process is
+/// orphaned; with Cassandra, its heartbeat must be older than
+/// [`ORPHANED_AFTER_MS`].
+///
+/// Cleaned up rather than resumed: resuming would need the refold's
+/// bookkeeping (which chunks committed, how far each entity was caught up)
+/// and a new owner taking over a half-written generation, all to save a
+/// refold that the operator can start again with one call. Cleanup is
+/// claim the record (compare-and-set on its heartbeat, so two hosts, or a
+/// host and an owner that was only slow, cannot both act), drop the
+/// generation's namespace, mark it `abandoned` with the reason.
+///
+/// A rebuild whose generation an activation names was cut over before its
+/// process stopped: it is recorded as `done` and nothing is dropped.
+pub async fn recover_rebuilds(app: &App) -> anyhow::Result<usize> {
+    let sole = matches!(app.config.store.kind, crate::config::StoreKind::Sqlite);
+    let records = app.plugin_store.rebuilds().await?;
+    let mut cleaned = 0;
+    let mut actives: Option<Vec<Activation>> = None;
+    for r in records {
+        if !matches!(r.state.as_str(), "running" | "catching_up" | "abandoning")
+            || r.owner == host_id()
+        {
+            continue;
+        }
+        let now = now_ms();
+        let silent_ms = now.saturating_sub(r.heartbeat_ms);
+        if !sole && silent_ms <= ORPHANED_AFTER_MS {
+            continue;
+        }
+        if actives.is_none() {
+            actives = Some(app.plugin_store.activations().await?);
+        }
+        let cut_over = !r.generation.is_empty()
+            && actives.iter().flatten().any(|a| {
+                a.generation == r.generation
+                    || a.previous_generation.as_deref() == Some(r.generation.as_str())
+            });
+        let why = if sole {
+            format!(
+                "its host process ({}) stopped while it was {}",
+                r.owner, r.state
+            )
+        } else {
+            format!(
+                "its host ({}) was not heard of for {} s while it was {}",
+                r.owner,
+                silent_ms / 1000,
+                r.state
+            )
+        };
+        if cut_over {
+            let mut done = r.clone();
+            done.state = "done".into();
+            done.entities_done = done.entities_total;
+            done.events_done = done.events_done.max(done.events_total);
+            done.finished_at = Some(now_rfc3339());
+            done.error = Some(format!("{why}, after its cut-over"));
+            done.heartbeat_ms = now.max(r.heartbeat_ms + 1);
+            app.plugin_store
+                .put_rebuild(&done, Some(r.heartbeat_ms))
+                .await?;
+            continue;
+        }
+        let mut claim = r.clone();
+        claim.state = "abandoning".into();
+        claim.error = Some(format!(
+            "abandoned: {why}, with {} of {} entities refolded; its generation {} is dropped. Start the rebuild again to redo it",
+            r.entities_done,
+            r.entities_total,
+            if r.generation.is_empty() {
+                "(none yet)"
+            } else {
+                r.generation.as_str()
+            }
+        ));
+        claim.heartbeat_ms = now.max(r.heartbeat_ms + 1);
+        if !app
+            .plugin_store
+            .put_rebuild(&claim, Some(r.heartbeat_ms))
+            .await?
+        {
+            // Its owner, or another host's cleanup, wrote it meanwhile.
+            continue;
+        }
+        if !r.generation.is_empty() {
+            // Left `abandoning` on failure: the next sweep retries it.
+            app.storage
+                .drop_namespace(&r.generation)
+                .await
+                .with_context(|| {
+                    format!("dropping generation {} of rebuild {}", r.generation, r.id)
+                })?;
+        }
+        let mut done = claim.clone();
+        done.state = "abandoned".into();
+        done.finished_at = Some(now_rfc3339());
+        done.heartbeat_ms = now_ms().max(claim.heartbeat_ms + 1);
+        app.plugin_store
+            .put_rebuild(&done, Some(claim.heartbeat_ms))
+            .await?;
+        app.metrics.rebuilt(&r.entity_type, "abandoned");
+        tracing::warn!(rebuild = %r.id, generation = %r.generation, reason = %why, "orphaned rebuild cleaned up: its generation was dropped");
+        cleaned += 1;
+    }
+    Ok(cleaned)
+}
+
+/// A rebuild's status: live from this process, else as stored (which is
+/// how a rebuild's outcome is still known after a restart, or on another
+/// host).
+pub async fn rebuild_status(app: &App, id: &str) -> anyhow::Result<Option<RebuildStatus>> {
+    let live = app
+        .rebuilds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(id)
+        .cloned();
+    if live.is_some() {
+        return Ok(live);
+    }
+    Ok(app
+        .plugin_store
+        .rebuilds()
+        .await?
+        .iter()
+        .find(|r| r.id == id)
+        .map(RebuildStatus::from_record))
+}
+
+/// Every rebuild the store knows of, live ones from this process, by id.
+pub async fn rebuild_list(app: &App) -> anyhow::Result<Vec<RebuildStatus>> {
+    let mut all: HashMap<String, RebuildStatus> = app
+        .plugin_store
+        .rebuilds()
+        .await?
+        .iter()
+        .map(|r| (r.id.clone(), RebuildStatus::from_record(r)))
+        .collect();
+    for (id, s) in app
+        .rebuilds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        all.insert(id.clone(), s.clone());
+    }
+    let mut all: Vec<RebuildStatus> = all.into_values().collect();
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(all)
 }
 
 fn update_status(app: &App, id: &str, f: impl FnOnce(&mut RebuildStatus)) {
@@ -482,11 +897,22 @@ fn update_status(app: &App, id: &str, f: impl FnOnce(&mut RebuildStatus)) {
     }
 }
 
-async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Result<()> {
+async fn run_rebuild(
+    app: &App,
+    plugin: &Arc<Plugin>,
+    id: &str,
+    lease: &Lease,
+) -> anyhow::Result<()> {
     let t = plugin.info.entity_type.clone();
     let shadow = generation::new_id(&t, &plugin.digest);
     let started = Instant::now();
     update_status(app, id, |s| s.generation = shadow.clone());
+    // Recorded before a state is written under it: a generation the store
+    // does not name could not be found again by a cleanup.
+    anyhow::ensure!(
+        lease.beat().await.context("recording the generation")?,
+        "the rebuild's record was claimed as orphaned by another host"
+    );
     let ids = app.storage.entity_ids(&t).await?;
     let live: Vec<EntityKey> = ids
         .iter()
@@ -524,6 +950,7 @@ async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Resul
     .buffer_unordered(workers);
     while let Some(r) = stream.next().await {
         r?;
+        lease.check()?;
         let (ev, en) = (
             done_events.load(Ordering::Relaxed),
             done_entities.load(Ordering::Relaxed),
@@ -547,6 +974,7 @@ async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Resul
         .map(|(k, r)| (k.entity_id, r.head))
         .collect();
     for _ in 0..5 {
+        lease.check()?;
         if catch_up(app, plugin, &t, &shadow, &mut folded_to).await? < 50 {
             break;
         }
@@ -555,6 +983,15 @@ async fn run_rebuild(app: &App, plugin: &Arc<Plugin>, id: &str) -> anyhow::Resul
     // then the one row that makes the new generation the active one.
     let _gate = app.gate.lock().await;
     catch_up(app, plugin, &t, &shadow, &mut folded_to).await?;
+    // A fresh heartbeat just before the cut-over: no cleanup can claim the
+    // record (and drop the generation) for ORPHANED_AFTER_MS after it.
+    anyhow::ensure!(
+        lease
+            .beat()
+            .await
+            .context("renewing the rebuild's record")?,
+        "the rebuild's record was claimed as orphaned by another host"
+    );
     let cur = current_activation(app, &t).await?;
     let old_generation = cur
         .as_ref()
@@ -901,6 +1338,19 @@ pub async fn resubmit(
 /// `seq` wins). Run at start and then every `poll`, so an activation made
 /// on one host reaches every host within `poll` plus compile time.
 pub async fn sync_registry(app: &App) -> anyhow::Result<()> {
+    // Every ORPHAN_SWEEP_MS, look for rebuilds whose host died after this
+    // one started (at start, `register_configured` looks once).
+    static LAST_SWEEP: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let now = now_ms();
+    let last = LAST_SWEEP.load(Ordering::Relaxed);
+    if now - last >= ORPHAN_SWEEP_MS
+        && LAST_SWEEP
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        && let Err(e) = recover_rebuilds(app).await
+    {
+        tracing::warn!(error = %format!("{e:#}"), "could not clean up orphaned rebuilds");
+    }
     for a in app.plugin_store.activations().await? {
         let local = app.registry.get(&a.entity_type);
         if local.as_ref().is_some_and(|p| p.digest == a.digest)
@@ -949,27 +1399,90 @@ pub async fn register_configured(app: &App) -> anyhow::Result<()> {
             }
         }
     }
+    // Housekeeping: a failure here must not keep the host from starting.
+    match recover_rebuilds(app).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(rebuilds = n, "orphaned rebuilds cleaned up"),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "could not clean up orphaned rebuilds")
+        }
+    }
     sync_registry(app).await
 }
 
-/// Watched directory: load `path` (its stem should name the entity type)
-/// and activate it forward.
-pub async fn install_file(app: &App, path: &std::path::Path) -> anyhow::Result<String> {
-    let bytes = tokio::fs::read(path).await?;
-    let stem = path
-        .file_stem()
+/// Watched directory: load `path` and activate it forward, unless the
+/// store already decided about these bytes (see below). `at_start`: the
+/// file was found by the first scan, not dropped in while running. The
+/// message says what was done; an error says why the file was refused (the
+/// active version keeps running either way).
+///
+/// The file name says which entity type the file is for (see
+/// [`file_admits`]); its size is capped by `plugins.max_upload_bytes`, as an
+/// upload is.
+///
+/// A file outlives the decisions taken after it was dropped in, so bytes
+/// the store knows are not activated blindly:
+/// * a digest a rollback moved away from (`Activation::rolled_back`) is
+///   never activated from the directory, at start or later: the rollback
+///   would be undone by the file that is still there. The API can
+///   activate it again.
+/// * at start, a digest already stored for an entity type that has an
+///   activation is left alone: the stored activation is the later decision
+///   (an API activation or rollback made after the file was dropped in),
+///   and several files of one type would otherwise each be re-activated in
+///   name order. A new file (new digest) is activated as before.
+pub async fn install_file(
+    app: &App,
+    path: &std::path::Path,
+    at_start: bool,
+) -> anyhow::Result<String> {
+    let file = path
+        .file_name()
         .and_then(|s| s.to_str())
         .unwrap_or_default()
         .to_string();
-    // `account.wasm` must describe `account`; `account-v2.wasm` too.
-    let expected = stem
-        .split(['-', '@'])
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let installed = install(app, bytes, Some(&expected), Some(SwapMode::Forward))
-        .await
-        .map_err(anyhow::Error::from)?;
+    let bytes = read_capped(path, app.config.plugins.max_upload_bytes as u64).await?;
+    let digest = crate::runtime::digest_of(&bytes);
+    let actives = app.plugin_store.activations().await?;
+    if let Some(a) = actives.iter().find(|a| a.digest == digest) {
+        return Ok(format!(
+            "left alone: {} is already the active version of {}",
+            &digest[..12],
+            a.entity_type
+        ));
+    }
+    if let Some(a) = actives.iter().find(|a| a.rolled_back.contains(&digest)) {
+        return Ok(format!(
+            "left alone: version {} of {} was rolled back from; activate it through the admin API to use it again",
+            &digest[..12],
+            a.entity_type
+        ));
+    }
+    if at_start {
+        for a in &actives {
+            let stored = app.plugin_store.plugin_versions(&a.entity_type).await?;
+            if stored.iter().any(|v| v.digest == digest) {
+                return Ok(format!(
+                    "left alone: version {} of {} is already stored, and the stored activation ({}) stands",
+                    &digest[..12],
+                    a.entity_type,
+                    &a.digest[..a.digest.len().min(12)]
+                ));
+            }
+        }
+    }
+    let raw = bytes.clone();
+    let (plugin, sample) = validate_as(app, bytes, |got| {
+        if file_admits(&file, got) {
+            return Ok(());
+        }
+        Err(InstallError::Internal(anyhow::anyhow!(
+            "the component describes entity type `{got}`, which the file name `{file}` does not name \
+             (name it `{got}.wasm` or `{got}@<anything>.wasm`)"
+        )))
+    })
+    .await?;
+    let installed = keep(app, &raw, plugin, sample, Some(SwapMode::Forward)).await?;
     Ok(format!(
         "activated {}@{} ({}) for entity type {}",
         installed.version.name,
@@ -979,5 +1492,85 @@ pub async fn install_file(app: &App, path: &std::path::Path) -> anyhow::Result<S
     ))
 }
 
+/// Whether a watched file named `file` may hold a plugin of `entity_type`.
+/// `@` cannot appear in an entity type (`describe()` is held to
+/// `[A-Za-z0-9._-]`), so it separates the type from anything else:
+/// * `<type>.wasm` and `<type>@<anything>.wasm` name exactly `<type>`;
+/// * without an `@`, the older `<type>-<suffix>.wasm` naming is kept: the
+///   type is the whole stem or a part of it ending before a `-`. As types
+///   may contain `-` themselves, which part is told by what the component
+///   describes (`bank-account-v2.wasm` admits `bank-account-v2`,
+///   `bank-account` and `bank`).
+pub fn file_admits(file: &str, entity_type: &str) -> bool {
+    let Some(stem) = file.strip_suffix(".wasm") else {
+        return false;
+    };
+    if entity_type.is_empty() {
+        return false;
+    }
+    match stem.split_once('@') {
+        Some((named, _)) => named == entity_type,
+        None => {
+            stem == entity_type
+                || stem
+                    .strip_prefix(entity_type)
+                    .is_some_and(|rest| rest.starts_with('-'))
+        }
+    }
+}
+
+/// Read a component file, refusing one over `max` bytes without reading
+/// more than that (it may still be growing while it is copied in).
+async fn read_capped(path: &std::path::Path, max: u64) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt as _;
+    let too_big = |n: u64| {
+        anyhow::anyhow!(
+            "{} is {n} bytes or more, over plugins.max_upload_bytes ({max} bytes)",
+            path.display()
+        )
+    };
+    let f = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("opening {}", path.display()))?;
+    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    if len > max {
+        return Err(too_big(len));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .await
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > max {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 /// The registry poll interval.
 pub const REGISTRY_POLL: Duration = Duration::from_millis(1000);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watched_file_name_admits_every_entity_type_describe_allows() {
+        // `<type>.wasm` and `<type>@<anything>.wasm`: exactly that type.
+        assert!(file_admits("account.wasm", "account"));
+        assert!(file_admits("bank-account.wasm", "bank-account"));
+        assert!(file_admits("bank-account@v2.wasm", "bank-account"));
+        assert!(file_admits("a.b_c-d@x-y@z.wasm", "a.b_c-d"));
+        assert!(!file_admits("bank-account@v2.wasm", "bank"));
+        assert!(!file_admits("account@v2.wasm", "account-v2"));
+        // The older `<type>-<suffix>.wasm`: the stem or a part of it that
+        // ends before a `-`.
+        assert!(file_admits("account-v2.wasm", "account"));
+        assert!(file_admits("bank-account-v2.wasm", "bank-account"));
+        assert!(file_admits("bank-account-v2.wasm", "bank"));
+        assert!(!file_admits("accounts.wasm", "account"));
+        assert!(!file_admits("account.wasm", "bank-account"));
+        assert!(!file_admits("account.wasm.tmp", "account"));
+        assert!(!file_admits("@x.wasm", ""));
+    }
+}

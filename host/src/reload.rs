@@ -1,6 +1,8 @@
 //! Hot reload from a watched plugin directory: a debounced watcher feeds a
 //! channel; one task compiles, validates, then activates. A component that
 //! fails to load is refused with its reason and the active version stays.
+//! What a file may be named, how large it may be and which stored versions
+//! it does not re-activate: [`crate::lifecycle::install_file`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,7 +49,7 @@ pub async fn watch_dir(
     for p in existing {
         let Some(stamp) = stamp(&p) else { continue };
         seen.insert(p.clone(), stamp);
-        install(&app, &p).await;
+        install(&app, &p, true).await;
     }
     drop(tx);
     tokio::spawn(async move {
@@ -74,7 +76,7 @@ pub async fn watch_dir(
                     }
                     seen.insert(p.clone(), stamp);
                     // Loads are serialized: this task handles one at a time.
-                    install(&app, &p).await;
+                    install(&app, &p, false).await;
                 }
             }
         }
@@ -84,8 +86,8 @@ pub async fn watch_dir(
 
 /// Install and activate one file; a refusal is logged with its reason and
 /// the active version keeps running.
-async fn install(app: &App, p: &Path) {
-    match crate::lifecycle::install_file(app, p).await {
+async fn install(app: &App, p: &Path, at_start: bool) {
+    match crate::lifecycle::install_file(app, p, at_start).await {
         Ok(msg) => tracing::info!(file = %p.display(), "{msg}"),
         Err(e) => {
             tracing::error!(file = %p.display(), error = %format!("{e:#}"), "plugin refused; the active version keeps running")

@@ -51,7 +51,7 @@ use scylla::value::{CqlValue, Row};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::plugins::{Activation, PluginStore, PluginVersion};
+use super::plugins::{Activation, PluginStore, PluginVersion, RebuildRecord};
 use super::{
     Checkpoint, Commit, DeadLetter, EntityRecord, EntityUpdate, EventIdentity, EventStore, Origin, PluginRef,
     ProjectionWrite, QuarantineRecord, StateStore, Storage, StoreError, StoredEvent,
@@ -183,8 +183,26 @@ const SCHEMA: &[&str] = &[
         seq          bigint,
         activated_at text,
         generation   text,
-        previous_generation text
+        previous_generation text,
+        rolled_back  list<text>
     ) WITH comment = 'refold: the active plugin version of each entity type'",
+    "CREATE TABLE IF NOT EXISTS {ks}.rebuilds (
+        id             text PRIMARY KEY,
+        entity_type    text,
+        digest         text,
+        generation     text,
+        state          text,
+        entities_done  bigint,
+        entities_total bigint,
+        events_done    bigint,
+        events_total   bigint,
+        quarantined    bigint,
+        error          text,
+        owner          text,
+        started_at     text,
+        finished_at    text,
+        heartbeat_ms   bigint
+    ) WITH comment = 'refold: rebuilds, their progress and the host running each'",
     "CREATE TABLE IF NOT EXISTS {ks}.pending_effects (
         id    text,
         seq   int,
@@ -203,6 +221,7 @@ const UPGRADES: &[&str] = &[
     "ALTER TABLE {ks}.activations ADD previous_generation text",
     "ALTER TABLE {ks}.entity_log ADD record text",
     "ALTER TABLE {ks}.entity_log ADD digest text",
+    "ALTER TABLE {ks}.activations ADD rolled_back list<text>",
 ];
 
 /// Where an entity's live bucket is, and its head there.
@@ -342,6 +361,9 @@ struct Statements {
     plugin_blob_read: PreparedStatement,
     activation_insert: PreparedStatement,
     activation_update: PreparedStatement,
+    rebuild_insert: PreparedStatement,
+    rebuild_update: PreparedStatement,
+    rebuilds_read: PreparedStatement,
     activations_read: PreparedStatement,
 }
 
@@ -1972,11 +1994,12 @@ impl PluginStore for CassandraStore {
                 Option<String>,
                 Option<String>,
                 Option<String>,
+                Option<Vec<String>>,
             );
             let mut rows = pager.rows_stream::<ARow>().map_err(other)?;
             let mut out = Vec::new();
             while let Some(r) = rows.next().await {
-                let (entity_type, digest, previous, mode, seq, activated_at, generation, pg) =
+                let (entity_type, digest, previous, mode, seq, activated_at, generation, pg, rb) =
                     r.map_err(row_err)?;
                 out.push(Activation {
                     entity_type,
@@ -1987,6 +2010,7 @@ impl PluginStore for CassandraStore {
                     activated_at: activated_at.unwrap_or_default(),
                     generation: generation.unwrap_or_default(),
                     previous_generation: pg,
+                    rolled_back: rb.unwrap_or_default(),
                 });
             }
             out.sort_by(|a, b| a.entity_type.cmp(&b.entity_type));
@@ -2009,6 +2033,7 @@ impl PluginStore for CassandraStore {
                         &a.activated_at,
                         &a.generation,
                         a.previous_generation.as_deref(),
+                        &a.rolled_back,
                     ),
                 )
                 .await
@@ -2024,6 +2049,7 @@ impl PluginStore for CassandraStore {
                         &a.activated_at,
                         &a.generation,
                         a.previous_generation.as_deref(),
+                        &a.rolled_back,
                         &a.entity_type,
                         a.seq - 1,
                     ),
@@ -2041,6 +2067,125 @@ impl PluginStore for CassandraStore {
             .into());
         }
         Ok(())
+    }
+
+    async fn put_rebuild(
+        &self,
+        r: &RebuildRecord,
+        expected_heartbeat: Option<i64>,
+    ) -> anyhow::Result<bool> {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let res = match expected_heartbeat {
+            None => {
+                self.session
+                    .execute_unpaged(
+                        &self.st.rebuild_insert,
+                        (
+                            &r.id,
+                            &r.entity_type,
+                            &r.digest,
+                            &r.generation,
+                            &r.state,
+                            n(r.entities_done),
+                            n(r.entities_total),
+                            n(r.events_done),
+                            n(r.events_total),
+                            n(r.quarantined),
+                            r.error.as_deref(),
+                            &r.owner,
+                            &r.started_at,
+                            r.finished_at.as_deref(),
+                            r.heartbeat_ms,
+                        ),
+                    )
+                    .await
+            }
+            Some(h) => {
+                self.session
+                    .execute_unpaged(
+                        &self.st.rebuild_update,
+                        (
+                            &r.entity_type,
+                            &r.digest,
+                            &r.generation,
+                            &r.state,
+                            n(r.entities_done),
+                            n(r.entities_total),
+                            n(r.events_done),
+                            n(r.events_total),
+                            n(r.quarantined),
+                            r.error.as_deref(),
+                            &r.owner,
+                            &r.started_at,
+                            r.finished_at.as_deref(),
+                            r.heartbeat_ms,
+                            &r.id,
+                            h,
+                        ),
+                    )
+                    .await
+            }
+        };
+        // Not retried, like the activation: a conditional write that timed
+        // out has an unknown outcome; the next write's condition sorts it out.
+        let res = res
+            .map_err(exec_err)
+            .map_err(|e| anyhow::Error::new(e).context("Cassandra: writing a rebuild record"))?;
+        Ok(applied(res)?)
+    }
+
+    async fn rebuilds(&self) -> anyhow::Result<Vec<RebuildRecord>> {
+        self.read("reading rebuilds", || async {
+            let pager = self
+                .session
+                .execute_iter(self.st.rebuilds_read.clone(), ())
+                .await
+                .map_err(pager_err)?;
+            type RRow = (
+                String,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<i64>,
+                Option<i64>,
+                Option<i64>,
+                Option<i64>,
+                Option<i64>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<i64>,
+            );
+            let n = |v: Option<i64>| v.unwrap_or(0).max(0) as u64;
+            let mut rows = pager.rows_stream::<RRow>().map_err(other)?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().await {
+                let (id, t, digest, generation, state, ed, et, vd, vt, q, error, owner, sa, fa, hb) =
+                    r.map_err(row_err)?;
+                out.push(RebuildRecord {
+                    id,
+                    entity_type: t.unwrap_or_default(),
+                    digest: digest.unwrap_or_default(),
+                    generation: generation.unwrap_or_default(),
+                    state: state.unwrap_or_default(),
+                    entities_done: n(ed),
+                    entities_total: n(et),
+                    events_done: n(vd),
+                    events_total: n(vt),
+                    quarantined: n(q),
+                    error,
+                    owner: owner.unwrap_or_default(),
+                    started_at: sa.unwrap_or_default(),
+                    finished_at: fa,
+                    heartbeat_ms: hb.unwrap_or(0),
+                });
+            }
+            out.sort_by(|a, b| (&a.started_at, &a.id).cmp(&(&b.started_at, &b.id)));
+            Ok(out)
+        })
+        .await
     }
 }
 
@@ -2106,11 +2251,19 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
         plugin_versions_read: p("SELECT entity_type, name, version, digest, size, uploaded_at, seq FROM {ks}.plugin_versions WHERE entity_type = ?").await?,
         plugin_blob_insert: p("INSERT INTO {ks}.plugin_blobs (digest, chunk, bytes) VALUES (?, ?, ?)").await?,
         plugin_blob_read: p("SELECT chunk, bytes FROM {ks}.plugin_blobs WHERE digest = ?").await?,
-        activation_insert: p("INSERT INTO {ks}.activations (entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation)
-                               VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS").await?,
-        activation_update: p("UPDATE {ks}.activations SET digest = ?, previous = ?, mode = ?, seq = ?, activated_at = ?, generation = ?, previous_generation = ?
+        activation_insert: p("INSERT INTO {ks}.activations (entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation, rolled_back)
+                               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS").await?,
+        activation_update: p("UPDATE {ks}.activations SET digest = ?, previous = ?, mode = ?, seq = ?, activated_at = ?, generation = ?, previous_generation = ?, rolled_back = ?
                               WHERE entity_type = ? IF seq = ?").await?,
-        activations_read: p("SELECT entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation FROM {ks}.activations").await?,
+        rebuild_insert: p("INSERT INTO {ks}.rebuilds (id, entity_type, digest, generation, state, entities_done, entities_total, events_done, events_total,
+                                  quarantined, error, owner, started_at, finished_at, heartbeat_ms)
+                           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS").await?,
+        rebuild_update: p("UPDATE {ks}.rebuilds SET entity_type = ?, digest = ?, generation = ?, state = ?, entities_done = ?, entities_total = ?, events_done = ?,
+                                  events_total = ?, quarantined = ?, error = ?, owner = ?, started_at = ?, finished_at = ?, heartbeat_ms = ?
+                           WHERE id = ? IF heartbeat_ms = ?").await?,
+        rebuilds_read: p("SELECT id, entity_type, digest, generation, state, entities_done, entities_total, events_done, events_total,
+                                 quarantined, error, owner, started_at, finished_at, heartbeat_ms FROM {ks}.rebuilds").await?,
+        activations_read: p("SELECT entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation, rolled_back FROM {ks}.activations").await?,
     };
     // Conditional statements are not idempotent: a retried LWT that had
     // applied reports "not applied".
@@ -2121,6 +2274,8 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, PrepareE
         &mut st.plugin_version_insert,
         &mut st.activation_insert,
         &mut st.activation_update,
+        &mut st.rebuild_insert,
+        &mut st.rebuild_update,
     ] {
         s.set_is_idempotent(false);
     }

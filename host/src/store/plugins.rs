@@ -44,6 +44,54 @@ pub struct Activation {
     pub seq: i64,
     /// When (RFC 3339).
     pub activated_at: String,
+    /// Digests of this entity type that a rollback moved away from and that
+    /// no activation has chosen again since, oldest first. The watched
+    /// plugin directory never activates these: its file is still there
+    /// after the rollback, and would otherwise undo it at the next restart.
+    /// Carried from activation to activation in the same row, so that it
+    /// changes atomically with the rollback that sets it.
+    #[serde(default)]
+    pub rolled_back: Vec<String>,
+}
+
+/// A rebuild as the store keeps it: what it builds, how far it got, and who
+/// runs it, so that its status survives the process and a rebuild whose
+/// process died can be found and cleaned up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildRecord {
+    /// Rebuild id (unique across restarts).
+    pub id: String,
+    /// Entity type.
+    pub entity_type: String,
+    /// Digest being built.
+    pub digest: String,
+    /// Generation being built (empty until it is chosen).
+    pub generation: String,
+    /// `running`, `catching_up`, `done`, `failed`, `abandoning` (claimed
+    /// for cleanup, its generation not dropped yet) or `abandoned`.
+    pub state: String,
+    /// Entities refolded.
+    pub entities_done: u64,
+    /// Entities to refold.
+    pub entities_total: u64,
+    /// Events refolded.
+    pub events_done: u64,
+    /// Events to refold (at start).
+    pub events_total: u64,
+    /// Entities the new version quarantined.
+    pub quarantined: u64,
+    /// Why it failed or was abandoned.
+    pub error: Option<String>,
+    /// The host process running it.
+    pub owner: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// When it ended (RFC 3339).
+    pub finished_at: Option<String>,
+    /// Last sign of life of its owner (ms since the Unix epoch, the owner's
+    /// clock). Every write of the record moves it, so it is also the
+    /// record's version for [`PluginStore::put_rebuild`].
+    pub heartbeat_ms: i64,
 }
 
 /// Persistence of the plugin registry.
@@ -62,4 +110,17 @@ pub trait PluginStore: Send + Sync {
     /// activating at once cannot both win: the loser gets
     /// [`StoreError::Fenced`](super::StoreError::Fenced) inside the error.
     async fn put_activation(&self, a: &Activation) -> anyhow::Result<()>;
+    /// Write a rebuild record. `expected_heartbeat` `None`: create it (not
+    /// written if the id exists). `Some(h)`: replace it only if the stored
+    /// record's `heartbeat_ms` is still `h`: a compare-and-set, so that an
+    /// owner that lost its rebuild to a cleanup, or a cleanup racing an
+    /// owner that came back, finds out instead of overwriting. Returns
+    /// whether it was written.
+    async fn put_rebuild(
+        &self,
+        r: &RebuildRecord,
+        expected_heartbeat: Option<i64>,
+    ) -> anyhow::Result<bool>;
+    /// Every stored rebuild record.
+    async fn rebuilds(&self) -> anyhow::Result<Vec<RebuildRecord>>;
 }

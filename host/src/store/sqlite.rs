@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
-use super::plugins::{Activation, PluginStore, PluginVersion};
+use super::plugins::{Activation, PluginStore, PluginVersion, RebuildRecord};
 use super::{
     Checkpoint, Commit, DeadLetter, EntityRecord, EventIdentity, EventStore, PluginRef,
     ProjectionWrite, QuarantineRecord, StateStore, Storage, StoreError, StoredEvent,
@@ -97,7 +97,25 @@ CREATE TABLE IF NOT EXISTS activations (
     seq          INTEGER NOT NULL,
     activated_at TEXT NOT NULL,
     generation   TEXT NOT NULL DEFAULT '',
-    previous_generation TEXT
+    previous_generation TEXT,
+    rolled_back  TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS rebuilds (
+    id             TEXT PRIMARY KEY,
+    entity_type    TEXT NOT NULL,
+    digest         TEXT NOT NULL,
+    generation     TEXT NOT NULL,
+    state          TEXT NOT NULL,
+    entities_done  INTEGER NOT NULL,
+    entities_total INTEGER NOT NULL,
+    events_done    INTEGER NOT NULL,
+    events_total   INTEGER NOT NULL,
+    quarantined    INTEGER NOT NULL,
+    error          TEXT,
+    owner          TEXT NOT NULL,
+    started_at     TEXT NOT NULL,
+    finished_at    TEXT,
+    heartbeat_ms   INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     entity_type TEXT NOT NULL,
@@ -122,6 +140,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("activations", "previous_generation", "TEXT"),
     ("events", "record", "TEXT"),
     ("events", "digest", "TEXT"),
+    ("activations", "rolled_back", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 fn migrate(c: &Connection) -> rusqlite::Result<()> {
@@ -975,7 +994,7 @@ impl PluginStore for SqliteStore {
     async fn activations(&self) -> anyhow::Result<Vec<Activation>> {
         self.read(|c| {
             let mut st = c.prepare_cached(
-                "SELECT entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation
+                "SELECT entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation, rolled_back
                  FROM activations ORDER BY entity_type",
             )?;
             let rows = st.query_map([], |r| {
@@ -988,6 +1007,7 @@ impl PluginStore for SqliteStore {
                     activated_at: r.get(5)?,
                     generation: r.get(6)?,
                     previous_generation: r.get(7)?,
+                    rolled_back: split_digests(&r.get::<_, String>(8)?),
                 })
             })?;
             rows.collect()
@@ -998,20 +1018,21 @@ impl PluginStore for SqliteStore {
     async fn put_activation(&self, a: &Activation) -> anyhow::Result<()> {
         let t = a.entity_type.clone();
         let a = a.clone();
+        let rolled_back = a.rolled_back.join(",");
         let changed = self
             .write(move |c| {
                 if a.seq <= 1 {
                     c.execute(
-                        "INSERT OR IGNORE INTO activations (entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                        params![a.entity_type, a.digest, a.previous, a.mode, a.seq, a.activated_at, a.generation, a.previous_generation],
+                        "INSERT OR IGNORE INTO activations (entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation, rolled_back)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        params![a.entity_type, a.digest, a.previous, a.mode, a.seq, a.activated_at, a.generation, a.previous_generation, rolled_back],
                     )
                 } else {
                     c.execute(
                         "UPDATE activations SET digest = ?2, previous = ?3, mode = ?4, seq = ?5, activated_at = ?6,
-                                generation = ?7, previous_generation = ?8
+                                generation = ?7, previous_generation = ?8, rolled_back = ?10
                          WHERE entity_type = ?1 AND seq = ?9",
-                        params![a.entity_type, a.digest, a.previous, a.mode, a.seq, a.activated_at, a.generation, a.previous_generation, a.seq - 1],
+                        params![a.entity_type, a.digest, a.previous, a.mode, a.seq, a.activated_at, a.generation, a.previous_generation, a.seq - 1, rolled_back],
                     )
                 }
             })
@@ -1024,6 +1045,93 @@ impl PluginStore for SqliteStore {
         }
         Ok(())
     }
+
+    async fn put_rebuild(
+        &self,
+        r: &RebuildRecord,
+        expected_heartbeat: Option<i64>,
+    ) -> anyhow::Result<bool> {
+        let r = r.clone();
+        let changed = self
+            .write(move |c| {
+                let sql = match expected_heartbeat {
+                    None => {
+                        "INSERT OR IGNORE INTO rebuilds (id, entity_type, digest, generation, state, entities_done, entities_total,
+                                events_done, events_total, quarantined, error, owner, started_at, finished_at, heartbeat_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                    }
+                    Some(_) => {
+                        "UPDATE rebuilds SET entity_type = ?2, digest = ?3, generation = ?4, state = ?5, entities_done = ?6,
+                                entities_total = ?7, events_done = ?8, events_total = ?9, quarantined = ?10, error = ?11,
+                                owner = ?12, started_at = ?13, finished_at = ?14, heartbeat_ms = ?15
+                         WHERE id = ?1 AND heartbeat_ms = ?16"
+                    }
+                };
+                let mut st = c.prepare_cached(sql)?;
+                let mut values: Vec<&dyn rusqlite::ToSql> = vec![
+                    &r.id,
+                    &r.entity_type,
+                    &r.digest,
+                    &r.generation,
+                    &r.state,
+                    &r.entities_done,
+                    &r.entities_total,
+                    &r.events_done,
+                    &r.events_total,
+                    &r.quarantined,
+                    &r.error,
+                    &r.owner,
+                    &r.started_at,
+                    &r.finished_at,
+                    &r.heartbeat_ms,
+                ];
+                if let Some(h) = &expected_heartbeat {
+                    values.push(h);
+                }
+                st.execute(values.as_slice())
+            })
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn rebuilds(&self) -> anyhow::Result<Vec<RebuildRecord>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, entity_type, digest, generation, state, entities_done, entities_total, events_done,
+                        events_total, quarantined, error, owner, started_at, finished_at, heartbeat_ms
+                 FROM rebuilds ORDER BY started_at, id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(RebuildRecord {
+                    id: r.get(0)?,
+                    entity_type: r.get(1)?,
+                    digest: r.get(2)?,
+                    generation: r.get(3)?,
+                    state: r.get(4)?,
+                    entities_done: r.get(5)?,
+                    entities_total: r.get(6)?,
+                    events_done: r.get(7)?,
+                    events_total: r.get(8)?,
+                    quarantined: r.get(9)?,
+                    error: r.get(10)?,
+                    owner: r.get(11)?,
+                    started_at: r.get(12)?,
+                    finished_at: r.get(13)?,
+                    heartbeat_ms: r.get(14)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+/// The `rolled_back` column: digests (hex, so never a comma) joined by `,`.
+fn split_digests(s: &str) -> Vec<String> {
+    s.split(',')
+        .filter(|d| !d.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 #[cfg(test)]
@@ -1060,6 +1168,7 @@ mod tests {
             activated_at: "2026-01-01T00:00:00Z".into(),
             generation: String::new(),
             previous_generation: None,
+            rolled_back: vec![],
         };
         s.put_activation(&act("d1", 1)).await.unwrap();
         let lost = s.put_activation(&act("d0", 1)).await.unwrap_err();
@@ -1081,6 +1190,76 @@ mod tests {
         );
         let now = s.activations().await.unwrap();
         assert_eq!((now[0].digest.as_str(), now[0].seq), ("d2", 2));
+    }
+
+    fn rebuild(state: &str, heartbeat_ms: i64) -> RebuildRecord {
+        RebuildRecord {
+            id: "rb-account-1".into(),
+            entity_type: "account".into(),
+            digest: "d1".into(),
+            generation: "account#d1.1".into(),
+            state: state.into(),
+            entities_done: 3,
+            entities_total: 10,
+            events_done: 30,
+            events_total: 100,
+            quarantined: 0,
+            error: None,
+            owner: "h/1/0".into(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: None,
+            heartbeat_ms,
+        }
+    }
+
+    /// A rebuild record is written once, then only over the heartbeat
+    /// the writer last saw.
+    #[tokio::test]
+    async fn rebuild_records_are_compare_and_set_on_their_heartbeat() {
+        let s = SqliteStore::in_memory().unwrap();
+        assert!(s.put_rebuild(&rebuild("running", 10), None).await.unwrap());
+        assert!(!s.put_rebuild(&rebuild("running", 11), None).await.unwrap());
+        assert!(
+            s.put_rebuild(&rebuild("running", 20), Some(10))
+                .await
+                .unwrap()
+        );
+        // A writer that missed the last write loses.
+        assert!(!s.put_rebuild(&rebuild("done", 30), Some(10)).await.unwrap());
+        let all = s.rebuilds().await.unwrap();
+        assert_eq!(all, vec![rebuild("running", 20)]);
+    }
+
+    /// A database made before rebuild records and rolled-back marks is
+    /// upgraded in place, its activations kept.
+    #[tokio::test]
+    async fn an_older_database_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE activations (entity_type TEXT PRIMARY KEY, digest TEXT NOT NULL, previous TEXT,
+                     mode TEXT NOT NULL, seq INTEGER NOT NULL, activated_at TEXT NOT NULL);
+                 INSERT INTO activations VALUES ('account', 'd1', NULL, 'forward', 1, '2026-01-01T00:00:00Z');
+                 CREATE TABLE entities (entity_type TEXT NOT NULL, entity_id TEXT NOT NULL, state TEXT,
+                     position INTEGER NOT NULL, head INTEGER NOT NULL, plugin_name TEXT, plugin_version TEXT,
+                     plugin_digest TEXT, quarantined INTEGER NOT NULL DEFAULT 0,
+                     PRIMARY KEY (entity_type, entity_id)) WITHOUT ROWID;",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let a = s.activations().await.unwrap();
+        assert_eq!((a[0].digest.as_str(), a[0].rolled_back.len()), ("d1", 0));
+        let mut next = a[0].clone();
+        next.digest = "d0".into();
+        next.mode = "rollback".into();
+        next.seq = 2;
+        next.rolled_back = vec!["d1".into()];
+        s.put_activation(&next).await.unwrap();
+        assert_eq!(s.activations().await.unwrap()[0].rolled_back, vec!["d1"]);
+        assert!(s.put_rebuild(&rebuild("running", 1), None).await.unwrap());
     }
 
     #[tokio::test]

@@ -32,7 +32,7 @@
 //! random source return.
 //!
 //! Cargo features make variants for refusal tests: `trap-describe`,
-//! `fail-all`, `entity-orders` (see Cargo.toml).
+//! `fail-all`, `entity-orders`, `entity-dashed` (see Cargo.toml).
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -88,6 +88,8 @@ impl Plugin for Probe {
             version: "1.0.0".into(),
             entity_type: if cfg!(feature = "entity-orders") {
                 "order"
+            } else if cfg!(feature = "entity-dashed") {
+                "probe-dashed"
             } else {
                 "probe"
             }
