@@ -6,4 +6,5 @@ mod cluster;
 mod common;
 mod embedded;
 mod lifecycle;
+mod operations;
 mod sandbox;
