@@ -9,4 +9,5 @@ mod embedded;
 mod follow;
 mod integrity;
 mod lifecycle;
+mod operations;
 mod sandbox;
