@@ -7,7 +7,7 @@
 #   OUT_DIR     where the components go (default: plugins/target/components):
 #               bank.wasm bank-v2.wasm orders.wasm probe.wasm
 #               probe-trap-describe.wasm probe-fail-all.wasm probe-entity-orders.wasm
-#               probe-entity-dashed.wasm
+#               probe-entity-dashed.wasm probe-loop-init.wasm
 #   --examples  also copy bank.wasm and orders.wasm to examples/bank/ and
 #               examples/orders/ (the copies there are committed so that the
 #               quick start needs no wasm build); says whether they changed
@@ -68,7 +68,7 @@ cargo_home=${CARGO_HOME:-$HOME/.cargo}
 export CARGO_ENCODED_RUSTFLAGS="--remap-path-prefix=$cargo_home/registry/src=/cargo/registry/src"
 
 release="$here/target/wasm32-wasip2/release"
-names=(bank bank-v2 orders probe probe-trap-describe probe-fail-all probe-entity-orders probe-entity-dashed)
+names=(bank bank-v2 orders probe probe-trap-describe probe-fail-all probe-entity-orders probe-entity-dashed probe-loop-init)
 
 # Cargo keeps one fingerprint per cdylib whatever its features, so building
 # the variants one after another relinks each of them on every run. Skip all
@@ -105,7 +105,7 @@ else
   rm -f "$stamp"
   build -p bank --features v2
   copy bank.wasm bank-v2.wasm
-  for variant in trap-describe fail-all entity-orders entity-dashed; do
+  for variant in trap-describe fail-all entity-orders entity-dashed loop-init; do
     build -p refold-probe --features "$variant"
     copy refold_probe.wasm "probe-$variant.wasm"
   done

@@ -35,6 +35,8 @@ pub struct Metrics {
     plugin_memory: IntGaugeVec,
     plugin_cpu: GaugeVec,
     plugin_calls: IntGaugeVec,
+    plugin_log_dropped: IntGaugeVec,
+    plugin_deadlines: IntGaugeVec,
     swaps: IntCounterVec,
     rebuilds: IntCounterVec,
 }
@@ -183,6 +185,26 @@ impl Metrics {
                     &["entity_type", "plugin_version"]
                 )
             ),
+            plugin_log_dropped: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "refold_plugin_log_lines_dropped",
+                        "Guest log lines dropped by the per-call log budget"
+                    ),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            plugin_deadlines: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "refold_plugin_deadlines",
+                        "Guest calls that ran out of their CPU budget"
+                    ),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
             swaps: reg!(
                 r,
                 IntCounterVec::new(
@@ -272,6 +294,12 @@ impl Metrics {
             .with_label_values(&l)
             .set(s.busy.as_secs_f64());
         self.plugin_calls.with_label_values(&l).set(s.calls as i64);
+        self.plugin_log_dropped
+            .with_label_values(&l)
+            .set(s.log_lines_dropped as i64);
+        self.plugin_deadlines
+            .with_label_values(&l)
+            .set(s.deadlines as i64);
     }
     /// A plugin activation.
     pub fn swapped(&self, entity_type: &str, mode: &str) {

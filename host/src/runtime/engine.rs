@@ -68,4 +68,12 @@ impl Engine {
     pub fn ticks_for(cpu_ms: u64) -> u64 {
         (cpu_ms / EPOCH_TICK.as_millis() as u64).max(1)
     }
+
+    /// Deadline in epoch ticks for what is left of a budget (at least one).
+    pub fn ticks_for_duration(left: Duration) -> u64 {
+        let tick = EPOCH_TICK.as_micros().max(1);
+        u64::try_from(left.as_micros().div_ceil(tick))
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
 }

@@ -27,6 +27,55 @@ pub struct HostState {
     pub forwarded: (usize, usize),
     /// `plugin@version`, the tag on every guest log line.
     pub tag: String,
+    /// What the current call may still log.
+    pub log_budget: LogBudget,
+}
+
+/// The per-call budget on guest log output (the `log` import and the lines
+/// of stdout/stderr). One event once produced 44 MB of host log inside its
+/// deadline; with this a call costs at most a bounded amount of log, plus one
+/// line saying how much was dropped.
+#[derive(Debug, Clone, Copy)]
+pub struct LogBudget {
+    max_lines: u64,
+    max_bytes: u64,
+    lines: u64,
+    bytes: u64,
+    /// Lines dropped during the current call.
+    pub dropped: u64,
+}
+
+impl LogBudget {
+    /// A fresh budget for one call under `limits`.
+    pub fn new(limits: &Limits) -> Self {
+        LogBudget {
+            max_lines: limits.max_log_lines_per_call,
+            max_bytes: limits.max_log_bytes_per_call,
+            lines: 0,
+            bytes: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Whether a line of `len` bytes may still be forwarded; counts it either way.
+    pub fn admit(&mut self, len: usize) -> bool {
+        let len = len as u64;
+        if self.lines < self.max_lines && self.bytes.saturating_add(len) <= self.max_bytes {
+            self.lines += 1;
+            self.bytes += len;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
+    }
+
+    /// Start a new call.
+    pub fn reset(&mut self) {
+        self.lines = 0;
+        self.bytes = 0;
+        self.dropped = 0;
+    }
 }
 
 /// A wall clock frozen at the Unix epoch: folds must not depend on time.
@@ -75,12 +124,35 @@ impl HostState {
         HostState {
             wasi,
             table: ResourceTable::new(),
-            limiter: MemoryLimiter::new(limits.memory_bytes),
+            limiter: MemoryLimiter::new(limits),
             stdout,
             stderr,
             forwarded: (0, 0),
             tag,
+            log_budget: LogBudget::new(limits),
         }
+    }
+
+    /// Reset what describes one call: the refused grow and the log budget.
+    pub fn begin_call(&mut self) {
+        self.limiter.exceeded = None;
+        self.log_budget.reset();
+    }
+
+    /// End a call of `export`: say once how many log lines were dropped, and
+    /// return that number (for metrics).
+    pub fn end_call(&mut self, export: &str) -> u64 {
+        let dropped = self.log_budget.dropped;
+        if dropped > 0 {
+            tracing::warn!(
+                target: "refold::guest",
+                plugin = %self.tag,
+                "log truncated: {dropped} lines dropped in {export} (limit max_log_lines_per_call = {}, max_log_bytes_per_call = {})",
+                self.log_budget.max_lines,
+                self.log_budget.max_bytes,
+            );
+        }
+        dropped
     }
 
     /// Forward guest output written since the last call to `tracing` and
@@ -92,9 +164,15 @@ impl HostState {
         let new_err = String::from_utf8_lossy(&err[self.forwarded.1.min(err.len())..]).into_owned();
         self.forwarded = (out.len(), err.len());
         for line in new_out.lines().filter(|l| !l.is_empty()) {
+            if !self.log_budget.admit(line.len()) {
+                continue;
+            }
             tracing::info!(target: "refold::guest", plugin = %self.tag, stream = "stdout", "{line}");
         }
         for line in new_err.lines().filter(|l| !l.is_empty()) {
+            if !self.log_budget.admit(line.len()) {
+                continue;
+            }
             tracing::warn!(target: "refold::guest", plugin = %self.tag, stream = "stderr", "{line}");
         }
         new_err
@@ -114,6 +192,9 @@ impl bindings::refold::plugin::log::Host for HostState {
     fn log(&mut self, level: LogLevel, message: String) {
         // The guest controls the message: cap it so a plugin cannot flood logs.
         let message: String = message.chars().take(4096).collect();
+        if !self.log_budget.admit(message.len()) {
+            return;
+        }
         let tag = &self.tag;
         match level {
             LogLevel::Trace => tracing::trace!(target: "refold::guest", plugin = %tag, "{message}"),
@@ -126,3 +207,42 @@ impl bindings::refold::plugin::log::Host for HostState {
 }
 
 impl bindings::refold::plugin::types::Host for HostState {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bindings::refold::plugin::log::Host as _;
+
+    #[test]
+    fn the_log_budget_drops_lines_past_the_limit_and_counts_them() {
+        let limits = Limits {
+            max_log_lines_per_call: 3,
+            max_log_bytes_per_call: 1_000,
+            ..Limits::default()
+        };
+        let mut s = HostState::new("probe@1".into(), &limits);
+        s.begin_call();
+        for i in 0..10 {
+            s.log(LogLevel::Info, format!("line {i}"));
+        }
+        assert_eq!(s.log_budget.dropped, 7);
+        assert_eq!(s.end_call("fold"), 7);
+        // The next call starts with a fresh budget.
+        s.begin_call();
+        s.log(LogLevel::Info, "again".into());
+        assert_eq!(s.end_call("fold"), 0);
+    }
+
+    #[test]
+    fn the_log_budget_counts_bytes_too() {
+        let mut b = LogBudget::new(&Limits {
+            max_log_lines_per_call: 100,
+            max_log_bytes_per_call: 10,
+            ..Limits::default()
+        });
+        assert!(b.admit(6));
+        assert!(!b.admit(6));
+        assert!(b.admit(4));
+        assert_eq!(b.dropped, 1);
+    }
+}

@@ -9,13 +9,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::Store;
+use wasmtime::component::{ComponentType, Func, Lift, WasmList, WasmStr};
 
 use super::batch;
 use super::engine::Engine;
 use super::host_state::HostState;
+use super::limits::{Limits, MemoryLimiter};
 use super::plugin::Plugin;
-use crate::bindings::{Descriptor, EventBatch, PluginError, ProjectionOp, Projector};
-use crate::store::StoredEvent;
+use crate::bindings::{Descriptor, Document, EventBatch, PluginError, ProjectionOp, Projector};
+use crate::store::{ProjectionWrite, StoredEvent};
 
 /// Why a trap happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -39,19 +41,25 @@ pub enum CallError {
     Trap {
         /// Classified cause.
         kind: TrapKind,
-        /// Human-readable message (panic message, limit, wasm backtrace).
+        /// Short human-readable message: which export, which limit, the
+        /// panic message (never a whole wasm backtrace).
         message: String,
     },
     /// The guest returned its own error for one event of the batch.
     #[error("plugin error on event {}: {}", .0.event_id, .0.message)]
     Plugin(PluginError),
     /// The guest returned more than the limits allow; the host refused it.
-    #[error("{what} of {size} bytes exceeds the limit of {max} bytes")]
+    #[error("{what} {size} {unit}, limit {limit} = {max}")]
     Output {
-        /// What was too large.
+        /// What was returned, e.g. "project returned".
         what: &'static str,
-        /// Size returned.
+        /// Size returned (as far as the host looked: it stops counting at
+        /// the first op past the limit).
         size: u64,
+        /// Unit of `size`, e.g. "ops".
+        unit: &'static str,
+        /// The `Limits` key that refused it.
+        limit: &'static str,
         /// Allowed size.
         max: u64,
     },
@@ -81,6 +89,11 @@ impl CallError {
             CallError::Output { .. } => "output_too_large",
         }
     }
+
+    /// Whether this is a trap of kind `kind`.
+    pub fn is_trap(&self, kind: TrapKind) -> bool {
+        matches!(self, CallError::Trap { kind: k, .. } if *k == kind)
+    }
 }
 
 /// Counters of the work done in one sandbox, for metrics.
@@ -90,13 +103,48 @@ pub struct CallStats {
     pub calls: u64,
     /// Time spent inside the guest.
     pub busy: Duration,
-    /// Largest linear memory seen.
+    /// Largest linear memory seen (all memories of an instance).
     pub peak_memory: usize,
+    /// Guest log lines dropped by the per-call log budget.
+    pub log_lines_dropped: u64,
+    /// Calls that ran out of their CPU budget.
+    pub deadlines: u64,
 }
+
+/// What one projection op costs the host beyond its names, key and body:
+/// the op as the sandbox returns it, the write the pipeline stores, and an
+/// allocation for each of its three buffers. A 3-byte op is mostly this.
+pub const PROJECTION_OP_OVERHEAD: u64 =
+    (std::mem::size_of::<ProjectionOp>() + std::mem::size_of::<ProjectionWrite>() + 3 * 16) as u64;
+
+/// A `document` as it lies in guest memory: lengths are known, nothing is
+/// copied until the host has decided to accept it.
+#[derive(ComponentType, Lift)]
+#[component(record)]
+struct RawDocument {
+    projection: WasmStr,
+    key: WasmStr,
+    body: WasmList<u8>,
+}
+
+/// A `projection-op` as it lies in guest memory.
+#[derive(ComponentType, Lift)]
+#[component(variant)]
+enum RawOp {
+    #[component(name = "upsert")]
+    Upsert(RawDocument),
+    #[component(name = "delete")]
+    Delete((WasmStr, WasmStr)),
+}
+
+/// The result of `project`, lifted lazily: the list is a view of guest
+/// memory, so its length is checked before a single op is copied.
+type RawProjectResult = (Result<WasmList<RawOp>, PluginError>,);
 
 struct Live {
     store: Store<HostState>,
     bindings: Projector,
+    project: Func,
 }
 
 /// A plugin instance with its own store (the sandbox is per entity type).
@@ -105,6 +153,8 @@ pub struct Sandbox {
     live: Option<Live>,
     /// Work done so far.
     pub stats: CallStats,
+    /// How long the last guest call ran.
+    last_call: Duration,
     /// The encoding buffers of the last batch, reused by the next one.
     scratch: EventBatch,
 }
@@ -116,6 +166,7 @@ impl Sandbox {
             plugin,
             live: None,
             stats: CallStats::default(),
+            last_call: Duration::ZERO,
             scratch: batch::empty(),
         }
     }
@@ -132,61 +183,108 @@ impl Sandbox {
         self.live = None;
     }
 
+    /// How long the last guest call ran (for budgets shared by several calls).
+    pub fn last_call(&self) -> Duration {
+        self.last_call
+    }
+
     fn live(&mut self) -> Result<&mut Live, CallError> {
         if self.live.is_none() {
+            let limits = self.plugin.limits;
             let mut store = Store::new(
                 self.plugin.engine().wasmtime(),
-                HostState::new(self.plugin.tag(), &self.plugin.limits),
+                HostState::new(self.plugin.tag(), &limits),
             );
             store.limiter(|s| &mut s.limiter);
             store.epoch_deadline_trap();
-            store.set_epoch_deadline(Engine::ticks_for(self.plugin.limits.cpu_ms));
-            let bindings = self
-                .plugin
-                .pre()
-                .instantiate(&mut store)
-                .map_err(|e| classify(&mut store, e))?;
-            self.live = Some(Live { store, bindings });
+            store.set_epoch_deadline(Engine::ticks_for(limits.cpu_ms));
+            store.data_mut().begin_call();
+            let instance = match self.plugin.pre().instance_pre().instantiate(&mut store) {
+                Ok(i) => i,
+                Err(e) => return Err(fail(&mut store, "instantiation", &limits, e)),
+            };
+            let bindings = match self.plugin.indices().load(&mut store, &instance) {
+                Ok(b) => b,
+                Err(e) => return Err(fail(&mut store, "instantiation", &limits, e)),
+            };
+            let Some(project) = instance.get_func(&mut store, self.plugin.project_export()) else {
+                return Err(CallError::Trap {
+                    kind: TrapKind::Other,
+                    message: "the instance has no `project` export".into(),
+                });
+            };
+            self.live = Some(Live {
+                store,
+                bindings,
+                project,
+            });
         }
-        Ok(self.live.as_mut().expect("just created"))
+        self.live.as_mut().ok_or_else(|| CallError::Trap {
+            kind: TrapKind::Other,
+            message: "no instance".into(),
+        })
     }
 
-    /// Run `f` against the instance under the CPU deadline, classifying traps.
+    /// Run `f` against the instance under the CPU deadline (the whole
+    /// `cpu_ms`, or what is left of a shared `budget`), classifying traps.
     fn call<R>(
         &mut self,
-        f: impl FnOnce(&Projector, &mut Store<HostState>) -> wasmtime::Result<R>,
+        export: &'static str,
+        budget: Option<Duration>,
+        f: impl FnOnce(&mut Live) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
-        let ticks = Engine::ticks_for(self.plugin.limits.cpu_ms);
+        let limits = self.plugin.limits;
+        let ticks = match budget {
+            Some(left) => Engine::ticks_for_duration(left),
+            None => Engine::ticks_for(limits.cpu_ms),
+        };
         let live = self.live()?;
+        live.store.data_mut().begin_call();
         live.store.set_epoch_deadline(ticks);
         let started = Instant::now();
-        let result = f(&live.bindings, &mut live.store);
+        let result = f(live);
         let elapsed = started.elapsed();
+        self.last_call = elapsed;
         self.stats.calls += 1;
         self.stats.busy += elapsed;
-        let live = self.live.as_mut().expect("live during call");
-        self.stats.peak_memory = self.stats.peak_memory.max(live.store.data().limiter.peak);
+        let Some(live) = self.live.as_mut() else {
+            return Err(CallError::Trap {
+                kind: TrapKind::Other,
+                message: "instance lost during a call".into(),
+            });
+        };
+        let state = live.store.data_mut();
+        self.stats.peak_memory = self.stats.peak_memory.max(state.limiter.peak);
         match result {
             Ok(r) => {
-                live.store.data_mut().drain_stdio();
+                state.drain_stdio();
+                self.stats.log_lines_dropped += state.end_call(export);
                 Ok(r)
             }
             Err(e) => {
-                let mut live = self.live.take().expect("live during call");
-                Err(classify(&mut live.store, e))
+                let err = fail(&mut live.store, export, &limits, e);
+                self.stats.log_lines_dropped += live.store.data().log_budget.dropped;
+                if err.is_trap(TrapKind::Deadline) {
+                    self.stats.deadlines += 1;
+                }
+                // A trap poisons the instance: the next call gets a new one.
+                self.live = None;
+                Err(err)
             }
         }
     }
 
     /// `describe()`.
     pub fn describe(&mut self) -> Result<Descriptor, CallError> {
-        self.call(|b, s| b.call_describe(s))
+        self.call("describe", None, |l| l.bindings.call_describe(&mut l.store))
     }
 
     /// `init(entity-id)`, checked against the state size limit.
     pub fn init(&mut self, entity_id: &str) -> Result<Vec<u8>, CallError> {
-        let out = self.call(|b, s| b.call_init(s, entity_id))?;
-        self.check_state(out)
+        let out = self.call("init", None, |l| {
+            l.bindings.call_init(&mut l.store, entity_id)
+        })?;
+        self.check_state("init returned a state of", out)
     }
 
     /// `fold(entity-id, state, events)`: one call for the whole batch,
@@ -197,17 +295,35 @@ impl Sandbox {
         state: &[u8],
         events: &[StoredEvent],
     ) -> Result<Vec<u8>, CallError> {
+        self.fold_within(entity_id, state, events, None)
+    }
+
+    /// `fold` under what is left of a budget shared with other calls (the
+    /// deadline is `left`, not a fresh `cpu_ms`); `None` is the usual
+    /// per-call deadline.
+    pub fn fold_within(
+        &mut self,
+        entity_id: &str,
+        state: &[u8],
+        events: &[StoredEvent],
+        left: Option<Duration>,
+    ) -> Result<Vec<u8>, CallError> {
         let encoded = self.encode(events)?;
-        let out = self.call(|b, s| b.call_fold(s, entity_id, state, &encoded));
+        let out = self.call("fold", left, |l| {
+            l.bindings
+                .call_fold(&mut l.store, entity_id, state, &encoded)
+        });
         self.scratch = encoded;
         match out? {
-            Ok(state) => self.check_state(state),
+            Ok(state) => self.check_state("fold returned a state of", state),
             Err(e) => Err(CallError::Plugin(sanitize(e, events))),
         }
     }
 
     /// `project(entity-id, before, after, events)`, checked against the
-    /// projection output limit.
+    /// projection limits before the ops are copied out of the guest: first
+    /// their number (`max_projection_ops`), then, op by op, their size as
+    /// the host will hold them (`max_projection_bytes`).
     pub fn project(
         &mut self,
         entity_id: &str,
@@ -216,23 +332,70 @@ impl Sandbox {
         events: &[StoredEvent],
     ) -> Result<Vec<ProjectionOp>, CallError> {
         let encoded = self.encode(events)?;
-        let out = self.call(|b, s| b.call_project(s, entity_id, before, after, &encoded));
+        let out = self.call("project", None, |l| {
+            let f = l
+                .project
+                .typed::<(&str, &[u8], &[u8], &EventBatch), RawProjectResult>(&l.store)?;
+            let (r,) = f.call(&mut l.store, (entity_id, before, after, &encoded))?;
+            Ok(r)
+        });
         self.scratch = encoded;
-        let ops = out?.map_err(|e| CallError::Plugin(sanitize(e, events)))?;
-        let size: u64 = ops
-            .iter()
-            .map(|op| match op {
-                ProjectionOp::Upsert(d) => (d.projection.len() + d.key.len() + d.body.len()) as u64,
-                ProjectionOp::Delete((p, k)) => (p.len() + k.len()) as u64,
-            })
-            .sum();
-        let max = self.plugin.limits.max_projection_bytes;
-        if size > max {
+        let list = out?.map_err(|e| CallError::Plugin(sanitize(e, events)))?;
+        let lifted = self.lift_ops(&list);
+        if matches!(lifted, Err(CallError::Trap { .. })) {
+            self.live = None;
+        }
+        lifted
+    }
+
+    /// Copy the ops of `list` out of guest memory within the limits.
+    fn lift_ops(&mut self, list: &WasmList<RawOp>) -> Result<Vec<ProjectionOp>, CallError> {
+        let limits = self.plugin.limits;
+        let count = list.len() as u64;
+        if count > limits.max_projection_ops {
             return Err(CallError::Output {
-                what: "projection output",
-                size,
-                max,
+                what: "project returned",
+                size: count,
+                unit: "ops",
+                limit: "max_projection_ops",
+                max: limits.max_projection_ops,
             });
+        }
+        let live = self.live()?;
+        let store = &mut live.store;
+        let invalid = |e: wasmtime::Error| CallError::Trap {
+            kind: TrapKind::Other,
+            message: format!("project returned an invalid projection op: {e}"),
+        };
+        let mut ops = Vec::with_capacity(list.len());
+        let mut bytes: u64 = 0;
+        for i in 0..list.len() {
+            let op = match list.get(&mut *store, i) {
+                Some(Ok(op)) => op,
+                Some(Err(e)) => return Err(invalid(e)),
+                None => break,
+            };
+            let max = limits.max_projection_bytes;
+            let op = match op {
+                RawOp::Upsert(d) => {
+                    let projection = d.projection.to_str(&*store).map_err(invalid)?;
+                    let key = d.key.to_str(&*store).map_err(invalid)?;
+                    let body = d.body.as_le_slice(&*store);
+                    charge(&mut bytes, projection.len() + key.len() + body.len(), max)?;
+                    ProjectionOp::Upsert(Document {
+                        projection: projection.into_owned(),
+                        key: key.into_owned(),
+                        body: body.to_vec(),
+                    })
+                }
+                RawOp::Delete((p, k)) => {
+                    let projection = p.to_str(&*store).map_err(invalid)?;
+                    let key = k.to_str(&*store).map_err(invalid)?;
+                    charge(&mut bytes, projection.len() + key.len(), max)?;
+                    ProjectionOp::Delete((projection.into_owned(), key.into_owned()))
+                }
+            };
+            ops.push(op);
         }
         Ok(ops)
     }
@@ -247,18 +410,36 @@ impl Sandbox {
         Ok(encoded)
     }
 
-    fn check_state(&self, state: Vec<u8>) -> Result<Vec<u8>, CallError> {
+    fn check_state(&self, what: &'static str, state: Vec<u8>) -> Result<Vec<u8>, CallError> {
         let max = self.plugin.limits.max_state_bytes;
         let size = state.len() as u64;
         if size > max {
             return Err(CallError::Output {
-                what: "state",
+                what,
                 size,
+                unit: "bytes",
+                limit: "max_state_bytes",
                 max,
             });
         }
         Ok(state)
     }
+}
+
+/// Add one op of `size` bytes to the running total of a `project` result,
+/// refusing it past `max`.
+fn charge(total: &mut u64, size: usize, max: u64) -> Result<(), CallError> {
+    *total = total.saturating_add(size as u64 + PROJECTION_OP_OVERHEAD);
+    if *total > max {
+        return Err(CallError::Output {
+            what: "project returned",
+            size: *total,
+            unit: "bytes of projection output (as the host holds it)",
+            limit: "max_projection_bytes",
+            max,
+        });
+    }
+    Ok(())
 }
 
 /// The host never trusts what a plugin says about its own error: clamp the
@@ -276,34 +457,69 @@ fn sanitize(mut e: PluginError, events: &[StoredEvent]) -> PluginError {
     e
 }
 
-fn classify(store: &mut Store<HostState>, err: wasmtime::Error) -> CallError {
-    let stderr = store.data_mut().drain_stdio();
+/// Classify the failure of a call of `export` on the store it ran in.
+fn fail(
+    store: &mut Store<HostState>,
+    export: &str,
+    limits: &Limits,
+    err: wasmtime::Error,
+) -> CallError {
+    let state = store.data_mut();
+    let stderr = state.drain_stdio();
+    state.end_call(export);
+    classify(export, &state.limiter, limits, &stderr, &err)
+}
+
+fn classify(
+    export: &str,
+    limiter: &MemoryLimiter,
+    limits: &Limits,
+    stderr: &str,
+    err: &wasmtime::Error,
+) -> CallError {
     let trap = err.downcast_ref::<wasmtime::Trap>().copied();
-    let exceeded = store.data().limiter.exceeded;
-    if trap == Some(wasmtime::Trap::Interrupt) {
-        return CallError::Trap {
-            kind: TrapKind::Deadline,
-            message: "CPU time limit exceeded (epoch deadline)".into(),
-        };
-    }
-    if let Some((requested, max)) = exceeded {
+    // A refused grow comes first: a guest that catches the failure may go on
+    // to spin into the deadline or trap somewhere else, but the cause is
+    // still memory.
+    if let Some((requested, max)) = limiter.exceeded {
         return CallError::Trap {
             kind: TrapKind::Memory,
             message: format!(
-                "memory limit exceeded: requested {requested} bytes, limit {max} bytes"
+                "memory limit exceeded in {export}: requested {requested} bytes of linear memory, limit memory_bytes = {max}"
             ),
         };
     }
-    if let Some(msg) = panic_message(&stderr) {
+    if trap == Some(wasmtime::Trap::Interrupt) {
+        return CallError::Trap {
+            kind: TrapKind::Deadline,
+            message: format!(
+                "CPU time limit exceeded in {export}, limit cpu_ms = {}",
+                limits.cpu_ms
+            ),
+        };
+    }
+    if trap == Some(wasmtime::Trap::StackOverflow) {
+        return CallError::Trap {
+            kind: TrapKind::Other,
+            message: format!("stack overflow in {export}"),
+        };
+    }
+    if let Some(msg) = panic_message(stderr) {
         return CallError::Trap {
             kind: TrapKind::Panic,
             message: msg,
         };
     }
-    let mut message = format!("{err:#}");
-    if !stderr.trim().is_empty() {
+    // The root cause, not `{err:#}`: the chain carries the whole wasm
+    // backtrace, which says nothing to whoever reads a quarantine.
+    let mut message = match trap {
+        Some(t) => format!("{t} in {export}"),
+        None => format!("{} in {export}", err.root_cause()),
+    };
+    let stderr = stderr.trim();
+    if !stderr.is_empty() {
         message.push_str("; stderr: ");
-        message.push_str(stderr.trim());
+        message.extend(stderr.chars().take(1024));
     }
     CallError::Trap {
         kind: TrapKind::Other,
@@ -330,6 +546,7 @@ fn panic_message(stderr: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wasmtime::component::{Component, Linker};
 
     #[test]
     fn extracts_rust_panic_message() {
@@ -339,5 +556,189 @@ mod tests {
             "boom here (panicked at src/lib.rs:10:5)"
         );
         assert_eq!(panic_message("nothing"), None);
+    }
+
+    fn limits(memory: u64) -> Limits {
+        Limits {
+            memory_bytes: memory,
+            ..Limits::default()
+        }
+    }
+
+    /// A store like a sandbox's: the limiter installed, an epoch deadline.
+    fn store(engine: &Engine, limits: &Limits) -> Store<HostState> {
+        let mut store = Store::new(engine.wasmtime(), HostState::new("t@1".into(), limits));
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(Engine::ticks_for(limits.cpu_ms));
+        store.data_mut().begin_call();
+        store
+    }
+
+    /// A component whose core module has three memories of one page and a
+    /// `grow` that grows each by `pages`, returning how many grows succeeded.
+    const THREE_MEMORIES: &str = r#"
+        (component
+          (core module $m
+            (memory $a 1)
+            (memory $b 1)
+            (memory $c 1)
+            (func (export "grow") (param $p i32) (result i32)
+              (local $ok i32)
+              (if (i32.ne (memory.grow $a (local.get $p)) (i32.const -1))
+                (then (local.set $ok (i32.add (local.get $ok) (i32.const 1)))))
+              (if (i32.ne (memory.grow $b (local.get $p)) (i32.const -1))
+                (then (local.set $ok (i32.add (local.get $ok) (i32.const 1)))))
+              (if (i32.ne (memory.grow $c (local.get $p)) (i32.const -1))
+                (then (local.set $ok (i32.add (local.get $ok) (i32.const 1)))))
+              (local.get $ok)))
+          (core instance $i (instantiate $m))
+          (func (export "grow") (param "pages" u32) (result u32)
+            (canon lift (core func $i "grow"))))
+    "#;
+
+    #[test]
+    fn the_memory_limit_is_the_sum_of_all_memories() {
+        let engine = Engine::new().unwrap();
+        // 16 pages of 64 KiB; three memories of 1 page to start with.
+        let limits = limits(1 << 20);
+        let mut store = store(&engine, &limits);
+        let component = Component::new(engine.wasmtime(), THREE_MEMORIES).unwrap();
+        let instance = Linker::new(engine.wasmtime())
+            .instantiate(&mut store, &component)
+            .unwrap();
+        let grow = instance
+            .get_typed_func::<(u32,), (u32,)>(&mut store, "grow")
+            .unwrap();
+        // 3 + 3 x 4 = 15 pages: all three grows fit.
+        assert_eq!(grow.call(&mut store, (4,)).unwrap(), (3,));
+        assert_eq!(store.data().limiter.exceeded, None);
+        // One more page each: only the first fits (16 pages in all), though
+        // each memory alone is far below the limit.
+        assert_eq!(grow.call(&mut store, (1,)).unwrap(), (1,));
+        assert_eq!(
+            store.data().limiter.exceeded,
+            Some(((16 + 1) << 16, 1 << 20))
+        );
+        assert_eq!(store.data().limiter.total_memory(), 1 << 20);
+    }
+
+    #[test]
+    fn the_number_of_memories_is_capped() {
+        let engine = Engine::new().unwrap();
+        let limits = Limits {
+            max_memories: 2,
+            ..Limits::default()
+        };
+        let mut store = store(&engine, &limits);
+        let component = Component::new(engine.wasmtime(), THREE_MEMORIES).unwrap();
+        let err = Linker::new(engine.wasmtime())
+            .instantiate(&mut store, &component)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("memor"), "{err:#}");
+    }
+
+    /// A guest that asks for too much, ignores the refusal and spins.
+    const GRAB_THEN_SPIN: &str = r#"
+        (component
+          (core module $m
+            (memory 1)
+            (func (export "grab")
+              (drop (memory.grow (i32.const 1000)))
+              (loop $l (br $l))))
+          (core instance $i (instantiate $m))
+          (func (export "grab") (canon lift (core func $i "grab"))))
+    "#;
+
+    #[test]
+    fn a_refused_grow_is_reported_as_memory_even_when_the_guest_then_spins() {
+        let engine = Engine::new().unwrap();
+        let limits = Limits {
+            memory_bytes: 1 << 20,
+            cpu_ms: 20,
+            ..Limits::default()
+        };
+        let mut store = store(&engine, &limits);
+        let component = Component::new(engine.wasmtime(), GRAB_THEN_SPIN).unwrap();
+        let instance = Linker::new(engine.wasmtime())
+            .instantiate(&mut store, &component)
+            .unwrap();
+        let grab = instance
+            .get_typed_func::<(), ()>(&mut store, "grab")
+            .unwrap();
+        // The deadline counts from here, as in `Sandbox::call`, not from
+        // before the component was compiled.
+        store.set_epoch_deadline(Engine::ticks_for(limits.cpu_ms));
+        let err = grab.call(&mut store, ()).unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<wasmtime::Trap>(),
+            Some(&wasmtime::Trap::Interrupt)
+        );
+        let e = fail(&mut store, "fold", &limits, err);
+        assert!(e.is_trap(TrapKind::Memory), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "Memory trap: memory limit exceeded in fold: requested {} bytes of linear memory, limit memory_bytes = 1048576",
+                1001 << 16
+            )
+        );
+    }
+
+    #[test]
+    fn messages_name_the_export_and_the_limit() {
+        let limits = Limits {
+            cpu_ms: 250,
+            ..Limits::default()
+        };
+        let limiter = MemoryLimiter::new(&limits);
+        let deadline = classify(
+            "init",
+            &limiter,
+            &limits,
+            "",
+            &wasmtime::Error::from(wasmtime::Trap::Interrupt),
+        );
+        assert_eq!(
+            deadline.to_string(),
+            "Deadline trap: CPU time limit exceeded in init, limit cpu_ms = 250"
+        );
+        let overflow = classify(
+            "fold",
+            &limiter,
+            &limits,
+            "",
+            &wasmtime::Error::from(wasmtime::Trap::StackOverflow)
+                .context("wasm backtrace:\n  0: frame\n  1: frame"),
+        );
+        assert_eq!(overflow.to_string(), "Other trap: stack overflow in fold");
+    }
+
+    #[test]
+    fn output_errors_name_the_limit() {
+        let e = CallError::Output {
+            what: "project returned",
+            size: 1_000_000,
+            unit: "ops",
+            limit: "max_projection_ops",
+            max: 10_000,
+        };
+        assert_eq!(
+            e.to_string(),
+            "project returned 1000000 ops, limit max_projection_ops = 10000"
+        );
+        assert_eq!(e.kind(), "output_too_large");
+    }
+
+    #[test]
+    fn charging_ops_counts_the_host_overhead() {
+        let mut total = 0;
+        let max = 10 * (3 + PROJECTION_OP_OVERHEAD);
+        for _ in 0..10 {
+            charge(&mut total, 3, max).unwrap();
+        }
+        let e = charge(&mut total, 3, max).unwrap_err();
+        assert!(e.to_string().contains("limit max_projection_bytes"), "{e}");
     }
 }

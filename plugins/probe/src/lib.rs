@@ -12,6 +12,11 @@
 //! | `probe.big`   | `{"bytes": int}`    | `blob` = `"x"` repeated `bytes` times                  |
 //! | `probe.peek`  | anything            | tries ambient capabilities, records results in `peek`  |
 //! | `probe.log`   | `{"message": string}` | logs it at info, and prints it to stdout and stderr  |
+//! | `probe.flood` | `{"lines": int}`    | logs `lines` lines at info through the `log` import    |
+//! | `probe.ops`   | `{"n": int}`        | `count += 1`; `project` returns `n` upserts to `p` (keys `0`, `1`, ..., body `1`) |
+//! | `probe.spin`  | `{"iterations": int}` | spins that many iterations (a slow, legal event), `count += 1` |
+//! | `probe.recurse` | anything          | recurses until the stack overflows                     |
+//! | `probe.grab`  | `{"mib": int}`      | tries to reserve `mib` MiB; when refused, spins forever |
 //! | other         | anything            | nothing                                                |
 //!
 //! `peek` is `{"file", "dir", "env", "home", "args", "time", "random"}`:
@@ -32,7 +37,7 @@
 //! random source return.
 //!
 //! Cargo features make variants for refusal tests: `trap-describe`,
-//! `fail-all`, `entity-orders`, `entity-dashed` (see Cargo.toml).
+//! `fail-all`, `entity-orders`, `entity-dashed`, `loop-init` (see Cargo.toml).
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -40,7 +45,7 @@ use std::hint::black_box;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use refold_sdk::serde_json::{Value, json};
-use refold_sdk::{Descriptor, Error, Event, Plugin};
+use refold_sdk::{Descriptor, Error, Event, Plugin, ProjectionOp};
 use serde::{Deserialize, Serialize};
 
 /// The probe's state.
@@ -67,6 +72,21 @@ struct Message {
 #[derive(Deserialize)]
 struct Bytes {
     bytes: usize,
+}
+
+#[derive(Deserialize)]
+struct Lines {
+    lines: usize,
+}
+
+#[derive(Deserialize)]
+struct Ops {
+    n: usize,
+}
+
+#[derive(Deserialize)]
+struct Iterations {
+    iterations: u64,
 }
 
 /// The plugin.
@@ -102,6 +122,11 @@ impl Plugin for Probe {
                 "probe.big",
                 "probe.peek",
                 "probe.log",
+                "probe.flood",
+                "probe.ops",
+                "probe.spin",
+                "probe.recurse",
+                "probe.grab",
             ]
             .map(String::from)
             .to_vec(),
@@ -110,6 +135,9 @@ impl Plugin for Probe {
     }
 
     fn init(_entity_id: &str) -> ProbeState {
+        if cfg!(feature = "loop-init") {
+            spin();
+        }
         ProbeState {
             count: 0,
             peek: None,
@@ -152,10 +180,66 @@ impl Plugin for Probe {
                 println!("{message}");
                 eprintln!("{message}");
             }
+            "probe.flood" => {
+                let Lines { lines } = event.data()?;
+                for i in 0..lines {
+                    refold_sdk::log::info(&format!("flood line {i} of {lines}"));
+                }
+            }
+            "probe.ops" => state.count += 1,
+            "probe.spin" => {
+                let Iterations { iterations } = event.data()?;
+                let mut n: u64 = 0;
+                for _ in 0..iterations {
+                    n = black_box(n.wrapping_add(1));
+                }
+                state.count += 1;
+            }
+            "probe.recurse" => {
+                black_box(recurse(black_box(1)));
+            }
+            "probe.grab" => {
+                let Mib { mib } = event.data()?;
+                let mut v: Vec<u8> = Vec::new();
+                // A guest that handles the refusal and carries on: the host
+                // must still report memory, not the deadline that follows.
+                if v.try_reserve_exact(mib.saturating_mul(MIB)).is_err() {
+                    spin();
+                }
+                black_box(&v);
+                state.count += 1;
+            }
             _ => {}
         }
         Ok(())
     }
+
+    fn project(
+        _entity_id: &str,
+        _before: &ProbeState,
+        _after: &ProbeState,
+        events: &[Event],
+    ) -> Vec<ProjectionOp> {
+        let mut ops = Vec::new();
+        for event in events.iter().filter(|e| e.event_type == "probe.ops") {
+            let Ok(Ops { n }) = event.data() else {
+                continue;
+            };
+            ops.extend((0..n).map(|i| ProjectionOp::Upsert {
+                projection: "p".into(),
+                key: i.to_string(),
+                body: json!(1),
+            }));
+        }
+        ops
+    }
+}
+
+/// Recurses forever; `black_box` keeps it from being turned into a loop,
+/// and frames stay small so that the engine's stack runs out first.
+fn recurse(depth: u64) -> u64 {
+    let d = black_box(depth);
+    recurse(d + 1).wrapping_add(d)
 }
 
 /// Never returns; `black_box` keeps the optimizer from proving the loop
