@@ -241,7 +241,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut m: M) -> Result<Self::Value, M::Error> {
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Self::Value, M::Error> {
                 let mut out: Vec<(std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue)> =
                     Vec::new();
                 while let Some(k) = m.next_key::<std::borrow::Cow<'a, str>>()? {
@@ -271,8 +274,7 @@ fn string_attr(
     if raw.get() == "null" {
         return Ok(None);
     }
-    let s: String =
-        serde_json::from_str(raw.get()).map_err(|_| Rejection::NotAString(name))?;
+    let s: String = serde_json::from_str(raw.get()).map_err(|_| Rejection::NotAString(name))?;
     if s.len() > max {
         return Err(Rejection::AttributeTooLong {
             name,
@@ -321,12 +323,7 @@ pub fn parse_structured(payload: &[u8], max_bytes: usize) -> Result<Envelope, Re
             return Err(Rejection::MalformedJson(msg));
         }
     };
-    let get = |name: &str| {
-        top.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| *v)
-    };
+    let get = |name: &str| top.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
     if let Some(v) = string_attr(get("specversion"), "specversion", MAX_ATTRIBUTE)? {
         if v != "1.0" {
             return Err(Rejection::SpecVersion(v));
@@ -383,9 +380,8 @@ pub fn parse_binary(
         if !name.starts_with("ce_") {
             continue;
         }
-        let value = std::str::from_utf8(v).map_err(|_| {
-            Rejection::Ambiguous(format!("header `{k}` is not UTF-8"))
-        })?;
+        let value = std::str::from_utf8(v)
+            .map_err(|_| Rejection::Ambiguous(format!("header `{k}` is not UTF-8")))?;
         if ce.iter().any(|(n, _)| *n == name) {
             return Err(Rejection::Ambiguous(format!(
                 "header `{name}` is given more than once"
@@ -393,18 +389,19 @@ pub fn parse_binary(
         }
         ce.push((name, value.to_string()));
     }
-    let header = |name: &str, short: &'static str, max: usize| -> Result<Option<String>, Rejection> {
-        match ce.iter().find(|(n, _)| n == name) {
-            None => Ok(None),
-            Some((_, v)) if v.is_empty() => Ok(None),
-            Some((_, v)) if v.len() > max => Err(Rejection::AttributeTooLong {
-                name: short,
-                len: v.len(),
-                max,
-            }),
-            Some((_, v)) => Ok(Some(v.clone())),
-        }
-    };
+    let header =
+        |name: &str, short: &'static str, max: usize| -> Result<Option<String>, Rejection> {
+            match ce.iter().find(|(n, _)| n == name) {
+                None => Ok(None),
+                Some((_, v)) if v.is_empty() => Ok(None),
+                Some((_, v)) if v.len() > max => Err(Rejection::AttributeTooLong {
+                    name: short,
+                    len: v.len(),
+                    max,
+                }),
+                Some((_, v)) => Ok(Some(v.clone())),
+            }
+        };
     if let Some(v) = header("ce_specversion", "specversion", MAX_ATTRIBUTE)?.filter(|v| v != "1.0")
     {
         return Err(Rejection::SpecVersion(v));
@@ -550,7 +547,10 @@ mod tests {
             ),
             Err(Rejection::NotAString("id"))
         );
-        assert_eq!(parse_structured(b"\"just a string\"", MAX), Err(Rejection::NotAnObject));
+        assert_eq!(
+            parse_structured(b"\"just a string\"", MAX),
+            Err(Rejection::NotAnObject)
+        );
         assert_eq!(
             parse_structured(
                 br#"{"specversion":"0.3","id":"1","type":"t","subject":"s","entitytype":"x"}"#,
@@ -609,7 +609,9 @@ mod tests {
         assert_eq!(e.code(), "ambiguous");
         assert!(e.to_string().contains("`subject`"), "{e}");
         assert_eq!(
-            with(r#","data":1,"data_base64":"MQ==""#).unwrap_err().code(),
+            with(r#","data":1,"data_base64":"MQ==""#)
+                .unwrap_err()
+                .code(),
             "ambiguous"
         );
         let h = |k: &str, v: &str| (k.to_string(), v.as_bytes().to_vec());
@@ -629,11 +631,7 @@ mod tests {
     #[test]
     fn oversized_and_mistyped_attributes_say_which_and_why() {
         let long = "x".repeat(10_240);
-        let e = parse_structured(
-            format!(r#"{{"id":"{long}",{OK}}}"#).as_bytes(),
-            MAX,
-        )
-        .unwrap_err();
+        let e = parse_structured(format!(r#"{{"id":"{long}",{OK}}}"#).as_bytes(), MAX).unwrap_err();
         assert_eq!(
             e,
             Rejection::AttributeTooLong {
@@ -647,8 +645,14 @@ mod tests {
             "attribute `id` is 10240 bytes; the limit is 1024 bytes"
         );
         let e = with(&format!(r#","source":"{long}""#)).unwrap_err();
-        assert!(matches!(e, Rejection::AttributeTooLong { name: "source", .. }), "{e}");
-        assert_eq!(with(r#","time":1767225600"#), Err(Rejection::NotAString("time")));
+        assert!(
+            matches!(e, Rejection::AttributeTooLong { name: "source", .. }),
+            "{e}"
+        );
+        assert_eq!(
+            with(r#","time":1767225600"#),
+            Err(Rejection::NotAString("time"))
+        );
         assert_eq!(
             with(r#","data_base64":{"a":1}"#),
             Err(Rejection::NotAString("data_base64"))

@@ -279,8 +279,7 @@ impl Pipeline {
             let ids: Vec<EventIdentity> = seen.into_keys().collect();
             self.storage.known_ids(&ids).await?
         };
-        let mut envelopes: Vec<(Envelope, crate::store::Origin)> =
-            Vec::with_capacity(unique.len());
+        let mut envelopes: Vec<(Envelope, crate::store::Origin)> = Vec::with_capacity(unique.len());
         for (e, r) in unique {
             match known.get(&(e.key.clone(), e.id.clone())) {
                 None => envelopes.push((e, r.origin.clone())),
@@ -675,8 +674,8 @@ mod tests {
     use super::*;
     use crate::app::App;
     use crate::config::Config;
-    use crate::store::sqlite::SqliteStore;
     use crate::store::Origin;
+    use crate::store::sqlite::SqliteStore;
 
     fn app() -> App {
         let mut config = Config::default();

@@ -166,15 +166,24 @@ mod tests {
         let plugin = app.registry.get("account").unwrap();
         let key = EntityKey::new("account", "a");
 
-        let first = state_at(&*app.storage, &plugin, &key, 2_400, None).await.unwrap().unwrap();
+        let first = state_at(&*app.storage, &plugin, &key, 2_400, None)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((first.position, first.replayed), (2_400, 2_400));
         assert_eq!(first.state["balance"], 2_400 * 2_401 / 2);
 
-        let again = state_at(&*app.storage, &plugin, &key, 2_300, None).await.unwrap().unwrap();
+        let again = state_at(&*app.storage, &plugin, &key, 2_300, None)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((again.position, again.replayed), (2_300, 300));
         assert_eq!(again.state["balance"], 2_300 * 2_301 / 2);
 
-        let exact = state_at(&*app.storage, &plugin, &key, 1_000, None).await.unwrap().unwrap();
+        let exact = state_at(&*app.storage, &plugin, &key, 1_000, None)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((exact.position, exact.replayed), (1_000, 0));
         assert_eq!(exact.state["balance"], 1_000 * 1_001 / 2);
     }

@@ -49,7 +49,10 @@ fn per_entity_ids_with_redeliveries_lose_nothing_across_sigkills() {
             (c == 200 && v["state"] == *want).then_some(v)
         });
         let n = distinct[id].len() as u64;
-        assert_eq!(got["head"], n, "{id}: every distinct event stored once: {got}");
+        assert_eq!(
+            got["head"], n,
+            "{id}: every distinct event stored once: {got}"
+        );
         assert_eq!(got["position"], n, "{id}: every event applied once: {got}");
     }
     let text = reqwest::blocking::get(format!("{}/metrics", host.base))
@@ -120,10 +123,14 @@ fn a_full_store_is_waited_out_and_loses_nothing() {
     );
     let cap = [("REFOLD_STORE__MAX_BYTES", "1500000")];
     let mut host = Host::start(&cfg, dir.path(), &cap);
-    let health = wait_for(Duration::from_secs(90), "healthz to report the full store", || {
-        let (c, h) = host.get("/healthz");
-        (c == 503 && h["reason"].as_str().is_some_and(|r| r.contains("full"))).then_some(h)
-    });
+    let health = wait_for(
+        Duration::from_secs(90),
+        "healthz to report the full store",
+        || {
+            let (c, h) = host.get("/healthz");
+            (c == 503 && h["reason"].as_str().is_some_and(|r| r.contains("full"))).then_some(h)
+        },
+    );
     eprintln!("full: {health}");
     let (c, v) = host.get("/v1/entities/account/l-0");
     assert_eq!(c, 200, "queries go on while writes wait: {v}");
@@ -131,11 +138,18 @@ fn a_full_store_is_waited_out_and_loses_nothing() {
 
     // Restarted on the still-full store: it stays up and says why.
     let mut host = Host::start(&cfg, dir.path(), &cap);
-    wait_for(Duration::from_secs(60), "healthz 503 after the restart", || {
-        let (c, h) = host.get("/healthz");
-        (c == 503).then_some(h)
-    });
-    assert!(host.child.try_wait().unwrap().is_none(), "the host stays up");
+    wait_for(
+        Duration::from_secs(60),
+        "healthz 503 after the restart",
+        || {
+            let (c, h) = host.get("/healthz");
+            (c == 503).then_some(h)
+        },
+    );
+    assert!(
+        host.child.try_wait().unwrap().is_none(),
+        "the host stays up"
+    );
     host.kill();
 
     let host = Host::start(&cfg, dir.path(), &[("REFOLD_STORE__MAX_BYTES", "0")]);
@@ -166,16 +180,23 @@ fn a_missing_input_file_is_waited_out() {
         "",
     );
     let mut host = Host::start(&cfg, dir.path(), &[]);
-    let h = wait_for(Duration::from_secs(30), "healthz to name the missing file", || {
-        let (c, h) = host.get("/healthz");
-        (c == 503
-            && h["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("later.jsonl")))
-        .then_some(h)
-    });
+    let h = wait_for(
+        Duration::from_secs(30),
+        "healthz to name the missing file",
+        || {
+            let (c, h) = host.get("/healthz");
+            (c == 503
+                && h["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("later.jsonl")))
+            .then_some(h)
+        },
+    );
     eprintln!("{h}");
-    assert!(host.child.try_wait().unwrap().is_none(), "the host stays up");
+    assert!(
+        host.child.try_wait().unwrap().is_none(),
+        "the host stays up"
+    );
     let (lines, expected) = generated_bank_local_ids(300, 10, 4);
     append(&events, &lines);
     for (id, want) in &expected {

@@ -126,7 +126,9 @@ pub async fn demo(
         let rate = r.applied as f64 / secs;
         crate::cli::outln!(
             "generated: {} events folded in {:.2} s = {:.0} events/s (batch 1000, SQLite FULL sync)",
-            r.applied, secs, rate
+            r.applied,
+            secs,
+            rate
         );
         figures["generated"] = json!({"events": r.applied, "seconds": secs, "events_per_second": rate, "batch_size": 1000});
     }

@@ -16,7 +16,6 @@ macro_rules! outln {
 }
 pub(crate) use outln;
 
-
 pub mod demo;
 pub mod inspect;
 pub mod plugin;

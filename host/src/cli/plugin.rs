@@ -178,7 +178,11 @@ pub async fn list(ep: &Endpoint, entity_type: Option<&str>) -> anyhow::Result<()
     };
     crate::cli::outln!(
         "{:<10} {:<10} {:<10} {:<14} {:<8}",
-        "TYPE", "NAME", "VERSION", "DIGEST", "ACTIVE"
+        "TYPE",
+        "NAME",
+        "VERSION",
+        "DIGEST",
+        "ACTIVE"
     );
     for t in items {
         let active = t["active"]["digest"].as_str().unwrap_or("");

@@ -224,7 +224,9 @@ pub async fn test(plugin: &Path, dir: &Path, as_json: bool) -> anyhow::Result<bo
             crate::cli::outln!("{l}");
         }
         if deterministic {
-            crate::cli::outln!("  determinism: ok (one event per batch and one batch of all events agree)");
+            crate::cli::outln!(
+                "  determinism: ok (one event per batch and one batch of all events agree)"
+            );
         } else {
             crate::cli::outln!("  determinism: FAILED for {nondeterministic:?}");
         }

@@ -7,7 +7,6 @@
 //! the guest, never come back out of it: plugin errors name an event by index,
 //! which the sandbox clamps.
 
-
 use crate::bindings::{EventBatch, EventHeader, Span};
 use crate::store::StoredEvent;
 

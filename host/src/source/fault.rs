@@ -43,8 +43,8 @@ mod tests {
         let emfile: anyhow::Result<()> =
             Err(std::io::Error::from_raw_os_error(24)).context("opening input.jsonl");
         assert!(io_transient(&emfile.unwrap_err()));
-        let denied: anyhow::Result<()> = Err(std::io::Error::from(ErrorKind::PermissionDenied))
-            .context("reading input.jsonl");
+        let denied: anyhow::Result<()> =
+            Err(std::io::Error::from(ErrorKind::PermissionDenied)).context("reading input.jsonl");
         assert!(io_transient(&denied.unwrap_err()));
         assert!(!io_transient(&anyhow::anyhow!("bad config")));
     }

@@ -53,8 +53,8 @@ use serde_json::Value;
 
 use super::plugins::{Activation, PluginStore, PluginVersion, RebuildRecord};
 use super::{
-    Checkpoint, Commit, DeadLetter, EntityRecord, EntityUpdate, EventIdentity, EventStore, Origin, PluginRef,
-    ProjectionWrite, QuarantineRecord, StateStore, Storage, StoreError, StoredEvent,
+    Checkpoint, Commit, DeadLetter, EntityRecord, EntityUpdate, EventIdentity, EventStore, Origin,
+    PluginRef, ProjectionWrite, QuarantineRecord, StateStore, Storage, StoreError, StoredEvent,
 };
 use crate::config::CassandraConfig;
 use crate::event::{EntityKey, RawJson};
@@ -656,10 +656,7 @@ impl CassandraStore {
         };
         self.stash(key, Some((loc, row)));
         if loc.bucket > 0 {
-            let rest: Vec<String> = ids
-                .into_iter()
-                .filter(|i| !found.contains_key(i))
-                .collect();
+            let rest: Vec<String> = ids.into_iter().filter(|i| !found.contains_key(i)).collect();
             if !rest.is_empty() {
                 found.extend(self.ids_in(key, (1..=loc.bucket).collect(), &rest).await?);
             }
@@ -861,7 +858,13 @@ impl CassandraStore {
                 e.digest.as_deref(),
             )));
             batch.append_statement(self.st.insert_id.clone());
-            values.push(Box::new((t, id, bucket, e.id.as_str(), e.digest.as_deref())));
+            values.push(Box::new((
+                t,
+                id,
+                bucket,
+                e.id.as_str(),
+                e.digest.as_deref(),
+            )));
         }
         let p = u.plugin.as_ref();
         let (pn, pv, pd) = (
@@ -1051,7 +1054,11 @@ impl CassandraStore {
     async fn apply_if_committed(&self, e: &Effects) -> Result<(), StoreError> {
         let mut applied = e.probes.is_empty();
         for (key, id) in &e.probes {
-            if self.known_for(key, vec![id.clone()]).await?.contains_key(id) {
+            if self
+                .known_for(key, vec![id.clone()])
+                .await?
+                .contains_key(id)
+            {
                 applied = true;
                 break;
             }
@@ -1749,13 +1756,9 @@ impl StateStore for CassandraStore {
                 .await
                 .map_err(exec_err)?;
             let rows = r.into_rows_result().map_err(other)?;
-            let row = rows
-                .maybe_first_row::<(i64, String)>()
-                .map_err(other)?;
+            let row = rows.maybe_first_row::<(i64, String)>().map_err(other)?;
             // A snapshot that does not parse is only a lost shortcut.
-            Ok(row.and_then(|(p, s)| {
-                serde_json::from_str(&s).ok().map(|v| (p.max(0) as u64, v))
-            }))
+            Ok(row.and_then(|(p, s)| serde_json::from_str(&s).ok().map(|v| (p.max(0) as u64, v))))
         })
         .await
     }

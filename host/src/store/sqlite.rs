@@ -237,8 +237,9 @@ impl SqliteStore {
                 .into());
             }
             Err(std::fs::TryLockError::Error(e)) => {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("locking {}", lock_path.display())));
+                return Err(
+                    anyhow::Error::new(e).context(format!("locking {}", lock_path.display()))
+                );
             }
         }
         let writer =
@@ -260,7 +261,8 @@ impl SqliteStore {
         let reader = Connection::open(path)?;
         reader.busy_timeout(std::time::Duration::from_secs(10))?;
         tune(&reader)?;
-        let identity = file_identity(path).with_context(|| format!("reading {}", path.display()))?;
+        let identity =
+            file_identity(path).with_context(|| format!("reading {}", path.display()))?;
         Ok(SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
@@ -763,9 +765,9 @@ fn classify(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode as C;
     match e.sqlite_error_code() {
         Some(C::DiskFull) => StoreError::Unavailable(format!("disk full: {e}")),
-        Some(C::SystemIoFailure | C::CannotOpen | C::DatabaseBusy | C::DatabaseLocked | C::ReadOnly) => {
-            StoreError::Unavailable(format!("sqlite: {e}"))
-        }
+        Some(
+            C::SystemIoFailure | C::CannotOpen | C::DatabaseBusy | C::DatabaseLocked | C::ReadOnly,
+        ) => StoreError::Unavailable(format!("sqlite: {e}")),
         Some(C::ConstraintViolation) => StoreError::Fenced(format!(
             "an event row was written by another writer meanwhile: {e}"
         )),
@@ -1322,7 +1324,10 @@ mod tests {
         let first = SqliteStore::open(&path).unwrap();
         let err = SqliteStore::open(&path).err().expect("second open refused");
         assert!(
-            matches!(err.downcast_ref::<OpenError>(), Some(OpenError::Locked { .. })),
+            matches!(
+                err.downcast_ref::<OpenError>(),
+                Some(OpenError::Locked { .. })
+            ),
             "{err:#}"
         );
         assert!(err.to_string().contains("in use by another refold process"));
