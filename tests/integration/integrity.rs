@@ -211,3 +211,64 @@ fn a_missing_input_file_is_waited_out() {
         (c == 200).then_some(h)
     });
 }
+
+/// An entity type whose `init` never returns does not hold the others back:
+/// every bank account is folded while most of the looping entities are
+/// still waiting their turn (each costs a deadline), and those are then
+/// quarantined one by one in later batches, each naming `init`.
+#[test]
+fn a_looping_entity_type_does_not_stall_the_others() {
+    let dir = tempdir();
+    let events = dir.path().join("events.jsonl");
+    let looping = 60;
+    let mut lines: Vec<String> = (0..looping)
+        .map(|i| {
+            ce(
+                &format!("p{i}"),
+                "probe",
+                &format!("p-{i}"),
+                "probe.count",
+                serde_json::json!({}),
+            )
+        })
+        .collect();
+    let (bank, expected) = generated_bank_local_ids(300, 10, 9);
+    lines.extend(bank);
+    append(&events, &lines);
+    let cfg = embedded_config(
+        dir.path(),
+        &[events],
+        &[
+            root().join("examples/bank/bank.wasm"),
+            component("probe-loop-init"),
+        ],
+        "[plugins.entity_limits.probe]\ncpu_ms = 300\n",
+    );
+    let host = Host::start(&cfg, dir.path(), &[]);
+    for (id, want) in &expected {
+        let path = format!("/v1/entities/account/{id}");
+        wait_for(Duration::from_secs(60), &path, || {
+            let (c, v) = host.get(&path);
+            (c == 200 && v["state"] == *want).then_some(v)
+        });
+    }
+    let (_, q) = host.get("/v1/quarantine?limit=100");
+    let n = q["items"].as_array().map_or(0, Vec::len);
+    assert!(
+        n < looping,
+        "the bank was done before the looping type was: {n} of {looping} quarantined"
+    );
+    let q = wait_for(
+        Duration::from_secs(120),
+        "every looping entity quarantined",
+        || {
+            let (_, q) = host.get("/v1/quarantine?limit=100");
+            (q["items"].as_array().map_or(0, Vec::len) == looping).then_some(q)
+        },
+    );
+    let first = &q["items"][0];
+    assert!(
+        first["error"].as_str().is_some_and(|e| e.contains("init")),
+        "the quarantine says which export ran out: {first}"
+    );
+}
