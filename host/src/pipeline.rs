@@ -685,6 +685,15 @@ mod tests {
         App::with_storage(config, store.clone(), store).unwrap()
     }
 
+    fn pipeline_with(app: &App, config: PipelineConfig) -> Pipeline {
+        Pipeline::new(
+            app.storage.clone(),
+            app.registry.clone(),
+            config,
+            app.metrics.clone(),
+        )
+    }
+
     fn record(offset: i64, payload: String) -> SourceRecord {
         SourceRecord {
             origin: Origin {
@@ -809,14 +818,12 @@ mod tests {
     #[tokio::test]
     async fn entities_beyond_the_batch_budget_are_deferred_then_caught_up() {
         let app = app();
-        let mut p = Pipeline::new(
-            app.storage.clone(),
-            app.registry.clone(),
+        let mut p = pipeline_with(
+            &app,
             PipelineConfig {
                 fold_budget: Duration::ZERO,
                 ..Default::default()
             },
-            app.metrics.clone(),
         );
         let r = p
             .process(&[deposit(0, "a", "1", 10), deposit(1, "b", "1", 5)])
@@ -835,14 +842,12 @@ mod tests {
     #[tokio::test]
     async fn deferred_entities_catch_up_without_new_events() {
         let app = app();
-        let mut p = Pipeline::new(
-            app.storage.clone(),
-            app.registry.clone(),
+        let mut p = pipeline_with(
+            &app,
             PipelineConfig {
                 fold_budget: Duration::ZERO,
                 ..Default::default()
             },
-            app.metrics.clone(),
         );
         let r = p
             .process(&[deposit(0, "a", "1", 10), deposit(1, "b", "1", 5)])
@@ -861,14 +866,12 @@ mod tests {
     #[tokio::test]
     async fn the_batch_projection_budget_defers_the_rest() {
         let app = app();
-        let mut p = Pipeline::new(
-            app.storage.clone(),
-            app.registry.clone(),
+        let mut p = pipeline_with(
+            &app,
             PipelineConfig {
                 max_batch_projection_ops: 1,
                 ..Default::default()
             },
-            app.metrics.clone(),
         );
         let r = p.process(&[opened(0, "a"), opened(1, "b")]).await.unwrap();
         assert_eq!((r.applied, r.deferred), (1, 1));

@@ -234,3 +234,29 @@ pub fn embedded_config(
     std::fs::write(&p, cfg).unwrap();
     p
 }
+
+/// Wait until every account of `expected` answers its state; the answers.
+pub fn wait_for_accounts(
+    host: &Host,
+    expected: &std::collections::BTreeMap<String, Value>,
+    limit: Duration,
+) -> Vec<Value> {
+    expected
+        .iter()
+        .map(|(id, want)| {
+            let path = format!("/v1/entities/account/{id}");
+            wait_for(limit, &path, || {
+                let (c, v) = host.get(&path);
+                (c == 200 && v["state"] == *want).then_some(v)
+            })
+        })
+        .collect()
+}
+
+/// Wait until `/healthz` answers `status`; its body.
+pub fn wait_for_health(host: &Host, status: u16, limit: Duration) -> Value {
+    wait_for(limit, &format!("healthz {status}"), || {
+        let (c, h) = host.get("/healthz");
+        (c == status).then_some(h)
+    })
+}

@@ -153,17 +153,8 @@ fn a_full_store_is_waited_out_and_loses_nothing() {
     host.kill();
 
     let host = Host::start(&cfg, dir.path(), &[("REFOLD_STORE__MAX_BYTES", "0")]);
-    for (id, want) in &expected {
-        let path = format!("/v1/entities/account/{id}");
-        wait_for(Duration::from_secs(120), &path, || {
-            let (c, v) = host.get(&path);
-            (c == 200 && v["state"] == *want).then_some(v)
-        });
-    }
-    wait_for(Duration::from_secs(30), "healthz 200 again", || {
-        let (c, h) = host.get("/healthz");
-        (c == 200).then_some(h)
-    });
+    wait_for_accounts(&host, &expected, Duration::from_secs(120));
+    wait_for_health(&host, 200, Duration::from_secs(30));
 }
 
 /// A followed input that is not there yet (or gone) is a fault to wait
@@ -199,17 +190,8 @@ fn a_missing_input_file_is_waited_out() {
     );
     let (lines, expected) = generated_bank_local_ids(300, 10, 4);
     append(&events, &lines);
-    for (id, want) in &expected {
-        let path = format!("/v1/entities/account/{id}");
-        wait_for(Duration::from_secs(60), &path, || {
-            let (c, v) = host.get(&path);
-            (c == 200 && v["state"] == *want).then_some(v)
-        });
-    }
-    wait_for(Duration::from_secs(30), "healthz 200 again", || {
-        let (c, h) = host.get("/healthz");
-        (c == 200).then_some(h)
-    });
+    wait_for_accounts(&host, &expected, Duration::from_secs(60));
+    wait_for_health(&host, 200, Duration::from_secs(30));
 }
 
 /// An entity type whose `init` never returns does not hold the others back:
@@ -245,13 +227,7 @@ fn a_looping_entity_type_does_not_stall_the_others() {
         "[plugins.entity_limits.probe]\ncpu_ms = 300\n",
     );
     let host = Host::start(&cfg, dir.path(), &[]);
-    for (id, want) in &expected {
-        let path = format!("/v1/entities/account/{id}");
-        wait_for(Duration::from_secs(60), &path, || {
-            let (c, v) = host.get(&path);
-            (c == 200 && v["state"] == *want).then_some(v)
-        });
-    }
+    wait_for_accounts(&host, &expected, Duration::from_secs(60));
     let (_, q) = host.get("/v1/quarantine?limit=100");
     let n = q["items"].as_array().map_or(0, Vec::len);
     assert!(
