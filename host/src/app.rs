@@ -229,16 +229,6 @@ impl App {
 
     /// Compile and validate a component file (not activated).
     pub fn load_plugin_file(&self, path: &Path) -> anyhow::Result<Arc<Plugin>> {
-        // The one upload size limit holds for configured files too.
-        let max = self.config.plugins.max_upload_bytes as u64;
-        let size = std::fs::metadata(path)
-            .with_context(|| format!("reading plugin {}", path.display()))?
-            .len();
-        anyhow::ensure!(
-            size <= max,
-            "plugin {} is {size} bytes, over plugins.max_upload_bytes ({max} bytes)",
-            path.display()
-        );
         let bytes =
             std::fs::read(path).with_context(|| format!("reading plugin {}", path.display()))?;
         self.load_plugin_bytes(&bytes)

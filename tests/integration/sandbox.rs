@@ -109,7 +109,10 @@ fn a_memory_bomb_hits_the_limit() {
     assert_eq!(q["kind"], "memory", "{q}");
     assert_eq!(q["event_id"], "m1");
     assert!(
-        q["error"].as_str().unwrap().contains("limit 33554432"),
+        q["error"]
+            .as_str()
+            .unwrap()
+            .contains("limit memory_bytes = 33554432"),
         "{q}"
     );
     assert_eq!(
