@@ -83,6 +83,11 @@ fn an_infinite_loop_is_interrupted_and_only_its_entity_stops() {
     let q = quarantine_of(&host, "p-loop");
     assert_eq!(q["kind"], "deadline", "{q}");
     assert_eq!(q["event_id"], "l2");
+    let error = q["error"].as_str().unwrap();
+    assert!(
+        error.contains("in fold") && error.contains("cpu_ms = 300"),
+        "{q}"
+    );
     let s = state_of(&host, "/v1/entities/probe/p-loop", 1);
     assert_eq!(s["state"]["count"], 1, "stays at the last good state");
     assert_eq!(s["position"], 1);
@@ -226,4 +231,190 @@ fn guest_logs_reach_the_host_log_tagged_with_the_plugin() {
             .any(|l| l.contains("hello-from-guest") && l.contains("probe@1.0.0")),
         "{log}"
     );
+}
+
+/// A host with the probe (or one of its variants) and bank, the probe's
+/// limits at their defaults except the CPU budget.
+fn host_with_probe(probe: &str, lines: &[String]) -> (tempfile::TempDir, Host) {
+    let dir = tempdir();
+    let events = dir.path().join("events.jsonl");
+    append(&events, lines);
+    let cfg = embedded_config(
+        dir.path(),
+        &[events],
+        &[component(probe), component("bank")],
+        "[plugins.entity_limits.probe]\ncpu_ms = 300\n",
+    );
+    let host = Host::start(&cfg, dir.path(), &[]);
+    (dir, host)
+}
+
+/// The value of a metric line for the probe's entity type.
+fn probe_metric(host: &Host, name: &str) -> Option<f64> {
+    let r = http()
+        .get(format!("{}/metrics", host.base))
+        .send()
+        .ok()?
+        .text()
+        .ok()?;
+    r.lines()
+        .find(|l| l.starts_with(name) && l.contains("entity_type=\"probe\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn too_many_projection_ops_quarantine_only_their_entity() {
+    let mut lines = vec![
+        ce("p1", "probe", "p-ops", "probe.ops", json!({"n": 10})),
+        ce("p2", "probe", "p-ops", "probe.ops", json!({"n": 20000})),
+    ];
+    lines.extend(bank_lines(3));
+    lines.push(ce("ok1", "probe", "p-fine", "probe.count", json!({})));
+    let (_d, host) = host_with_probe("probe", &lines);
+    let q = quarantine_of(&host, "p-ops");
+    assert_eq!(q["kind"], "output_too_large", "{q}");
+    // 20010 ops when both events share a batch, 20000 when they do not.
+    let error = q["error"].as_str().unwrap();
+    assert!(
+        error.contains("project returned 200")
+            && error.contains(" ops, limit max_projection_ops = 10000"),
+        "{q}"
+    );
+    // The whole batch's projection failed, so the state stays where it was.
+    let (_, s) = host.get("/v1/entities/probe/p-ops");
+    assert_eq!(s["quarantined"], true, "{s}");
+    assert_eq!(
+        state_of(&host, "/v1/entities/account/iso-1", 3)["state"]["balance"],
+        20
+    );
+    assert_eq!(
+        state_of(&host, "/v1/entities/probe/p-fine", 1)["state"]["count"],
+        1
+    );
+}
+
+#[test]
+fn a_log_flood_is_cut_to_the_per_call_budget_and_counted() {
+    let lines = vec![
+        ce(
+            "f1",
+            "probe",
+            "p-flood",
+            "probe.flood",
+            json!({"lines": 5000}),
+        ),
+        ce("f2", "probe", "p-flood", "probe.count", json!({})),
+    ];
+    let (_d, host) = host_with_probe("probe", &lines);
+    assert_eq!(
+        state_of(&host, "/v1/entities/probe/p-flood", 2)["state"]["count"],
+        1
+    );
+    let log = wait_for(Duration::from_secs(10), "the truncation line", || {
+        let t = host.log_text();
+        t.contains("log truncated").then_some(t)
+    });
+    let forwarded = log.lines().filter(|l| l.contains("flood line")).count();
+    assert_eq!(forwarded, 100, "the default budget is 100 lines per call");
+    assert!(
+        log.contains("log truncated: 4900 lines dropped in fold (limit max_log_lines_per_call = 100, max_log_bytes_per_call = 65536)"),
+        "{}",
+        log.lines().filter(|l| l.contains("truncated")).collect::<Vec<_>>().join("\n")
+    );
+    let dropped = wait_for(Duration::from_secs(10), "the dropped-lines metric", || {
+        probe_metric(&host, "refold_plugin_log_lines_dropped")
+    });
+    assert_eq!(dropped, 4900.0);
+}
+
+#[test]
+fn a_looping_init_is_a_deadline_in_init() {
+    let mut lines = vec![ce("i1", "probe", "p-init", "probe.count", json!({}))];
+    lines.extend(bank_lines(3));
+    let (_d, host) = host_with_probe("probe-loop-init", &lines);
+    let q = quarantine_of(&host, "p-init");
+    assert_eq!(q["kind"], "deadline", "{q}");
+    assert_eq!(q["event_id"], "i1");
+    let error = q["error"].as_str().unwrap();
+    assert!(
+        error.contains("in init") && error.contains("cpu_ms = 300"),
+        "{q}"
+    );
+    assert_eq!(
+        state_of(&host, "/v1/entities/account/iso-1", 3)["state"]["balance"],
+        20
+    );
+}
+
+#[test]
+fn a_stack_overflow_is_one_short_line() {
+    let lines = vec![
+        ce("r1", "probe", "p-deep", "probe.count", json!({})),
+        ce("r2", "probe", "p-deep", "probe.recurse", json!({})),
+    ];
+    let (_d, host) = host_with_probe("probe", &lines);
+    let q = quarantine_of(&host, "p-deep");
+    assert_eq!(q["kind"], "trap", "{q}");
+    assert_eq!(q["event_id"], "r2");
+    assert_eq!(q["error"], "Other trap: stack overflow in fold", "{q}");
+    assert_eq!(
+        state_of(&host, "/v1/entities/probe/p-deep", 1)["state"]["count"],
+        1
+    );
+}
+
+#[test]
+fn a_refused_grow_the_guest_survives_is_still_memory() {
+    let lines = vec![
+        ce("g1", "probe", "p-grab", "probe.count", json!({})),
+        ce("g2", "probe", "p-grab", "probe.grab", json!({"mib": 200})),
+    ];
+    let (_d, host) = host_with_probe("probe", &lines);
+    let q = quarantine_of(&host, "p-grab");
+    assert_eq!(q["kind"], "memory", "{q}");
+    assert_eq!(q["event_id"], "g2");
+    assert!(
+        q["error"].as_str().unwrap().contains("in fold: requested"),
+        "{q}"
+    );
+    assert!(
+        q["error"]
+            .as_str()
+            .unwrap()
+            .contains("limit memory_bytes = 67108864"),
+        "{q}"
+    );
+}
+
+#[test]
+fn locating_a_looping_event_costs_one_more_deadline() {
+    // Seven good events and a looping one, in one batch: the batch call runs
+    // out once, and the replay that finds the culprit once more (bisection
+    // ran out once per step).
+    let mut lines: Vec<String> = (0..7)
+        .map(|i| {
+            ce(
+                &format!("c{i}"),
+                "probe",
+                "p-late",
+                "probe.count",
+                json!({}),
+            )
+        })
+        .collect();
+    lines.push(ce("c7", "probe", "p-late", "probe.loop", json!({})));
+    let (_d, host) = host_with_probe("probe", &lines);
+    let q = quarantine_of(&host, "p-late");
+    assert_eq!(q["kind"], "deadline", "{q}");
+    assert_eq!(q["event_id"], "c7");
+    assert_eq!(
+        state_of(&host, "/v1/entities/probe/p-late", 7)["state"]["count"],
+        7,
+        "the events before the culprit are applied"
+    );
+    let deadlines = wait_for(Duration::from_secs(10), "the deadlines metric", || {
+        probe_metric(&host, "refold_plugin_deadlines")
+    });
+    assert_eq!(deadlines, 2.0);
 }
