@@ -295,6 +295,44 @@ fn too_many_projection_ops_quarantine_only_their_entity() {
 }
 
 #[test]
+fn projection_bytes_are_refused_before_the_host_copies_them() {
+    // 100k ops of 3 to 7 bytes: far below the byte limit as the guest sees
+    // them, several MiB as host ops. Guest memory is raised so that the
+    // guest can build them.
+    let dir = tempdir();
+    let events = dir.path().join("events.jsonl");
+    let mut lines = vec![ce(
+        "q1",
+        "probe",
+        "p-wide",
+        "probe.ops",
+        json!({"n": 100000}),
+    )];
+    lines.extend(bank_lines(3));
+    append(&events, &lines);
+    let cfg = embedded_config(
+        dir.path(),
+        &[events],
+        &[component("probe"), component("bank")],
+        "[plugins.entity_limits.probe]\nmemory_bytes = 268435456\nmax_projection_ops = 1000000\n",
+    );
+    let host = Host::start(&cfg, dir.path(), &[]);
+    let q = quarantine_of(&host, "p-wide");
+    assert_eq!(q["kind"], "output_too_large", "{q}");
+    assert!(
+        q["error"]
+            .as_str()
+            .unwrap()
+            .contains("limit max_projection_bytes = 4194304"),
+        "{q}"
+    );
+    assert_eq!(
+        state_of(&host, "/v1/entities/account/iso-1", 3)["state"]["balance"],
+        20
+    );
+}
+
+#[test]
 fn a_log_flood_is_cut_to_the_per_call_budget_and_counted() {
     let lines = vec![
         ce(

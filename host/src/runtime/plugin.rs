@@ -4,13 +4,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use wasmtime::component::{Component, ComponentExportIndex, HasSelf, Linker};
+use wasmtime::component::{Component, HasSelf, Linker};
 
 use super::engine::Engine;
 use super::host_state::HostState;
 use super::limits::Limits;
 use super::sandbox::{CallError, Sandbox};
-use crate::bindings::{Projector, ProjectorIndices, ProjectorPre};
+use crate::bindings::{Projector, ProjectorPre};
 
 /// What `describe()` said, validated and owned by the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,11 +49,6 @@ pub enum LoadError {
 pub struct Plugin {
     engine: Engine,
     pre: ProjectorPre<HostState>,
-    /// Where the exports are, looked up once per version.
-    indices: ProjectorIndices,
-    /// The `project` export, called through its own typed signature so that
-    /// its result can be checked before it is copied into host memory.
-    project: ComponentExportIndex,
     /// Validated `describe()` output.
     pub info: PluginInfo,
     /// sha256 of the component bytes, hex: the identity of this version.
@@ -95,13 +90,8 @@ impl Plugin {
             .instantiate_pre(&component)
             .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
         // Fails when the exports do not match the world.
-        let indices = ProjectorIndices::new(&instance_pre)
-            .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
         let pre =
             ProjectorPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        let (_, project) = component
-            .get_export(None, "project")
-            .ok_or_else(|| LoadError::WrongWorld("no `project` export".into()))?;
 
         let provisional = PluginInfo {
             name: "unknown".into(),
@@ -113,8 +103,6 @@ impl Plugin {
         let provisional = Arc::new(Plugin {
             engine: engine.clone(),
             pre,
-            indices,
-            project,
             info: provisional,
             digest,
             size: bytes.len(),
@@ -147,8 +135,6 @@ impl Plugin {
         Arc::new(Plugin {
             engine: self.engine.clone(),
             pre: self.pre.clone(),
-            indices: self.indices.clone(),
-            project: self.project,
             info: self.info.clone(),
             digest: self.digest.clone(),
             size: self.size,
@@ -164,16 +150,6 @@ impl Plugin {
     /// Pre-instantiated component, ready for a new store.
     pub(crate) fn pre(&self) -> &ProjectorPre<HostState> {
         &self.pre
-    }
-
-    /// Export indices, to load the bindings of a new instance.
-    pub(crate) fn indices(&self) -> &ProjectorIndices {
-        &self.indices
-    }
-
-    /// The `project` export.
-    pub(crate) fn project_export(&self) -> ComponentExportIndex {
-        self.project
     }
 
     /// `name@version`, the tag used in logs and metrics.

@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::Store;
-use wasmtime::component::{ComponentType, Func, Lift, WasmList, WasmStr};
 
 use super::batch;
 use super::engine::Engine;
 use super::host_state::HostState;
 use super::limits::{Limits, MemoryLimiter};
 use super::plugin::Plugin;
-use crate::bindings::{Descriptor, Document, EventBatch, PluginError, ProjectionOp, Projector};
+use crate::bindings::{Descriptor, EventBatch, PluginError, ProjectionOp, Projector};
 use crate::store::{ProjectionWrite, StoredEvent};
 
 /// Why a trap happened.
@@ -117,34 +116,13 @@ pub struct CallStats {
 pub const PROJECTION_OP_OVERHEAD: u64 =
     (std::mem::size_of::<ProjectionOp>() + std::mem::size_of::<ProjectionWrite>() + 3 * 16) as u64;
 
-/// A `document` as it lies in guest memory: lengths are known, nothing is
-/// copied until the host has decided to accept it.
-#[derive(ComponentType, Lift)]
-#[component(record)]
-struct RawDocument {
-    projection: WasmStr,
-    key: WasmStr,
-    body: WasmList<u8>,
-}
-
-/// A `projection-op` as it lies in guest memory.
-#[derive(ComponentType, Lift)]
-#[component(variant)]
-enum RawOp {
-    #[component(name = "upsert")]
-    Upsert(RawDocument),
-    #[component(name = "delete")]
-    Delete((WasmStr, WasmStr)),
-}
-
-/// The result of `project`, lifted lazily: the list is a view of guest
-/// memory, so its length is checked before a single op is copied.
-type RawProjectResult = (Result<WasmList<RawOp>, PluginError>,);
+/// How wasmtime says that lifting a result ran out of hostcall fuel (its
+/// error type is private, so the text is all there is to go by).
+const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
 
 struct Live {
     store: Store<HostState>,
     bindings: Projector,
-    project: Func,
 }
 
 /// A plugin instance with its own store (the sandbox is per entity type).
@@ -199,25 +177,11 @@ impl Sandbox {
             store.epoch_deadline_trap();
             store.set_epoch_deadline(Engine::ticks_for(limits.cpu_ms));
             store.data_mut().begin_call();
-            let instance = match self.plugin.pre().instance_pre().instantiate(&mut store) {
-                Ok(i) => i,
-                Err(e) => return Err(fail(&mut store, "instantiation", &limits, e)),
-            };
-            let bindings = match self.plugin.indices().load(&mut store, &instance) {
+            let bindings = match self.plugin.pre().instantiate(&mut store) {
                 Ok(b) => b,
                 Err(e) => return Err(fail(&mut store, "instantiation", &limits, e)),
             };
-            let Some(project) = instance.get_func(&mut store, self.plugin.project_export()) else {
-                return Err(CallError::Trap {
-                    kind: TrapKind::Other,
-                    message: "the instance has no `project` export".into(),
-                });
-            };
-            self.live = Some(Live {
-                store,
-                bindings,
-                project,
-            });
+            self.live = Some(Live { store, bindings });
         }
         self.live.as_mut().ok_or_else(|| CallError::Trap {
             kind: TrapKind::Other,
@@ -321,9 +285,17 @@ impl Sandbox {
     }
 
     /// `project(entity-id, before, after, events)`, checked against the
-    /// projection limits before the ops are copied out of the guest: first
-    /// their number (`max_projection_ops`), then, op by op, their size as
-    /// the host will hold them (`max_projection_bytes`).
+    /// projection limits.
+    ///
+    /// The result is bounded before the host allocates it: lifting it from
+    /// guest memory runs on wasmtime's hostcall fuel, which charges each list
+    /// at its length times the size of the host type (here `ProjectionOp`)
+    /// and each string at its length, before anything is copied. With the
+    /// fuel at `max_projection_bytes`, a million 3-byte ops are refused
+    /// before a million host ops exist. What is accepted is then checked op
+    /// by op: their number against `max_projection_ops`, their size as the
+    /// host holds them (with `PROJECTION_OP_OVERHEAD`) against
+    /// `max_projection_bytes`.
     pub fn project(
         &mut self,
         entity_id: &str,
@@ -331,72 +303,35 @@ impl Sandbox {
         after: &[u8],
         events: &[StoredEvent],
     ) -> Result<Vec<ProjectionOp>, CallError> {
+        let limits = self.plugin.limits;
+        let fuel = usize::try_from(limits.max_projection_bytes).unwrap_or(usize::MAX);
         let encoded = self.encode(events)?;
         let out = self.call("project", None, |l| {
-            let f = l
-                .project
-                .typed::<(&str, &[u8], &[u8], &EventBatch), RawProjectResult>(&l.store)?;
-            let (r,) = f.call(&mut l.store, (entity_id, before, after, &encoded))?;
-            Ok(r)
+            let usual = l.store.hostcall_fuel();
+            l.store.set_hostcall_fuel(fuel);
+            let r = l
+                .bindings
+                .call_project(&mut l.store, entity_id, before, after, &encoded);
+            l.store.set_hostcall_fuel(usual);
+            r
         });
         self.scratch = encoded;
-        let list = out?.map_err(|e| CallError::Plugin(sanitize(e, events)))?;
-        let lifted = self.lift_ops(&list);
-        if matches!(lifted, Err(CallError::Trap { .. })) {
-            self.live = None;
-        }
-        lifted
-    }
-
-    /// Copy the ops of `list` out of guest memory within the limits.
-    fn lift_ops(&mut self, list: &WasmList<RawOp>) -> Result<Vec<ProjectionOp>, CallError> {
-        let limits = self.plugin.limits;
-        let count = list.len() as u64;
-        if count > limits.max_projection_ops {
-            return Err(CallError::Output {
-                what: "project returned",
-                size: count,
-                unit: "ops",
-                limit: "max_projection_ops",
-                max: limits.max_projection_ops,
-            });
-        }
-        let live = self.live()?;
-        let store = &mut live.store;
-        let invalid = |e: wasmtime::Error| CallError::Trap {
-            kind: TrapKind::Other,
-            message: format!("project returned an invalid projection op: {e}"),
+        let ops = match out {
+            Err(CallError::Trap {
+                kind: TrapKind::Other,
+                message,
+            }) if message.contains(HOSTCALL_FUEL_EXHAUSTED) => {
+                return Err(CallError::Output {
+                    what: "project returned more than",
+                    size: limits.max_projection_bytes,
+                    unit: "bytes of projection output as the host holds it (counted before copying)",
+                    limit: "max_projection_bytes",
+                    max: limits.max_projection_bytes,
+                });
+            }
+            other => other?.map_err(|e| CallError::Plugin(sanitize(e, events)))?,
         };
-        let mut ops = Vec::with_capacity(list.len());
-        let mut bytes: u64 = 0;
-        for i in 0..list.len() {
-            let op = match list.get(&mut *store, i) {
-                Some(Ok(op)) => op,
-                Some(Err(e)) => return Err(invalid(e)),
-                None => break,
-            };
-            let max = limits.max_projection_bytes;
-            let op = match op {
-                RawOp::Upsert(d) => {
-                    let projection = d.projection.to_str(&*store).map_err(invalid)?;
-                    let key = d.key.to_str(&*store).map_err(invalid)?;
-                    let body = d.body.as_le_slice(&*store);
-                    charge(&mut bytes, projection.len() + key.len() + body.len(), max)?;
-                    ProjectionOp::Upsert(Document {
-                        projection: projection.into_owned(),
-                        key: key.into_owned(),
-                        body: body.to_vec(),
-                    })
-                }
-                RawOp::Delete((p, k)) => {
-                    let projection = p.to_str(&*store).map_err(invalid)?;
-                    let key = k.to_str(&*store).map_err(invalid)?;
-                    charge(&mut bytes, projection.len() + key.len(), max)?;
-                    ProjectionOp::Delete((projection.into_owned(), key.into_owned()))
-                }
-            };
-            ops.push(op);
-        }
+        check_ops(&ops, &limits)?;
         Ok(ops)
     }
 
@@ -424,6 +359,30 @@ impl Sandbox {
         }
         Ok(state)
     }
+}
+
+/// The limits on a `project` result: the number of ops, then their size as
+/// the host holds them.
+fn check_ops(ops: &[ProjectionOp], limits: &Limits) -> Result<(), CallError> {
+    let count = ops.len() as u64;
+    if count > limits.max_projection_ops {
+        return Err(CallError::Output {
+            what: "project returned",
+            size: count,
+            unit: "ops",
+            limit: "max_projection_ops",
+            max: limits.max_projection_ops,
+        });
+    }
+    let mut bytes = 0;
+    for op in ops {
+        let size = match op {
+            ProjectionOp::Upsert(d) => d.projection.len() + d.key.len() + d.body.len(),
+            ProjectionOp::Delete((p, k)) => p.len() + k.len(),
+        };
+        charge(&mut bytes, size, limits.max_projection_bytes)?;
+    }
+    Ok(())
 }
 
 /// Add one op of `size` bytes to the running total of a `project` result,
@@ -729,6 +688,33 @@ mod tests {
             "project returned 1000000 ops, limit max_projection_ops = 10000"
         );
         assert_eq!(e.kind(), "output_too_large");
+    }
+
+    #[test]
+    fn ops_are_counted_then_weighed() {
+        let op = |key: &str| {
+            ProjectionOp::Upsert(crate::bindings::Document {
+                projection: "p".into(),
+                key: key.into(),
+                body: b"1".to_vec(),
+            })
+        };
+        let limits = Limits {
+            max_projection_ops: 2,
+            ..Limits::default()
+        };
+        assert!(check_ops(&[op("a"), op("b")], &limits).is_ok());
+        let e = check_ops(&[op("a"), op("b"), op("c")], &limits).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "project returned 3 ops, limit max_projection_ops = 2"
+        );
+        let small = Limits {
+            max_projection_bytes: 2 * (3 + PROJECTION_OP_OVERHEAD),
+            ..Limits::default()
+        };
+        assert!(check_ops(&[op("a"), op("b")], &small).is_ok());
+        assert!(check_ops(&[op("a"), op("bb")], &small).is_err());
     }
 
     #[test]
