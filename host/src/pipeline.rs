@@ -17,8 +17,8 @@ use crate::registry::{Active, Registry, plugin_ref};
 use crate::runtime::{CallError, Plugin, Sandbox};
 use crate::source::{SourceRecord, checkpoints_of};
 use crate::store::{
-    Commit, DeadLetter, EntityRecord, EntityUpdate, EventIdentity, ProjectionWrite,
-    QuarantineRecord, Storage, StoreError, StoredEvent, now_rfc3339,
+    Commit, DeadLetter, EntityRecord, EntityUpdate, EventIdentity, QuarantineRecord, Storage,
+    StoreError, StoredEvent, now_rfc3339,
 };
 
 /// What one batch did.
@@ -103,39 +103,16 @@ impl FoldBudget {
     }
 
     fn charge(&self, d: &Done) {
+        // Measured by the sandbox as it lifted the ops (names, keys, bodies
+        // and a per-op overhead), the same measure as the per-call limit.
         if let Some(o) = &d.outcome {
-            self.ops.fetch_add(o.projections.len(), Ordering::Relaxed);
+            let size = o.projection_size;
+            self.ops.fetch_add(size.ops, Ordering::Relaxed);
             self.bytes.fetch_add(
-                o.projections.iter().map(projection_bytes).sum(),
+                usize::try_from(size.bytes).unwrap_or(usize::MAX),
                 Ordering::Relaxed,
             );
         }
-    }
-}
-
-/// Bytes a read-model write holds, as stored.
-fn projection_bytes(p: &ProjectionWrite) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0 += b.len();
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    match p {
-        ProjectionWrite::Upsert {
-            projection,
-            key,
-            body,
-        } => {
-            let mut c = Count(0);
-            let _ = serde_json::to_writer(&mut c, body);
-            projection.len() + key.len() + c.0
-        }
-        ProjectionWrite::Delete { projection, key } => projection.len() + key.len(),
     }
 }
 
