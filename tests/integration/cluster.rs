@@ -751,15 +751,16 @@ fn tiered(expected: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
 }
 
 /// Wait for a rebuild to be done; its last status.
+/// Give the hosts of `cfg` an admin API with `token`.
+fn with_admin_token(cfg: &Path, token: &str) {
+    let mut text = std::fs::read_to_string(cfg).unwrap();
+    text.push_str(&format!("\n[admin]\ntoken = {token:?}\n"));
+    std::fs::write(cfg, text).unwrap();
+}
+
 fn wait_rebuild(host: &Host, token: &str, id: &str) -> Value {
     poll(Duration::from_secs(180), || {
-        let s: Value = http()
-            .get(format!("{}/v1/rebuilds/{id}", host.base))
-            .bearer_auth(token)
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
+        let s = Admin::new(host, token).get(&format!("/v1/rebuilds/{id}"));
         assert_ne!(s["state"], "failed", "{s}\n{}", tail(&host.log_text(), 40));
         (s["state"] == "done").then_some(s)
     })
@@ -777,9 +778,7 @@ fn a_rebuild_on_cassandra_cuts_over_and_rolls_back() {
     let second = c.write_lines("second.jsonl", second);
     produce(c.path(), &c.topic, &first, false);
     let cfg = c.config("host", 200, "", "bucket_size = 30");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(&format!("\n[admin]\ntoken = {token:?}\n"));
-    std::fs::write(&cfg, text).unwrap();
+    with_admin_token(&cfg, token);
     let host = Host::start(&cfg, c.path(), &[]);
     poll(Duration::from_secs(60), || {
         (host.get("/v1/entities/account/c-0").0 == 200).then_some(())
@@ -787,14 +786,8 @@ fn a_rebuild_on_cassandra_cuts_over_and_rolls_back() {
     .unwrap_or_else(|| panic!("nothing folded:\n{}", tail(&host.log_text(), 40)));
 
     // A new version, rebuilt from the raw events in Cassandra while more arrive.
-    let resp = http()
-        .put(format!("{}/v1/plugins/account?mode=rebuild", host.base))
-        .bearer_auth(token)
-        .body(std::fs::read(component("bank-v2")).unwrap())
-        .send()
-        .unwrap();
-    let code = resp.status().as_u16();
-    let v: Value = resp.json().unwrap_or(Value::Null);
+    let (code, v) =
+        Admin::new(&host, token).put_plugin("account", &component("bank-v2"), "rebuild");
     assert_eq!(code, 201, "{v}");
     let id = v["rebuild"].as_str().expect("a rebuild id").to_string();
     produce(c.path(), &c.topic, &second, false);
@@ -808,12 +801,8 @@ fn a_rebuild_on_cassandra_cuts_over_and_rolls_back() {
     check_bank(&host, &lines, &tiered, Duration::from_secs(120));
 
     // Roll back: the archived generation returns, caught up, without tiers.
-    let resp = http()
-        .post(format!("{}/v1/plugins/account/rollback", host.base))
-        .bearer_auth(token)
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text());
+    let (code, v) = Admin::new(&host, token).post("/v1/plugins/account/rollback", None);
+    assert_eq!(code, 200, "{v}");
     check_bank(&host, &lines, &expected, Duration::from_secs(120));
 }
 
@@ -838,9 +827,7 @@ fn a_rebuild_cut_over_is_one_step_for_every_host() {
         .collect();
     produce(c.path(), &c.topic, &first, false);
     let cfg = c.config("host", 100, "", "bucket_size = 40");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(&format!("\n[admin]\ntoken = {token:?}\n"));
-    std::fs::write(&cfg, text).unwrap();
+    with_admin_token(&cfg, token);
     let a = Host::start(&cfg, c.path(), &[]);
     let b = Host::start(&cfg, c.path(), &[]);
     poll(Duration::from_secs(60), || {
@@ -857,14 +844,8 @@ fn a_rebuild_cut_over_is_one_step_for_every_host() {
             std::thread::sleep(Duration::from_millis(250));
         }
     });
-    let resp = http()
-        .put(format!("{}/v1/plugins/account?mode=rebuild", a.base))
-        .bearer_auth(token)
-        .body(std::fs::read(component("bank-v2")).unwrap())
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-    let v: Value = resp.json().unwrap();
+    let (code, v) = Admin::new(&a, token).put_plugin("account", &component("bank-v2"), "rebuild");
+    assert_eq!(code, 201, "{v}");
     let v2 = v["version"]["digest"].as_str().unwrap().to_string();
     let id = v["rebuild"].as_str().unwrap().to_string();
     wait_rebuild(&a, token, &id);
@@ -888,12 +869,8 @@ fn a_rebuild_cut_over_is_one_step_for_every_host() {
 
     // A rollback on B is one step too, and finds the old generation's
     // states without refolding them from the start.
-    let resp = http()
-        .post(format!("{}/v1/plugins/account/rollback", b.base))
-        .bearer_auth(token)
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text());
+    let (code, v) = Admin::new(&b, token).post("/v1/plugins/account/rollback", None);
+    assert_eq!(code, 200, "{v}");
     check_bank(&a, &lines, &expected, Duration::from_secs(30));
     check_bank(&b, &lines, &expected, Duration::from_secs(30));
 }
@@ -907,31 +884,14 @@ fn an_activation_on_one_host_reaches_every_host() {
     let c = Cluster::new("propagate");
     let token = "cluster-admin";
     let cfg = c.config("host", 200, "", "");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(&format!("\n[admin]\ntoken = {token:?}\n"));
-    std::fs::write(&cfg, text).unwrap();
+    with_admin_token(&cfg, token);
     let a = Host::start(&cfg, c.path(), &[]);
     let b = Host::start(&cfg, c.path(), &[]);
-    let running = |h: &Host| -> String {
-        let v: Value = http()
-            .get(format!("{}/v1/plugins/account", h.base))
-            .bearer_auth(token)
-            .send()
-            .unwrap()
-            .json()
-            .unwrap_or(Value::Null);
-        v["running_digest"].as_str().unwrap_or_default().to_string()
-    };
+    let running = |h: &Host| Admin::new(h, token).running_digest("account");
     let v1 = running(&a);
     assert_eq!(v1.len(), 64);
-    let resp = http()
-        .put(format!("{}/v1/plugins/account?mode=forward", a.base))
-        .bearer_auth(token)
-        .body(std::fs::read(component("bank-v2")).unwrap())
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-    let v: Value = resp.json().unwrap();
+    let (code, v) = Admin::new(&a, token).put_plugin("account", &component("bank-v2"), "forward");
+    assert_eq!(code, 201, "{v}");
     let v2 = v["version"]["digest"].as_str().unwrap().to_string();
     assert_eq!(
         running(&a),
@@ -945,12 +905,8 @@ fn an_activation_on_one_host_reaches_every_host() {
     .unwrap_or_else(|| panic!("host B never picked up v2:\n{}", tail(&b.log_text(), 30)));
     let to_b = t0.elapsed();
 
-    let resp = http()
-        .post(format!("{}/v1/plugins/account/rollback", b.base))
-        .bearer_auth(token)
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
+    let (code, v) = Admin::new(&b, token).post("/v1/plugins/account/rollback", None);
+    assert_eq!(code, 200, "{v}");
     let t1 = Instant::now();
     poll(Duration::from_secs(20), || {
         (running(&a) == v1).then_some(())

@@ -260,3 +260,67 @@ pub fn wait_for_health(host: &Host, status: u16, limit: Duration) -> Value {
         (c == status).then_some(h)
     })
 }
+
+/// The admin API of a host, as a client with its token sees it.
+pub struct Admin<'a> {
+    /// The host.
+    pub host: &'a Host,
+    /// Bearer token sent with every request (`None`: none).
+    pub token: Option<&'a str>,
+}
+
+impl<'a> Admin<'a> {
+    /// The admin API of `host` with `token`.
+    pub fn new(host: &'a Host, token: &'a str) -> Self {
+        Admin {
+            host,
+            token: Some(token),
+        }
+    }
+
+    fn auth(&self, r: reqwest::blocking::RequestBuilder) -> reqwest::blocking::RequestBuilder {
+        match self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    fn answer(r: reqwest::blocking::RequestBuilder) -> (u16, Value) {
+        let resp = r.send().unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().unwrap_or(Value::Null))
+    }
+
+    /// Upload `file` as a version of `entity_type`, activated with `mode`.
+    pub fn put_plugin(&self, entity_type: &str, file: &Path, mode: &str) -> (u16, Value) {
+        let r = http()
+            .put(format!(
+                "{}/v1/plugins/{entity_type}?mode={mode}",
+                self.host.base
+            ))
+            .body(std::fs::read(file).unwrap());
+        Self::answer(self.auth(r))
+    }
+
+    /// `POST path` with an optional JSON body.
+    pub fn post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut r = http().post(format!("{}{path}", self.host.base));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        Self::answer(self.auth(r))
+    }
+
+    /// `GET path`, its JSON body (`null` when it has none).
+    pub fn get(&self, path: &str) -> Value {
+        Self::answer(self.auth(http().get(format!("{}{path}", self.host.base)))).1
+    }
+
+    /// The digest the host runs for `entity_type` (empty when none).
+    pub fn running_digest(&self, entity_type: &str) -> String {
+        self.get(&format!("/v1/plugins/{entity_type}"))["running_digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}

@@ -36,47 +36,19 @@ fn put_plugin(
     mode: &str,
     token: Option<&str>,
 ) -> (u16, Value) {
-    let mut r = http()
-        .put(format!(
-            "{}/v1/plugins/{entity_type}?mode={mode}",
-            host.base
-        ))
-        .body(std::fs::read(file).unwrap());
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    let resp = r.send().unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().unwrap_or(Value::Null))
+    Admin { host, token }.put_plugin(entity_type, file, mode)
 }
 
 fn post(host: &Host, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut r = http()
-        .post(format!("{}{path}", host.base))
-        .bearer_auth(TOKEN);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().unwrap_or(Value::Null))
+    Admin::new(host, TOKEN).post(path, body)
 }
 
 fn admin_get(host: &Host, path: &str) -> Value {
-    http()
-        .get(format!("{}{path}", host.base))
-        .bearer_auth(TOKEN)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
+    Admin::new(host, TOKEN).get(path)
 }
 
 fn running_digest(host: &Host, t: &str) -> String {
-    admin_get(host, &format!("/v1/plugins/{t}"))["running_digest"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    Admin::new(host, TOKEN).running_digest(t)
 }
 
 fn digest_of(p: &Path) -> String {

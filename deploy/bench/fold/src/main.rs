@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use refold::event::EntityKey;
-use refold::runtime::{Engine, Limits, Plugin, Sandbox};
-use refold::store::StoredEvent;
+use refold_runtime::{Engine, Limits, Plugin, Sandbox};
+use refold_types::StoredEvent;
+use refold_types::event::EntityKey;
 use serde_json::{Value, json};
 
 /// Events in the pool the batches are cut from.
@@ -122,7 +122,7 @@ fn generate() -> Vec<StoredEvent> {
                     1 + (secs - 1_735_689_600) / 86_400,
                     r % 1000
                 )),
-                data: refold::event::RawJson::from_value(&data),
+                data: refold_types::event::RawJson::from_value(&data),
                 origin: None,
                 record: None,
                 digest: None,
@@ -191,7 +191,13 @@ fn main() -> anyhow::Result<()> {
 
         // Both sides must compute the same state before their speed means anything.
         for (s, n) in slices.iter().zip(&natives).take(4) {
-            let c = refold::fold::fold_and_project(&mut sandbox, ENTITY, start.clone(), s, false);
+            let c = refold_runtime::fold::fold_and_project(
+                &mut sandbox,
+                ENTITY,
+                start.clone(),
+                s,
+                false,
+            );
             if let Some((i, e)) = c.failure {
                 bail!("component fold failed at event {i}: {e}");
             }
@@ -212,7 +218,7 @@ fn main() -> anyhow::Result<()> {
             // stands for one long pipeline batch.
             sandbox.recycle();
             comp.push(round(args.round, size, |i| {
-                let o = refold::fold::fold_and_project(
+                let o = refold_runtime::fold::fold_and_project(
                     &mut sandbox,
                     ENTITY,
                     start.clone(),
@@ -244,7 +250,7 @@ fn main() -> anyhow::Result<()> {
             .map(|_| {
                 round(args.round, 1, |_| {
                     std::hint::black_box(
-                        refold::fold::init_state(&mut sandbox, ENTITY)
+                        refold_runtime::fold::init_state(&mut sandbox, ENTITY)
                             .map_err(|e| anyhow::anyhow!("{e}"))?,
                     );
                     Ok(())

@@ -2,8 +2,8 @@
 //! in the form the SDK receives it (`event-batch`), so that only the boundary
 //! (the host's encoding and the copies into the guest) is missing.
 
-use refold::store::StoredEvent;
 use refold_sdk::bindings::refold::plugin::types as wit;
+use refold_types::StoredEvent;
 
 /// One batch as the SDK's fold takes it.
 pub struct Batch(wit::EventBatch);
@@ -11,9 +11,9 @@ pub struct Batch(wit::EventBatch);
 impl Batch {
     /// Built once, outside the timed loop, with the host's own encoder.
     pub fn new(events: &[StoredEvent]) -> anyhow::Result<Self> {
-        let mut host = refold::runtime::batch::empty();
-        refold::runtime::batch::encode_into(&mut host, events)?;
-        let span = |s: refold::bindings::Span| wit::Span {
+        let mut host = refold_runtime::batch::empty();
+        refold_runtime::batch::encode_into(&mut host, events)?;
+        let span = |s: refold_runtime::bindings::Span| wit::Span {
             offset: s.offset,
             len: s.len,
         };

@@ -1,0 +1,261 @@
+//! The assembled host ([`App`]): its core, its plugin manager, and the
+//! consume loop that drives the pipeline from a source.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use refold_source::{EventSource, checkpoints_of};
+use refold_store::{PluginStore, Storage, StoreError};
+use refold_types::clock;
+use tokio::sync::watch;
+
+use crate::config::HostConfig;
+use crate::host::Host;
+use crate::manager::PluginManager;
+use crate::pipeline::{BatchReport, Pipeline};
+
+/// The engine and everything it shares with the API.
+#[derive(Clone)]
+pub struct App {
+    /// Configuration, storage, registry, engine, metrics, liveness.
+    pub host: Host,
+    /// Installs, activations, rollbacks, rebuilds, repairs.
+    pub plugins: PluginManager,
+}
+
+impl App {
+    /// Open the configured storage, load the configured plugin files and
+    /// register them with the plugin registry.
+    pub async fn open(config: HostConfig) -> anyhow::Result<App> {
+        let app = App::new(Host::open(config).await?);
+        app.plugins.register_configured().await?;
+        Ok(app)
+    }
+
+    /// Build on an already opened storage.
+    pub fn with_storage(
+        config: HostConfig,
+        storage: Arc<dyn Storage>,
+        plugin_store: Arc<dyn PluginStore>,
+    ) -> anyhow::Result<App> {
+        Ok(App::new(Host::with_storage(config, storage, plugin_store)?))
+    }
+
+    /// The host with its plugin manager.
+    pub fn new(host: Host) -> App {
+        App {
+            plugins: PluginManager::new(host.clone()),
+            host,
+        }
+    }
+
+    /// Consume `source` until it is exhausted or `shutdown` turns true.
+    /// Each batch is committed before the source is told to move on; a
+    /// store outage is waited out with backoff, never skipped.
+    pub async fn consume(
+        &self,
+        mut source: Box<dyn EventSource>,
+        mut shutdown: watch::Receiver<bool>,
+        mut on_batch: impl FnMut(&BatchReport) + Send,
+    ) -> anyhow::Result<BatchReport> {
+        let host = &self.host;
+        let mut pipeline = Pipeline::for_host(host);
+        let mut total = BatchReport::default();
+        let batch_size = host.config.source.batch_size.max(1);
+        let mut source_backoff: Option<Duration> = None;
+        let mut disk_checked: Option<Instant> = None;
+        loop {
+            host.health.beat();
+            if disk_checked.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                host.check_disk();
+                disk_checked = Some(Instant::now());
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            let batch = tokio::select! {
+                b = source.next_batch(batch_size) => b,
+                _ = shutdown.changed() => continue,
+            };
+            let batch = match batch {
+                Ok(b) => {
+                    if source_backoff.is_some() {
+                        tracing::info!("source readable again");
+                        host.health.clear("source");
+                        source_backoff = None;
+                    }
+                    b
+                }
+                Err(e) if refold_source::is_transient(&e) => {
+                    // A fault of the machine, not of the data (too many open
+                    // files, a permission being fixed, a file not there yet):
+                    // wait it out; nothing was consumed, so nothing is skipped.
+                    let wait = source_backoff.unwrap_or(Duration::from_millis(100));
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "source unavailable; retrying");
+                    host.health.fault("source", format!("source: {e:#}"));
+                    source_backoff = Some((wait * 2).min(Duration::from_secs(5)));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {},
+                        _ = shutdown.changed() => {},
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.context("reading from the source")),
+            };
+            for l in source.lag() {
+                host.metrics.set_lag(&l.source, l.partition, l.lag);
+                host.health.lag(&l.source, l.partition, l.lag);
+            }
+            let Some(records) = batch else { break };
+            if records.is_empty() && !pipeline.has_deferred() {
+                continue;
+            }
+            let produced_at: Vec<i64> = records.iter().filter_map(|r| r.produced_at_ms).collect();
+            let checkpoints = checkpoints_of(&records);
+            let mut per_source: HashMap<&str, u64> = HashMap::new();
+            for r in &records {
+                *per_source.entry(r.origin.source.as_str()).or_default() += 1;
+            }
+            for (s, n) in per_source {
+                host.metrics.consumed(s, n);
+            }
+            let mut backoff = Duration::from_millis(100);
+            let report = loop {
+                let gate = self.plugins.gate().lock().await;
+                let result = pipeline.process(&records).await;
+                drop(gate);
+                match result {
+                    Ok(r) => {
+                        host.health.clear("store");
+                        // `process` returns after the store commit: from here on
+                        // the batch's events and states are durable.
+                        host.metrics.committed(r.applied as u64);
+                        host.metrics
+                            .observe_produce_to_commit(&produced_at, clock::unix_ms());
+                        break r;
+                    }
+                    Err(StoreError::Unavailable(e)) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "store unavailable; retrying the batch");
+                        host.health.fault("store", format!("store: {e}"));
+                        host.health.beat();
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        if *shutdown.borrow() {
+                            return Ok(total);
+                        }
+                    }
+                    Err(StoreError::Fenced(e)) => {
+                        // Another writer moved an entity on (a rebalance race or a
+                        // redelivery): re-run the batch; it reloads the entities and
+                        // drops the events that are already stored.
+                        tracing::warn!(error = %e, "batch fenced; re-running it");
+                        host.health.beat();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => return Err(anyhow::Error::new(e).context("committing a batch")),
+                }
+            };
+            // The batch is durable and its checkpoint is in the store; a
+            // failed offset commit only means the batch may be read again,
+            // and its events are then found already stored.
+            if let Err(e) = source.commit(&checkpoints).await {
+                tracing::warn!(error = %format!("{e:#}"), "committing source offsets failed; the batch may be re-read");
+            }
+            for c in &checkpoints {
+                host.metrics.progressed(&c.source, c.partition);
+                host.health.progressed(&c.source, c.partition);
+            }
+            for l in source.lag() {
+                host.metrics.set_lag(&l.source, l.partition, l.lag);
+                host.health.lag(&l.source, l.partition, l.lag);
+            }
+            on_batch(&report);
+            merge(&mut total, &report);
+        }
+        Ok(total)
+    }
+}
+
+fn merge(total: &mut BatchReport, r: &BatchReport) {
+    total.records += r.records;
+    total.stored += r.stored;
+    total.applied += r.applied;
+    total.duplicates += r.duplicates;
+    total.dead_lettered += r.dead_lettered;
+    total.held += r.held;
+    total.deferred += r.deferred;
+    total.quarantined.extend(r.quarantined.iter().cloned());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use refold_source::{PartitionLag, SourceRecord};
+    use refold_store::{Checkpoint, Origin};
+    use refold_store_sqlite::SqliteStore;
+    use std::path::Path;
+
+    /// One batch of records, then the end.
+    struct Stamped {
+        batch: Option<Vec<SourceRecord>>,
+    }
+
+    #[async_trait::async_trait]
+    impl EventSource for Stamped {
+        async fn next_batch(&mut self, _max: usize) -> anyhow::Result<Option<Vec<SourceRecord>>> {
+            Ok(self.batch.take())
+        }
+        async fn commit(&mut self, _c: &[Checkpoint]) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn lag(&self) -> Vec<PartitionLag> {
+            Vec::new()
+        }
+    }
+
+    fn metric(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+
+    #[tokio::test]
+    async fn committed_events_and_produce_to_commit_are_counted_after_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = HostConfig::default();
+        config.plugins.files =
+            vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bank/bank.wasm")];
+        let store = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
+        let app = App::with_storage(config, store.clone(), store).unwrap();
+        let stamp = clock::unix_ms() - 20;
+        let stamps = [Some(stamp), Some(stamp), None];
+        let event = |i: usize| SourceRecord {
+            origin: Origin {
+                source: "t".into(),
+                partition: 0,
+                offset: i as i64,
+            },
+            next_offset: i as i64 + 1,
+            key: Some("acc-1".into()),
+            headers: Vec::new(),
+            payload: serde_json::json!({"specversion": "1.0", "id": format!("e{i}"),
+                "source": "/t", "type": "account.deposited", "subject": "acc-1",
+                "entitytype": "account", "data": {"amount": 5}})
+            .to_string()
+            .into_bytes(),
+            produced_at_ms: stamps[i],
+        };
+        let source = Stamped {
+            batch: Some((0..3).map(event).collect()),
+        };
+        let (_tx, rx) = watch::channel(false);
+        let total = app.consume(Box::new(source), rx, |_| {}).await.unwrap();
+        assert_eq!(total.applied, 3);
+        let text = app.host.metrics.render();
+        assert_eq!(metric(&text, "refold_events_committed_total"), 3.0);
+        // Two stamped records, at least 20 ms old; the unstamped one is skipped.
+        assert_eq!(metric(&text, "refold_produce_to_commit_seconds_count"), 2.0);
+        assert!(metric(&text, "refold_produce_to_commit_seconds_sum") >= 0.04);
+    }
+}

@@ -1,0 +1,151 @@
+//! The engine's configuration: `[store]`, `[plugins]`, `[engine]`, and
+//! the sections of the crates it assembles (`[source]`, `[kafka]`,
+//! `[cassandra]`), gathered in [`HostConfig`]. The command line reads the
+//! file and the environment; the engine only receives the result.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use refold_runtime::Limits;
+use refold_source::config::{KafkaConfig, SourceConfig};
+use refold_store_cassandra::CassandraConfig;
+use serde::{Deserialize, Serialize};
+
+/// What the assembled host needs to know.
+#[derive(Debug, Clone, Default)]
+pub struct HostConfig {
+    /// Where records come from.
+    pub source: SourceConfig,
+    /// Kafka settings (source kind `kafka`).
+    pub kafka: KafkaConfig,
+    /// Where state lives.
+    pub store: StoreConfig,
+    /// Cassandra settings (store kind `cassandra`).
+    pub cassandra: CassandraConfig,
+    /// Plugins to load and their limits.
+    pub plugins: PluginsConfig,
+    /// Pipeline tuning.
+    pub engine: EngineConfig,
+}
+
+/// Kinds of store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Embedded SQLite.
+    #[default]
+    Sqlite,
+    /// Apache Cassandra (or ScyllaDB).
+    Cassandra,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite` or `cassandra`.
+    pub kind: StoreKind,
+    /// SQLite file.
+    pub path: PathBuf,
+    /// Largest size the SQLite file may grow to, in bytes (0: no cap). At
+    /// the cap, writes fail like on a full disk: ingest waits, `/healthz`
+    /// says why, queries go on.
+    pub max_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Sqlite,
+            path: "refold-data/refold.db".into(),
+            max_bytes: 0,
+        }
+    }
+}
+
+/// `[plugins]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Watched directory: a `.wasm` dropped here is loaded.
+    pub dir: Option<PathBuf>,
+    /// Components loaded at start.
+    pub files: Vec<PathBuf>,
+    /// Default limits.
+    pub limits: Limits,
+    /// Limits per entity type, replacing the defaults for that type.
+    pub entity_limits: HashMap<String, Limits>,
+    /// Debounce of the watched directory, in milliseconds.
+    pub debounce_ms: u64,
+    /// Largest component accepted, by the admin API and from the watched
+    /// directory, in bytes.
+    pub max_upload_bytes: usize,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            dir: None,
+            files: vec![],
+            limits: Limits::default(),
+            entity_limits: HashMap::new(),
+            debounce_ms: 200,
+            max_upload_bytes: 64 << 20,
+        }
+    }
+}
+
+impl PluginsConfig {
+    /// Limits for an entity type.
+    pub fn limits_for(&self, entity_type: &str) -> Limits {
+        self.entity_limits
+            .get(entity_type)
+            .copied()
+            .unwrap_or(self.limits)
+    }
+}
+
+/// `[engine]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Largest record accepted at all, in bytes.
+    pub max_record_bytes: usize,
+    /// A partition with lag and no progress for this long is unhealthy.
+    pub stall_seconds: u64,
+    /// Chunks of 64 entities a rebuild works on at once (each reads its
+    /// histories, folds on a blocking thread, then commits).
+    pub rebuild_workers: usize,
+    /// Entity types of one batch folded at once, each on its own thread
+    /// (0: one per core).
+    pub fold_threads: usize,
+    /// Time one batch may spend folding, in milliseconds. Entities not
+    /// reached by then have their events stored and are folded by a later
+    /// batch or query, so a slow entity type cannot hold the others back
+    /// for longer than this (plus one plugin deadline).
+    pub batch_fold_budget_ms: u64,
+    /// Read-model operations one batch may produce in all (each costs host
+    /// memory until the commit). Entities beyond it are deferred like those
+    /// beyond the time budget.
+    pub max_batch_projection_ops: usize,
+    /// Bytes of read-model output one batch may produce in all.
+    pub max_batch_projection_bytes: usize,
+    /// Free space below which `/healthz` warns (503, with the reason)
+    /// while ingest goes on, in bytes; 0 turns the check off.
+    pub min_free_disk_bytes: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_record_bytes: refold_types::event::DEFAULT_MAX_RECORD_BYTES,
+            stall_seconds: 30,
+            rebuild_workers: 4,
+            fold_threads: 0,
+            batch_fold_budget_ms: 2_000,
+            max_batch_projection_ops: 200_000,
+            max_batch_projection_bytes: 64 << 20,
+            min_free_disk_bytes: 256 << 20,
+        }
+    }
+}

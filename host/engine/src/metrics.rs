@@ -1,0 +1,367 @@
+//! Prometheus metrics of the engine. One `Metrics` per engine instance, with
+//! its own registry, rendered at `/metrics`.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder as _, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use refold_runtime::CallStats;
+
+/// Bounds of `refold_produce_to_commit_seconds`: fine enough between 1 ms
+/// and 10 s that percentiles interpolated from them are close, since a
+/// commit takes milliseconds and a backlog takes seconds.
+const PRODUCE_TO_COMMIT_BUCKETS: [f64; 30] = [
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075,
+    0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
+];
+
+/// All metrics of one engine.
+pub struct Metrics {
+    registry: Registry,
+    consumed: IntCounterVec,
+    applied: IntCounterVec,
+    committed: IntCounter,
+    duplicates: IntCounter,
+    deferred: IntCounter,
+    produce_to_commit: Histogram,
+    dead_letters: IntCounterVec,
+    quarantined: IntCounterVec,
+    fold_seconds: Histogram,
+    lag: IntGaugeVec,
+    last_progress: GaugeVec,
+    plugin_memory: IntGaugeVec,
+    plugin_cpu: GaugeVec,
+    plugin_calls: IntGaugeVec,
+    plugin_log_dropped: IntGaugeVec,
+    plugin_deadlines: IntGaugeVec,
+    swaps: IntCounterVec,
+    rebuilds: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+macro_rules! reg {
+    ($r:expr, $m:expr) => {{
+        let m = $m.expect("metric definition is valid");
+        $r.register(Box::new(m.clone()))
+            .expect("metric registered once");
+        m
+    }};
+}
+
+impl Metrics {
+    /// Fresh metrics with their own registry.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        Metrics {
+            consumed: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("refold_events_consumed_total", "Records read from sources"),
+                    &["source"]
+                )
+            ),
+            applied: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("refold_events_applied_total", "Events folded into states"),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            // `applied` moves when a batch is folded, before its store commit;
+            // this one moves after the commit, so it says what is durable.
+            committed: reg!(
+                r,
+                IntCounter::new(
+                    "refold_events_committed_total",
+                    "Events applied by batches whose store commit completed"
+                )
+            ),
+            duplicates: reg!(
+                r,
+                IntCounter::new(
+                    "refold_events_duplicate_total",
+                    "Records ignored as re-deliveries of a stored event (same identity, same bytes)"
+                )
+            ),
+            deferred: reg!(
+                r,
+                IntCounter::new(
+                    "refold_entities_deferred_total",
+                    "Entities whose events a batch stored but left to fold later (batch fold budget spent)"
+                )
+            ),
+            produce_to_commit: reg!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "refold_produce_to_commit_seconds",
+                        "Record timestamp (Kafka: producer create time) to its batch committed in the store"
+                    )
+                    .buckets(PRODUCE_TO_COMMIT_BUCKETS.to_vec())
+                )
+            ),
+            dead_letters: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "refold_dead_letters_total",
+                        "Records dead-lettered, by reason"
+                    ),
+                    &["reason"]
+                )
+            ),
+            quarantined: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("refold_quarantined_total", "Entities quarantined"),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            fold_seconds: reg!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "refold_fold_seconds",
+                        "Time to fold one batch (all entities)"
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0
+                    ])
+                )
+            ),
+            lag: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "refold_partition_lag",
+                        "Records (Kafka) or bytes (files) not yet consumed"
+                    ),
+                    &["source", "partition"]
+                )
+            ),
+            last_progress: reg!(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "refold_partition_last_progress_seconds",
+                        "Unix time of the last committed batch of a partition"
+                    ),
+                    &["source", "partition"]
+                )
+            ),
+            plugin_memory: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "refold_plugin_memory_peak_bytes",
+                        "Largest linear memory of a plugin instance"
+                    ),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            plugin_cpu: reg!(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "refold_plugin_cpu_seconds",
+                        "Time spent inside plugin calls"
+                    ),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            plugin_calls: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("refold_plugin_calls", "Guest calls made"),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            plugin_log_dropped: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "refold_plugin_log_lines_dropped",
+                        "Guest log lines dropped by the per-call log budget"
+                    ),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            plugin_deadlines: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "refold_plugin_deadlines",
+                        "Guest calls that ran out of their CPU budget"
+                    ),
+                    &["entity_type", "plugin_version"]
+                )
+            ),
+            swaps: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("refold_plugin_swaps_total", "Plugin activations"),
+                    &["entity_type", "mode"]
+                )
+            ),
+            rebuilds: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("refold_rebuilds_total", "Rebuilds by outcome"),
+                    &["entity_type", "outcome"]
+                )
+            ),
+            registry: r,
+        }
+    }
+
+    /// Records read from a source.
+    pub fn consumed(&self, source: &str, n: u64) {
+        self.consumed.with_label_values(&[source]).inc_by(n);
+    }
+    /// Events applied.
+    pub fn applied(&self, entity_type: &str, version: &str, n: u64) {
+        self.applied
+            .with_label_values(&[entity_type, version])
+            .inc_by(n);
+    }
+    /// Events of a batch whose store commit completed.
+    pub fn committed(&self, n: u64) {
+        self.committed.inc_by(n);
+    }
+    /// The records stamped `timestamps_ms` (Unix ms) were committed at
+    /// `now_ms`. Unknown stamps (<= 0) are skipped; a stamp from the future
+    /// (clocks of producer and host differ) counts as zero.
+    pub fn observe_produce_to_commit(&self, timestamps_ms: &[i64], now_ms: i64) {
+        for &t in timestamps_ms.iter().filter(|&&t| t > 0) {
+            self.produce_to_commit
+                .observe((now_ms - t).max(0) as f64 / 1000.0);
+        }
+    }
+    /// Entities deferred by a batch.
+    pub fn deferred(&self, n: u64) {
+        self.deferred.inc_by(n);
+    }
+    /// Re-deliveries ignored.
+    pub fn duplicates(&self, n: u64) {
+        self.duplicates.inc_by(n);
+    }
+    /// A dead letter.
+    pub fn dead_lettered(&self, reason: &str) {
+        self.dead_letters.with_label_values(&[reason]).inc();
+    }
+    /// A quarantine.
+    pub fn quarantined(&self, entity_type: &str, version: &str) {
+        self.quarantined
+            .with_label_values(&[entity_type, version])
+            .inc();
+    }
+    /// Fold time of a batch.
+    pub fn observe_fold(&self, d: Duration) {
+        self.fold_seconds.observe(d.as_secs_f64());
+    }
+    /// Lag of a partition.
+    pub fn set_lag(&self, source: &str, partition: i32, lag: i64) {
+        self.lag
+            .with_label_values(&[source, &partition.to_string()])
+            .set(lag);
+    }
+    /// A partition made progress now.
+    pub fn progressed(&self, source: &str, partition: i32) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.last_progress
+            .with_label_values(&[source, &partition.to_string()])
+            .set(now);
+    }
+    /// Sandbox counters (cumulative per sandbox).
+    pub fn sandbox(&self, entity_type: &str, version: &str, s: &CallStats) {
+        let l = [entity_type, version];
+        self.plugin_memory
+            .with_label_values(&l)
+            .set(s.peak_memory as i64);
+        self.plugin_cpu
+            .with_label_values(&l)
+            .set(s.busy.as_secs_f64());
+        self.plugin_calls.with_label_values(&l).set(s.calls as i64);
+        self.plugin_log_dropped
+            .with_label_values(&l)
+            .set(s.log_lines_dropped as i64);
+        self.plugin_deadlines
+            .with_label_values(&l)
+            .set(s.deadlines as i64);
+    }
+    /// A plugin activation.
+    pub fn swapped(&self, entity_type: &str, mode: &str) {
+        self.swaps.with_label_values(&[entity_type, mode]).inc();
+    }
+    /// A rebuild ended.
+    pub fn rebuilt(&self, entity_type: &str, outcome: &str) {
+        self.rebuilds
+            .with_label_values(&[entity_type, outcome])
+            .inc();
+    }
+
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+    }
+
+    #[test]
+    fn produce_to_commit_counts_known_stamps_and_clamps_future_ones() {
+        let m = Metrics::new();
+        // 4 ms, 40 ms, a stamp 5 ms in the future, and an unknown one.
+        m.observe_produce_to_commit(&[9_996, 9_960, 10_005, 0], 10_000);
+        let text = m.render();
+        assert_eq!(
+            line(&text, "refold_produce_to_commit_seconds_count"),
+            "refold_produce_to_commit_seconds_count 3"
+        );
+        assert!(
+            text.contains("refold_produce_to_commit_seconds_bucket{le=\"0.001\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("refold_produce_to_commit_seconds_bucket{le=\"0.005\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("refold_produce_to_commit_seconds_bucket{le=\"0.04\"} 3"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn committed_counts_events() {
+        let m = Metrics::new();
+        m.committed(3);
+        m.committed(4);
+        assert_eq!(
+            line(&m.render(), "refold_events_committed_total"),
+            "refold_events_committed_total 7"
+        );
+    }
+}

@@ -1,0 +1,20 @@
+//! The contract of every source.
+
+use async_trait::async_trait;
+use refold_types::Checkpoint;
+
+use crate::record::{PartitionLag, SourceRecord};
+
+/// A partitioned, per-entity-ordered stream of records.
+#[async_trait]
+pub trait EventSource: Send {
+    /// Up to `max` records. `Ok(None)` when the source is exhausted (a file
+    /// source not following); `Ok(Some(vec![]))` when nothing arrived within
+    /// the linger time. An error carrying a [`SourceError`] says whether to
+    /// retry; a failed call hands out nothing and moves nothing on.
+    async fn next_batch(&mut self, max: usize) -> anyhow::Result<Option<Vec<SourceRecord>>>;
+    /// The effects of everything before these checkpoints are durable.
+    async fn commit(&mut self, checkpoints: &[Checkpoint]) -> anyhow::Result<()>;
+    /// Current lag per partition.
+    fn lag(&self) -> Vec<PartitionLag>;
+}
