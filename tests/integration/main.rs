@@ -8,6 +8,7 @@ mod common;
 mod embedded;
 mod follow;
 mod integrity;
+mod layout;
 mod lifecycle;
 mod operations;
 mod sandbox;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use refold_source::{EventSource, checkpoints_of};
+use refold_source::{EventSource, SourceRecord, checkpoints_of};
 use refold_store::{PluginStore, Storage, StoreError};
 use refold_types::clock;
 use tokio::sync::watch;
@@ -62,8 +62,7 @@ impl App {
         let host = &self.host;
         let mut pipeline = Pipeline::for_host(host);
         let mut total = BatchReport::default();
-        let batch_size = host.config.source.batch_size.max(1);
-        let mut source_backoff: Option<Duration> = None;
+        let mut reader = Reader::new(host.config.source.batch_size);
         let mut disk_checked: Option<Instant> = None;
         loop {
             host.health.beat();
@@ -74,87 +73,21 @@ impl App {
             if *shutdown.borrow() {
                 break;
             }
-            let batch = tokio::select! {
-                b = source.next_batch(batch_size) => b,
-                _ = shutdown.changed() => continue,
+            let records = match reader.next(host, &mut *source, &mut shutdown).await? {
+                Read::Records(r) => r,
+                Read::Again => continue,
+                Read::End => break,
             };
-            let batch = match batch {
-                Ok(b) => {
-                    if source_backoff.is_some() {
-                        tracing::info!("source readable again");
-                        host.health.clear("source");
-                        source_backoff = None;
-                    }
-                    b
-                }
-                Err(e) if refold_source::is_transient(&e) => {
-                    // A fault of the machine, not of the data (too many open
-                    // files, a permission being fixed, a file not there yet):
-                    // wait it out; nothing was consumed, so nothing is skipped.
-                    let wait = source_backoff.unwrap_or(Duration::from_millis(100));
-                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "source unavailable; retrying");
-                    host.health.fault("source", format!("source: {e:#}"));
-                    source_backoff = Some((wait * 2).min(Duration::from_secs(5)));
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {},
-                        _ = shutdown.changed() => {},
-                    }
-                    continue;
-                }
-                Err(e) => return Err(e.context("reading from the source")),
-            };
-            for l in source.lag() {
-                host.metrics.set_lag(&l.source, l.partition, l.lag);
-                host.health.lag(&l.source, l.partition, l.lag);
-            }
-            let Some(records) = batch else { break };
             if records.is_empty() && !pipeline.has_deferred() {
                 continue;
             }
-            let produced_at: Vec<i64> = records.iter().filter_map(|r| r.produced_at_ms).collect();
+            count_consumed(host, &records);
             let checkpoints = checkpoints_of(&records);
-            let mut per_source: HashMap<&str, u64> = HashMap::new();
-            for r in &records {
-                *per_source.entry(r.origin.source.as_str()).or_default() += 1;
-            }
-            for (s, n) in per_source {
-                host.metrics.consumed(s, n);
-            }
-            let mut backoff = Duration::from_millis(100);
-            let report = loop {
-                let gate = self.plugins.gate().lock().await;
-                let result = pipeline.process(&records).await;
-                drop(gate);
-                match result {
-                    Ok(r) => {
-                        host.health.clear("store");
-                        // `process` returns after the store commit: from here on
-                        // the batch's events and states are durable.
-                        host.metrics.committed(r.applied as u64);
-                        host.metrics
-                            .observe_produce_to_commit(&produced_at, clock::unix_ms());
-                        break r;
-                    }
-                    Err(StoreError::Unavailable(e)) => {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "store unavailable; retrying the batch");
-                        host.health.fault("store", format!("store: {e}"));
-                        host.health.beat();
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        if *shutdown.borrow() {
-                            return Ok(total);
-                        }
-                    }
-                    Err(StoreError::Fenced(e)) => {
-                        // Another writer moved an entity on (a rebalance race or a
-                        // redelivery): re-run the batch; it reloads the entities and
-                        // drops the events that are already stored.
-                        tracing::warn!(error = %e, "batch fenced; re-running it");
-                        host.health.beat();
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Err(e) => return Err(anyhow::Error::new(e).context("committing a batch")),
-                }
+            let Some(report) = self
+                .commit_batch(&mut pipeline, &records, &shutdown)
+                .await?
+            else {
+                return Ok(total);
             };
             // The batch is durable and its checkpoint is in the store; a
             // failed offset commit only means the batch may be read again,
@@ -166,14 +99,147 @@ impl App {
                 host.metrics.progressed(&c.source, c.partition);
                 host.health.progressed(&c.source, c.partition);
             }
-            for l in source.lag() {
-                host.metrics.set_lag(&l.source, l.partition, l.lag);
-                host.health.lag(&l.source, l.partition, l.lag);
-            }
+            report_lag(host, &*source);
             on_batch(&report);
             merge(&mut total, &report);
         }
         Ok(total)
+    }
+
+    /// Process one batch and commit it, under the batch gate, until it is
+    /// committed: a store outage is retried with backoff, a lost fence
+    /// re-runs the batch. `None` when shutdown came during an outage
+    /// (nothing of the batch was committed; it is read again at start).
+    async fn commit_batch(
+        &self,
+        pipeline: &mut Pipeline,
+        records: &[SourceRecord],
+        shutdown: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Option<BatchReport>> {
+        let host = &self.host;
+        let produced_at: Vec<i64> = records.iter().filter_map(|r| r.produced_at_ms).collect();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let gate = self.plugins.gate().lock().await;
+            let result = pipeline.process(records).await;
+            drop(gate);
+            match result {
+                Ok(r) => {
+                    host.health.clear("store");
+                    // `process` returns after the store commit: from here on
+                    // the batch's events and states are durable.
+                    host.metrics.committed(r.applied as u64);
+                    host.metrics
+                        .observe_produce_to_commit(&produced_at, clock::unix_ms());
+                    return Ok(Some(r));
+                }
+                Err(StoreError::Unavailable(e)) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "store unavailable; retrying the batch");
+                    host.health.fault("store", format!("store: {e}"));
+                    host.health.beat();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    if *shutdown.borrow() {
+                        return Ok(None);
+                    }
+                }
+                Err(StoreError::Fenced(e)) => {
+                    // Another writer moved an entity on (a rebalance race or a
+                    // redelivery): re-run the batch; it reloads the entities and
+                    // drops the events that are already stored.
+                    tracing::warn!(error = %e, "batch fenced; re-running it");
+                    host.health.beat();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context("committing a batch")),
+            }
+        }
+    }
+}
+
+/// What one read of the source gave.
+enum Read {
+    /// A batch (maybe empty: nothing arrived within the linger time).
+    Records(Vec<SourceRecord>),
+    /// Nothing, after waiting out a transient fault or a shutdown signal:
+    /// go round the loop again.
+    Again,
+    /// The source is exhausted.
+    End,
+}
+
+/// Reads batches, waiting out the source's transient faults with backoff.
+struct Reader {
+    batch_size: usize,
+    backoff: Option<Duration>,
+}
+
+impl Reader {
+    fn new(batch_size: usize) -> Self {
+        Reader {
+            batch_size: batch_size.max(1),
+            backoff: None,
+        }
+    }
+
+    async fn next(
+        &mut self,
+        host: &Host,
+        source: &mut dyn EventSource,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<Read> {
+        let batch = tokio::select! {
+            b = source.next_batch(self.batch_size) => b,
+            _ = shutdown.changed() => return Ok(Read::Again),
+        };
+        let batch = match batch {
+            Ok(b) => {
+                if self.backoff.take().is_some() {
+                    tracing::info!("source readable again");
+                    host.health.clear("source");
+                }
+                b
+            }
+            Err(e) if refold_source::is_transient(&e) => {
+                // A fault of the machine, not of the data (too many open
+                // files, a permission being fixed, a file not there yet):
+                // wait it out; nothing was consumed, so nothing is skipped.
+                let wait = self.backoff.unwrap_or(Duration::from_millis(100));
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "source unavailable; retrying");
+                host.health.fault("source", format!("source: {e:#}"));
+                self.backoff = Some((wait * 2).min(Duration::from_secs(5)));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {},
+                    _ = shutdown.changed() => {},
+                }
+                return Ok(Read::Again);
+            }
+            Err(e) => return Err(e.context("reading from the source")),
+        };
+        report_lag(host, source);
+        Ok(match batch {
+            Some(r) => Read::Records(r),
+            None => Read::End,
+        })
+    }
+}
+
+/// Lag of every partition, to metrics and liveness.
+fn report_lag(host: &Host, source: &dyn EventSource) {
+    for l in source.lag() {
+        host.metrics.set_lag(&l.source, l.partition, l.lag);
+        host.health.lag(&l.source, l.partition, l.lag);
+    }
+}
+
+/// Records read, per source, to metrics.
+fn count_consumed(host: &Host, records: &[SourceRecord]) {
+    let mut per_source: HashMap<&str, u64> = HashMap::new();
+    for r in records {
+        *per_source.entry(r.origin.source.as_str()).or_default() += 1;
+    }
+    for (s, n) in per_source {
+        host.metrics.consumed(s, n);
     }
 }
 

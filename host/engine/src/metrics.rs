@@ -276,10 +276,7 @@ impl Metrics {
     }
     /// A partition made progress now.
     pub fn progressed(&self, source: &str, partition: i32) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let now = refold_types::clock::unix_ms() as f64 / 1000.0;
         self.last_progress
             .with_label_values(&[source, &partition.to_string()])
             .set(now);

@@ -326,10 +326,10 @@ pub fn parse_structured(payload: &[u8], max_bytes: usize) -> Result<Envelope, Re
         }
     };
     let get = |name: &str| top.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
-    if let Some(v) = string_attr(get("specversion"), "specversion", MAX_ATTRIBUTE)? {
-        if v != "1.0" {
-            return Err(Rejection::SpecVersion(v));
-        }
+    if let Some(v) = string_attr(get("specversion"), "specversion", MAX_ATTRIBUTE)?
+        && v != "1.0"
+    {
+        return Err(Rejection::SpecVersion(v));
     }
     let id = required(get("id"), "id", MAX_ATTRIBUTE)?;
     let event_type = required(get("type"), "type", MAX_ATTRIBUTE)?;
