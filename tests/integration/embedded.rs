@@ -227,7 +227,7 @@ pub fn generated_bank_local_ids(
         next_id[a] += 1;
         lines.push(ce(&id, "account", &acc, ty, data.clone()));
         applied.push((acc, ty.to_string(), data));
-        if (x >> 12) % 100 == 0 {
+        if (x >> 12).is_multiple_of(100) {
             let again = lines[(x >> 7) as usize % lines.len()].clone();
             lines.push(again);
         }

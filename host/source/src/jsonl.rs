@@ -338,13 +338,16 @@ struct FileCursor {
     done: bool,
 }
 
+/// How a file is opened (replaced in tests to inject faults).
+type Opener = Box<dyn Fn(&Path) -> io::Result<File> + Send + Sync>;
+
 /// Reads one or more JSONL files.
 pub struct JsonlSource {
     files: Vec<FileCursor>,
     follow: bool,
     linger: Duration,
     max_record_bytes: usize,
-    opener: Box<dyn Fn(&Path) -> io::Result<File> + Send + Sync>,
+    opener: Opener,
     /// Bytes read from files so far.
     read_bytes: u64,
 }
