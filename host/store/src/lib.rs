@@ -203,8 +203,8 @@ pub trait StateStore: Send + Sync {
     /// start when `None`), at most `limit`, in the store's listing order
     /// (SQLite: arrival; Cassandra: by shard, then id), each with the cursor
     /// that resumes right after it. Reads no more than `limit` records, so a
-    /// listing costs a page of memory however many there are. A cursor the
-    /// store did not issue is a [`BadCursor`].
+    /// listing costs a page of memory however many there are. A cursor
+    /// that is not of the shape the store issues is a [`BadCursor`].
     async fn dead_letter_page(
         &self,
         after: Option<&str>,
