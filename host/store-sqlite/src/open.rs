@@ -225,7 +225,10 @@ impl SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use refold_store::{Commit, EntityKey, RawJson, Storage, StoredEvent};
+    use refold_store::{
+        ActivationMode, Commit, EntityKey, PluginStore, RawJson, RebuildRecord, RebuildState,
+        Storage, StoredEvent,
+    };
 
     /// One writer per database: a second open is refused with a reason that
     /// says so, and the lock goes with the first store.
@@ -301,5 +304,55 @@ mod tests {
             Err(StoreError::Unavailable(why)) => assert!(why.contains("disk full"), "{why}"),
             other => panic!("expected unavailable, got {other:?}"),
         }
+    }
+
+    /// A database made before rebuild records, generations and rolled-back
+    /// marks is upgraded in place, its activations kept.
+    #[tokio::test]
+    async fn an_older_database_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE activations (entity_type TEXT PRIMARY KEY, digest TEXT NOT NULL, previous TEXT,
+                     mode TEXT NOT NULL, seq INTEGER NOT NULL, activated_at TEXT NOT NULL);
+                 INSERT INTO activations VALUES ('account', 'd1', NULL, 'forward', 1, '2026-01-01T00:00:00Z');
+                 CREATE TABLE entities (entity_type TEXT NOT NULL, entity_id TEXT NOT NULL, state TEXT,
+                     position INTEGER NOT NULL, head INTEGER NOT NULL, plugin_name TEXT, plugin_version TEXT,
+                     plugin_digest TEXT, quarantined INTEGER NOT NULL DEFAULT 0,
+                     PRIMARY KEY (entity_type, entity_id)) WITHOUT ROWID;",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let a = s.activations().await.unwrap();
+        assert_eq!((a[0].digest.as_str(), a[0].rolled_back.len()), ("d1", 0));
+        assert!(a[0].generation.is_base());
+        let mut next = a[0].clone();
+        next.digest = "d0".into();
+        next.mode = ActivationMode::Rollback;
+        next.seq = 2;
+        next.rolled_back = vec!["d1".into()];
+        s.put_activation(&next).await.unwrap();
+        assert_eq!(s.activations().await.unwrap()[0].rolled_back, vec!["d1"]);
+        let rebuild = RebuildRecord {
+            id: "rb-account-1".into(),
+            entity_type: "account".into(),
+            digest: "d1".into(),
+            generation: "account#d1.1".into(),
+            state: RebuildState::Running,
+            entities_done: 0,
+            entities_total: 1,
+            events_done: 0,
+            events_total: 1,
+            quarantined: 0,
+            error: None,
+            owner: "h/1/0".into(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: None,
+            heartbeat_ms: 1,
+        };
+        assert!(s.put_rebuild(&rebuild, None).await.unwrap());
     }
 }
