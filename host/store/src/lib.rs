@@ -173,19 +173,22 @@ const INTERNAL_PAGE: usize = 256;
 #[async_trait]
 pub trait EventStore: Send + Sync {
     /// Of these identities, the ones already stored, each with the digest of
-    /// the stored record (`None` when it was stored without one).
+    /// the stored record (`None` when it was stored without one). An
+    /// identity is the entity key and the event id: the same id under
+    /// another entity is another event.
     async fn known_ids(
         &self,
         ids: &[EventIdentity],
     ) -> Result<HashMap<EventIdentity, Option<String>>>;
-    /// An entity's events with `after < position <= upto`, in order.
+    /// An entity's events with `after < position <= upto`, in position
+    /// order, as stored (the basis of a past-position query).
     async fn history(
         &self,
         key: &EntityKey,
         after: u64,
         upto: Option<u64>,
     ) -> Result<Vec<StoredEvent>>;
-    /// Ids of all entities of a type that have events.
+    /// Ids of all entities of a type that have events, in no promised order.
     async fn entity_ids(&self, entity_type: &str) -> Result<Vec<String>>;
 }
 
@@ -200,8 +203,8 @@ pub trait StateStore: Send + Sync {
     /// start when `None`), at most `limit`, in the store's listing order
     /// (SQLite: arrival; Cassandra: by shard, then id), each with the cursor
     /// that resumes right after it. Reads no more than `limit` records, so a
-    /// listing costs a page of memory however many there are. A cursor the
-    /// store did not issue is a [`BadCursor`].
+    /// listing costs a page of memory however many there are. A cursor
+    /// that is not of the shape the store issues is a [`BadCursor`].
     async fn dead_letter_page(
         &self,
         after: Option<&str>,
@@ -250,7 +253,8 @@ pub trait StateStore: Send + Sync {
     async fn quarantine(&self, key: &EntityKey) -> Result<Option<QuarantineRecord>>;
     /// Lift a quarantine: the record is removed and the entity flagged free.
     async fn release(&self, key: &EntityKey) -> Result<()>;
-    /// Checkpoints recorded for a source.
+    /// Checkpoints recorded for a source, one per partition, as the last
+    /// successful commit wrote them; in no promised order.
     async fn checkpoints(&self, source: &str) -> Result<Vec<Checkpoint>>;
     /// Merge the read model a generation built apart (documents under
     /// `name@ns`) into the live one (`name`), keeping each live document it
@@ -287,6 +291,10 @@ pub trait StateStore: Send + Sync {
 pub trait Storage: EventStore + StateStore + PluginStore {
     /// Apply a batch: raw events, states (fenced by `expected_head`),
     /// quarantines, projections, dead letters, then checkpoints. When this
-    /// returns `Ok`, all of it is durable.
+    /// returns `Ok`, all of it is durable. A state whose head is no longer
+    /// `expected_head` (or that exists when `expected_head` is 0), or an
+    /// event row that is already stored, fails the commit with
+    /// [`StoreError::Fenced`], and a fenced commit leaves no part of itself
+    /// behind.
     async fn commit(&self, commit: Commit) -> Result<(), StoreError>;
 }

@@ -195,14 +195,14 @@ pub trait PluginStore: Send + Sync {
     async fn plugin_versions(&self, entity_type: &str) -> crate::error::Result<Vec<PluginVersion>>;
     /// The bytes of a version.
     async fn plugin_bytes(&self, digest: &str) -> crate::error::Result<Option<Vec<u8>>>;
-    /// The current activation of every entity type.
     /// The activation of one entity type, if any: a point read.
     async fn activation(&self, entity_type: &str) -> crate::error::Result<Option<Activation>>;
+    /// The current activation of every entity type, sorted by entity type.
     async fn activations(&self) -> crate::error::Result<Vec<Activation>>;
     /// Record an activation: the first of its entity type (`seq` 1), or the
     /// successor of the one with `seq - 1`. Conditional, so that two hosts
     /// activating at once cannot both win: the loser gets
-    /// [`StoreError::Fenced`](super::StoreError::Fenced) inside the error.
+    /// [`StoreError::Fenced`](super::StoreError::Fenced).
     async fn put_activation(&self, a: &Activation) -> crate::error::Result<()>;
     /// Write a rebuild record. `expected_heartbeat` `None`: create it (not
     /// written if the id exists). `Some(h)`: replace it only if the stored
@@ -215,6 +215,6 @@ pub trait PluginStore: Send + Sync {
         r: &RebuildRecord,
         expected_heartbeat: Option<i64>,
     ) -> crate::error::Result<bool>;
-    /// Every stored rebuild record.
+    /// Every stored rebuild record, in no promised order.
     async fn rebuilds(&self) -> crate::error::Result<Vec<RebuildRecord>>;
 }

@@ -1,0 +1,88 @@
+//! [`EventStore`]: raw events, read per entity.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use refold_store::{EntityKey, EventIdentity, EventStore, Result, StoredEvent};
+use rusqlite::{OptionalExtension, named_params};
+
+use crate::open::SqliteStore;
+use crate::rows;
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn known_ids(
+        &self,
+        ids: &[EventIdentity],
+    ) -> Result<HashMap<EventIdentity, Option<String>>> {
+        let ids = ids.to_vec();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT digest FROM events
+                 WHERE entity_type = :entity_type AND entity_id = :entity_id AND event_id = :event_id",
+            )?;
+            let mut known = HashMap::new();
+            for identity in ids {
+                let (k, id) = &identity;
+                let found: Option<Option<String>> = st
+                    .query_row(
+                        named_params! {
+                            ":entity_type": k.entity_type,
+                            ":entity_id": k.entity_id,
+                            ":event_id": id,
+                        },
+                        |r| r.get("digest"),
+                    )
+                    .optional()?;
+                if let Some(digest) = found {
+                    known.insert(identity, digest);
+                }
+            }
+            Ok(known)
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        key: &EntityKey,
+        after: u64,
+        upto: Option<u64>,
+    ) -> Result<Vec<StoredEvent>> {
+        let key = key.clone();
+        let after = after.min(i64::MAX as u64) as i64;
+        let upto = upto.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT position, event_id, source, event_type, time, data, origin, record, digest
+                 FROM events
+                 WHERE entity_type = :entity_type AND entity_id = :entity_id
+                   AND position > :after AND position <= :upto
+                 ORDER BY position",
+            )?;
+            let rows = st.query_map(
+                named_params! {
+                    ":entity_type": key.entity_type,
+                    ":entity_id": key.entity_id,
+                    ":after": after,
+                    ":upto": upto,
+                },
+                |r| rows::event(&key, r),
+            )?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn entity_ids(&self, entity_type: &str) -> Result<Vec<String>> {
+        let t = entity_type.to_string();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT DISTINCT entity_id FROM events WHERE entity_type = :entity_type ORDER BY entity_id",
+            )?;
+            let rows = st.query_map(named_params! {":entity_type": t}, |r| r.get("entity_id"))?;
+            rows.collect()
+        })
+        .await
+    }
+}

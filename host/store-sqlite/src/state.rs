@@ -1,0 +1,352 @@
+//! [`StateStore`]: entity states, projections, dead letters, quarantine,
+//! checkpoints, generations' namespaces and replay snapshots. Everything a
+//! batch writes goes through `commit`; what is here reads, or changes one
+//! thing an operator or a rebuild asked for.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use refold_store::{
+    Checkpoint, DeadLetter, EntityKey, EntityRecord, Paged, QuarantineRecord, Result, StateStore,
+    decode_cursor, encode_cursor,
+};
+use rusqlite::{OptionalExtension, named_params};
+use serde_json::Value;
+
+use crate::open::SqliteStore;
+use crate::rows;
+
+/// `projection` ends with `:suffix` (SQLite has no `ends_with`).
+const HAS_SUFFIX: &str = "substr(projection, length(projection) - length(:suffix) + 1) = :suffix";
+
+#[async_trait]
+impl StateStore for SqliteStore {
+    async fn load(&self, keys: &[EntityKey]) -> Result<HashMap<EntityKey, EntityRecord>> {
+        let keys = keys.to_vec();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT state, position, head, plugin_name, plugin_version, plugin_digest,
+                        quarantined, generation
+                 FROM entities WHERE entity_type = :entity_type AND entity_id = :entity_id",
+            )?;
+            let mut out = HashMap::new();
+            for k in keys {
+                let rec = st
+                    .query_row(
+                        named_params! {":entity_type": k.entity_type, ":entity_id": k.entity_id},
+                        |r| rows::entity(&k, r),
+                    )
+                    .optional()?;
+                if let Some(rec) = rec {
+                    out.insert(k, rec);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn projection(&self, name: &str, key: &str) -> Result<Option<Value>> {
+        let (n, k) = (name.to_string(), key.to_string());
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT body FROM projections WHERE projection = :projection AND key = :key",
+            )?
+            .query_row(
+                named_params! {":projection": n, ":key": k},
+                rows::projection_body,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn dead_letter_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Paged<DeadLetter>>> {
+        // The cursor is the arrival sequence number of the last item seen.
+        let after: i64 = after.map(decode_cursor).transpose()?.unwrap_or(0);
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT seq, id, code, reason, payload, origin, event_id, entity_type, recorded_at
+                 FROM dead_letters WHERE seq > :after ORDER BY seq LIMIT :limit",
+            )?;
+            let rows = st.query_map(named_params! {":after": after, ":limit": limit}, |r| {
+                Ok(Paged {
+                    cursor: encode_cursor(&r.get::<_, i64>("seq")?),
+                    item: rows::dead_letter(r)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>> {
+        let id = id.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT id, code, reason, payload, origin, event_id, entity_type, recorded_at
+                 FROM dead_letters WHERE id = :id",
+            )?
+            .query_row(named_params! {":id": id}, rows::dead_letter)
+            .optional()
+        })
+        .await
+    }
+
+    async fn remove_dead_letter(&self, id: &str) -> Result<bool> {
+        let id = id.to_string();
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM dead_letters WHERE id = :id",
+                named_params! {":id": id},
+            )
+            .map(|n| n > 0)
+        })
+        .await
+    }
+
+    async fn quarantine_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Paged<QuarantineRecord>>> {
+        // The cursor is the primary key (entity type, entity id) of the last
+        // item seen; the empty key sorts before every real one.
+        let (t, id): (String, String) = after.map(decode_cursor).transpose()?.unwrap_or_default();
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT entity_type, entity_id, event_id, event_position, kind, error,
+                        plugin_name, plugin_version, plugin_digest, recorded_at
+                 FROM quarantine WHERE (entity_type, entity_id) > (:entity_type, :entity_id)
+                 ORDER BY entity_type, entity_id LIMIT :limit",
+            )?;
+            let rows = st.query_map(
+                named_params! {":entity_type": t, ":entity_id": id, ":limit": limit},
+                |r| {
+                    let item = rows::quarantine(r)?;
+                    Ok(Paged {
+                        cursor: encode_cursor(&(&item.key.entity_type, &item.key.entity_id)),
+                        item,
+                    })
+                },
+            )?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn quarantine(&self, key: &EntityKey) -> Result<Option<QuarantineRecord>> {
+        let key = key.clone();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT entity_type, entity_id, event_id, event_position, kind, error,
+                        plugin_name, plugin_version, plugin_digest, recorded_at
+                 FROM quarantine WHERE entity_type = :entity_type AND entity_id = :entity_id",
+            )?
+            .query_row(
+                named_params! {":entity_type": key.entity_type, ":entity_id": key.entity_id},
+                rows::quarantine,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn release(&self, key: &EntityKey) -> Result<()> {
+        let key = key.clone();
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let at = named_params! {":entity_type": key.entity_type, ":entity_id": key.entity_id};
+            tx.execute(
+                "DELETE FROM quarantine WHERE entity_type = :entity_type AND entity_id = :entity_id",
+                at,
+            )?;
+            tx.execute(
+                "UPDATE entities SET quarantined = 0
+                 WHERE entity_type = :entity_type AND entity_id = :entity_id",
+                at,
+            )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn checkpoints(&self, source: &str) -> Result<Vec<Checkpoint>> {
+        let s = source.to_string();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT partition, offset FROM checkpoints WHERE source = :source ORDER BY partition",
+            )?;
+            let rows = st.query_map(named_params! {":source": s}, |r| {
+                Ok(Checkpoint {
+                    source: s.clone(),
+                    partition: r.get("partition")?,
+                    offset: r.get("offset")?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn adopt_projections(&self, ns: &str, archive: &str) -> Result<()> {
+        let (suffix, keep) = (format!("@{ns}"), format!("@{archive}"));
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            // The archive of the previous adoption goes: the live documents
+            // about to be replaced take its place, for a rollback.
+            tx.execute(
+                &format!("DELETE FROM projections WHERE {HAS_SUFFIX}"),
+                named_params! {":suffix": keep},
+            )?;
+            tx.execute(
+                "INSERT OR REPLACE INTO projections (projection, key, body)
+                 SELECT live.projection || :keep, live.key, live.body
+                 FROM projections AS built JOIN projections AS live
+                   ON live.projection = substr(built.projection, 1, length(built.projection) - length(:suffix))
+                  AND live.key = built.key
+                 WHERE substr(built.projection, length(built.projection) - length(:suffix) + 1) = :suffix",
+                named_params! {":suffix": suffix, ":keep": keep},
+            )?;
+            tx.execute(
+                &format!(
+                    "INSERT OR REPLACE INTO projections (projection, key, body)
+                     SELECT substr(projection, 1, length(projection) - length(:suffix)), key, body
+                     FROM projections WHERE {HAS_SUFFIX}"
+                ),
+                named_params! {":suffix": suffix},
+            )?;
+            tx.execute(
+                &format!("DELETE FROM projections WHERE {HAS_SUFFIX}"),
+                named_params! {":suffix": suffix},
+            )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn drop_namespace(&self, ns: &str) -> Result<()> {
+        let (ns, suffix) = (ns.to_string(), format!("@{ns}"));
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            // A namespace's states and quarantines are kept under the
+            // namespace as their entity type.
+            tx.execute(
+                "DELETE FROM entities WHERE entity_type = :ns",
+                named_params! {":ns": ns},
+            )?;
+            tx.execute(
+                "DELETE FROM quarantine WHERE entity_type = :ns",
+                named_params! {":ns": ns},
+            )?;
+            tx.execute(
+                &format!("DELETE FROM projections WHERE {HAS_SUFFIX}"),
+                named_params! {":suffix": suffix},
+            )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn snapshot_before(
+        &self,
+        key: &EntityKey,
+        digest: &str,
+        at: u64,
+    ) -> Result<Option<(u64, Value)>> {
+        let (key, digest) = (key.clone(), digest.to_string());
+        let at = at.min(i64::MAX as u64) as i64;
+        self.read(move |c| {
+            let found = c
+                .prepare_cached(
+                    "SELECT position, state FROM snapshots
+                     WHERE entity_type = :entity_type AND entity_id = :entity_id
+                       AND digest = :digest AND position <= :at
+                     ORDER BY position DESC LIMIT 1",
+                )?
+                .query_row(
+                    named_params! {
+                        ":entity_type": key.entity_type,
+                        ":entity_id": key.entity_id,
+                        ":digest": digest,
+                        ":at": at,
+                    },
+                    rows::snapshot,
+                )
+                .optional()?;
+            Ok(found.flatten())
+        })
+        .await
+    }
+
+    async fn put_snapshots(
+        &self,
+        key: &EntityKey,
+        digest: &str,
+        snapshots: &[(u64, Value)],
+    ) -> Result<()> {
+        if snapshots.is_empty() {
+            return Ok(());
+        }
+        let (key, digest) = (key.clone(), digest.to_string());
+        let snaps: Vec<(i64, String)> = snapshots
+            .iter()
+            .map(|(p, v)| (*p as i64, v.to_string()))
+            .collect();
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO snapshots (entity_type, entity_id, digest, position, state)
+                     VALUES (:entity_type, :entity_id, :digest, :position, :state)",
+                )?;
+                for (position, state) in &snaps {
+                    st.execute(named_params! {
+                        ":entity_type": key.entity_type,
+                        ":entity_id": key.entity_id,
+                        ":digest": digest,
+                        ":position": position,
+                        ":state": state,
+                    })?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state column that is not JSON is corrupt data naming the entity,
+    /// never a silent `null`.
+    #[tokio::test]
+    async fn a_rotted_state_is_corrupt_not_null() {
+        let s = SqliteStore::in_memory().unwrap();
+        s.write(|c| {
+            c.execute(
+                "INSERT INTO entities (entity_type, entity_id, state, position, head)
+                 VALUES ('account', 'a1', '{rot', 1, 1)",
+                [],
+            )
+        })
+        .await
+        .unwrap();
+        let err = s
+            .load(&[EntityKey::new("account", "a1")])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, refold_store::StoreError::Corrupt(why) if why.contains("account/a1")),
+            "{err:#}"
+        );
+    }
+}
