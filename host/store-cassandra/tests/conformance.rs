@@ -4,8 +4,10 @@
 //! test fails, so that a run without the server cannot pass for a run with.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
+use futures::FutureExt as _;
 use refold_store::Storage;
 use refold_store_cassandra::{CassandraConfig, CassandraStore};
 use scylla::client::session_builder::SessionBuilder;
@@ -58,13 +60,13 @@ async fn cassandra_passes_the_storage_conformance_suite() {
             }
         }
     };
-    // A panicking check still drops its keyspace: the suite runs in a task
-    // of its own and the cleanup runs whatever it returned.
-    let outcome = tokio::spawn(run(fresh)).await;
+    // A panicking check still drops the keyspaces: the panic is caught,
+    // the cleanup runs, then the panic goes on.
+    let outcome = AssertUnwindSafe(run(fresh)).catch_unwind().await;
     let keyspaces = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
     drop_keyspaces(&nodes, &keyspaces).await;
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
     }
 }
 
