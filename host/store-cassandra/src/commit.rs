@@ -86,6 +86,21 @@ impl CassandraStore {
             Some(l) if l.full() => (l.bucket + 1, true),
             Some(l) => (l.bucket, false),
         };
+        if bucket > 0 {
+            // An event stored once is never stored again: the batch's
+            // `IF NOT EXISTS` sees the id rows of the bucket it writes, this
+            // read those of the earlier ones (closed: a commit only appends
+            // to the live bucket, and one that did since would have moved
+            // the head this batch is fenced on).
+            let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+            let stored = self.ids_in(&u.key, (0..bucket).collect(), &ids).await?;
+            if let Some(id) = stored.keys().next() {
+                return Err(StoreError::Fenced(format!(
+                    "{} already holds event {id}",
+                    u.key
+                )));
+            }
+        }
         if u.expected_head == 0 {
             self.index(&u.key).await?;
         }
@@ -122,7 +137,7 @@ impl CassandraStore {
         if !applied(r)? {
             self.remember(&u.key, None);
             return Err(StoreError::Fenced(format!(
-                "{} moved past head {} under us (bucket {bucket})",
+                "{} moved past head {} under us, or already holds one of its events (bucket {bucket})",
                 u.key, u.expected_head
             )));
         }

@@ -90,7 +90,7 @@ impl CassandraStore {
     }
 
     /// Of `ids`, those stored for `key` in these buckets, with their digests.
-    async fn ids_in(
+    pub(crate) async fn ids_in(
         &self,
         key: &EntityKey,
         buckets: Vec<i64>,

@@ -18,7 +18,8 @@ pub(crate) struct Statements {
     pub(crate) read_events: PreparedStatement,
     /// Bound by [`crate::rows::EventValues`].
     pub(crate) insert_event: PreparedStatement,
-    /// Bound by [`crate::rows::IdValues`].
+    /// Bound by [`crate::rows::IdValues`]. Conditional: an id the live
+    /// bucket holds already fails its entity's batch.
     pub(crate) insert_id: PreparedStatement,
     /// Bound by [`crate::rows::AdvanceValues`].
     pub(crate) advance: PreparedStatement,
@@ -115,7 +116,7 @@ impl Statements {
             insert_event: p("INSERT INTO {ks}.entity_log (entity_type, entity_id, bucket, kind, position, event_id, source, event_type, event_time, data, origin, record, digest)
                              VALUES (:entity_type, :entity_id, :bucket, 0, :position, :event_id, :source, :event_type, :event_time, :data, :origin, :record, :digest)").await?,
             insert_id: p("INSERT INTO {ks}.entity_log (entity_type, entity_id, bucket, kind, position, event_id, digest)
-                          VALUES (:entity_type, :entity_id, :bucket, 1, 0, :event_id, :digest)").await?,
+                          VALUES (:entity_type, :entity_id, :bucket, 1, 0, :event_id, :digest) IF NOT EXISTS").await?,
             advance: p("UPDATE {ks}.entity_log SET head = :head, state = :state, state_position = :state_position,
                                plugin_name = :plugin_name, plugin_version = :plugin_version, plugin_digest = :plugin_digest,
                                quarantined = :quarantined, generation = :generation
@@ -198,6 +199,7 @@ impl Statements {
         // Conditional statements are not idempotent: a retried LWT that had
         // applied reports "not applied".
         for s in [
+            &mut st.insert_id,
             &mut st.advance,
             &mut st.open_bucket,
             &mut st.release,
