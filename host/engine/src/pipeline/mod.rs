@@ -251,19 +251,11 @@ impl Pipeline {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
+    use super::testing::{bank_host, deposit, opened, record};
     use super::*;
-    use crate::config::HostConfig;
-    use refold_store::Origin;
-    use refold_store_sqlite::SqliteStore;
 
     fn app() -> Host {
-        let mut config = HostConfig::default();
-        config.plugins.files =
-            vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bank/bank.wasm")];
-        let store = Arc::new(SqliteStore::in_memory().unwrap());
-        Host::with_storage(config, store.clone(), store).unwrap()
+        bank_host()
     }
 
     fn pipeline_with(app: &Host, config: PipelineConfig) -> Pipeline {
@@ -272,39 +264,6 @@ mod tests {
             app.registry.clone(),
             config,
             app.metrics.clone(),
-        )
-    }
-
-    fn record(offset: i64, payload: String) -> SourceRecord {
-        SourceRecord {
-            origin: Origin {
-                source: "t".into(),
-                partition: 0,
-                offset,
-            },
-            next_offset: offset + 1,
-            key: None,
-            headers: Vec::new(),
-            payload: payload.into_bytes(),
-            produced_at_ms: None,
-        }
-    }
-
-    fn deposit(offset: i64, account: &str, id: &str, amount: u64) -> SourceRecord {
-        record(
-            offset,
-            format!(
-                r#"{{"specversion":"1.0","id":"{id}","source":"/t","type":"account.deposited","subject":"{account}","entitytype":"account","data":{{"amount":{amount}}}}}"#
-            ),
-        )
-    }
-
-    fn opened(offset: i64, account: &str) -> SourceRecord {
-        record(
-            offset,
-            format!(
-                r#"{{"specversion":"1.0","id":"o-{account}","source":"/t","type":"account.opened","subject":"{account}","entitytype":"account","data":{{"owner":"owner-{account}"}}}}"#
-            ),
         )
     }
 
