@@ -516,3 +516,49 @@ async fn sync_registry_picks_up_an_activation_another_host_wrote_to_the_store() 
         v1
     );
 }
+
+/// The direction written in the module docs, checked on the sources: a
+/// module calls no method defined in a module it may not use, and no
+/// submodule calls the entry points of `mod.rs`.
+#[test]
+fn no_module_of_the_manager_calls_one_above_it() {
+    let sources: [(&str, &str, &[&str]); 6] = [
+        ("watch", include_str!("watch.rs"), &["sync"]),
+        ("sync", include_str!("sync.rs"), &["install", "activate", "rebuild"]),
+        ("rebuild", include_str!("rebuild.rs"), &["activate"]),
+        ("activate", include_str!("activate.rs"), &["install"]),
+        ("install", include_str!("install.rs"), &[]),
+        ("repair", include_str!("repair.rs"), &[]),
+    ];
+    let code = |src: &'static str| src.split("#[cfg(test)]").next().unwrap_or(src);
+    let defined = |src: &'static str| -> Vec<String> {
+        code(src)
+            .split("fn ")
+            .skip(1)
+            .filter_map(|s| s.split(['(', '<']).next())
+            .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .map(str::to_string)
+            .collect()
+    };
+    for (name, src, may_use) in sources {
+        let own = defined(src);
+        let mut forbidden: Vec<(String, &str)> = ["install", "activate"]
+            .iter()
+            .map(|f| (f.to_string(), "mod"))
+            .collect();
+        for (other, other_src, _) in sources {
+            if other != name && !may_use.contains(&other) {
+                forbidden.extend(defined(other_src).into_iter().map(|f| (f, other)));
+            }
+        }
+        for (f, home) in forbidden {
+            if own.contains(&f) {
+                continue;
+            }
+            assert!(
+                !code(src).contains(&format!(".{f}(")),
+                "manager::{name} calls `{f}` of `{home}`, which it may not use"
+            );
+        }
+    }
+}
