@@ -524,7 +524,11 @@ async fn sync_registry_picks_up_an_activation_another_host_wrote_to_the_store() 
 fn no_module_of_the_manager_calls_one_above_it() {
     let sources: [(&str, &str, &[&str]); 6] = [
         ("watch", include_str!("watch.rs"), &["sync"]),
-        ("sync", include_str!("sync.rs"), &["install", "activate", "rebuild"]),
+        (
+            "sync",
+            include_str!("sync.rs"),
+            &["install", "activate", "rebuild"],
+        ),
         ("rebuild", include_str!("rebuild.rs"), &["activate"]),
         ("activate", include_str!("activate.rs"), &["install"]),
         ("install", include_str!("install.rs"), &[]),

@@ -44,3 +44,40 @@ pub async fn entities_of(
     };
     Ok(Entities { keys, records })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::Pipeline;
+    use crate::pipeline::testing::{bank_host, deposit};
+
+    #[tokio::test]
+    async fn every_entity_of_a_type_comes_with_its_record_up_to_the_limit() {
+        let host = bank_host();
+        Pipeline::for_host(&host)
+            .process(&[
+                deposit(0, "b", "1", 1),
+                deposit(1, "a", "1", 2),
+                deposit(2, "c", "1", 3),
+            ])
+            .await
+            .unwrap();
+        let all = entities_of(&*host.storage, "account", usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(all.keys.len(), 3);
+        let positions: Vec<(String, u64)> = all
+            .in_order()
+            .map(|r| (r.key.entity_id.clone(), r.position))
+            .collect();
+        assert_eq!(positions.len(), 3);
+        assert!(positions.iter().all(|(_, p)| *p == 1));
+        let two = entities_of(&*host.storage, "account", 2).await.unwrap();
+        assert_eq!((two.keys.len(), two.records.len()), (2, 2));
+        assert_eq!(two.keys, all.keys[..2]);
+        let none = entities_of(&*host.storage, "order", usize::MAX)
+            .await
+            .unwrap();
+        assert!(none.keys.is_empty() && none.records.is_empty());
+    }
+}
