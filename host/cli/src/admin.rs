@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::api::{ApiError, ApiResult};
 use crate::server::Api;
-use refold_engine::manager::{InstallError, SwapMode};
+use refold_engine::manager::{Fixture, InstallError, Resubmitted, Retried, SwapMode};
 use refold_types::event::EntityKey;
 
 /// The admin routes, behind the token check.
@@ -278,14 +278,14 @@ async fn rebuild(State(app): State<Api>, Path(id): Path<String>) -> ApiResult<Js
 async fn retry(
     State(app): State<Api>,
     Path((t, id)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Retried>> {
     Ok(Json(app.plugins().retry(&EntityKey::new(t, id)).await?))
 }
 
 async fn fixture(
     State(app): State<Api>,
     Path((t, id)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Fixture>> {
     Ok(Json(app.plugins().fixture(&EntityKey::new(t, id)).await?))
 }
 
@@ -293,7 +293,7 @@ async fn resubmit(
     State(app): State<Api>,
     Path(id): Path<String>,
     body: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Resubmitted>> {
     let corrected = (!body.is_empty()).then(|| body.to_vec());
     Ok(Json(app.plugins().resubmit(&id, corrected).await?))
 }

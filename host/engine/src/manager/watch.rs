@@ -19,14 +19,14 @@ use super::PluginManager;
 /// a plugin directory has its plugins before it reads its first event
 /// (otherwise those events would be dead-lettered as of an unknown type).
 pub async fn watch_dir(
-    app: PluginManager,
+    manager: PluginManager,
     dir: PathBuf,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating plugin dir {}", dir.display()))?;
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
-    let debounce = Duration::from_millis(app.host.config.plugins.debounce_ms.max(10));
+    let debounce = Duration::from_millis(manager.host.config.plugins.debounce_ms.max(10));
     let tx2 = tx.clone();
     let mut debouncer = new_debouncer(debounce, move |res: DebounceEventResult| {
         if let Ok(events) = res {
@@ -49,7 +49,7 @@ pub async fn watch_dir(
     for p in existing {
         let Some(stamp) = stamp(&p) else { continue };
         seen.insert(p.clone(), stamp);
-        install(&app, &p, true).await;
+        install(&manager, &p, true).await;
     }
     drop(tx);
     tokio::spawn(async move {
@@ -76,7 +76,7 @@ pub async fn watch_dir(
                     }
                     seen.insert(p.clone(), stamp);
                     // Loads are serialized: this task handles one at a time.
-                    install(&app, &p, false).await;
+                    install(&manager, &p, false).await;
                 }
             }
         }
@@ -86,8 +86,8 @@ pub async fn watch_dir(
 
 /// Install and activate one file; a refusal is logged with its reason and
 /// the active version keeps running.
-async fn install(app: &PluginManager, p: &Path, at_start: bool) {
-    match app.install_file(p, at_start).await {
+async fn install(manager: &PluginManager, p: &Path, at_start: bool) {
+    match manager.install_file(p, at_start).await {
         Ok(msg) => tracing::info!(file = %p.display(), "{msg}"),
         Err(e) => {
             tracing::error!(file = %p.display(), error = %format!("{e:#}"), "plugin refused; the active version keeps running")

@@ -1,0 +1,419 @@
+//! One batch, start to finish, as named steps: [`validate`] (parse, size,
+//! dead letters) → [`dedup`] (within the batch and against the store) →
+//! [`group`] (by entity; records loaded, new events positioned) → [`fold`]
+//! (per entity type, under the batch's budget) → [`commit`] (the one
+//! [`Commit`] of the batch). The source checkpoint is part of the same
+//! commit, so state and checkpoint advance together.
+//!
+//! Module direction: `mod` (the [`Pipeline`]) uses every step; `dedup` uses
+//! `validate`'s dead letters; `group`, `fold` and `commit` use `entity`, the
+//! per-entity fold (also used by the plugin manager's rebuild and retry);
+//! `entities` (every entity of a type) stands alone. No step uses `mod`
+//! except for [`BatchReport`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use refold_runtime::Sandbox;
+use refold_source::{SourceRecord, checkpoints_of};
+use refold_store::{Commit, Storage, StoreError};
+use refold_types::event::EntityKey;
+
+use crate::host::Host;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+pub(crate) mod commit;
+pub(crate) mod dedup;
+pub mod entities;
+pub(crate) mod entity;
+pub(crate) mod fold;
+pub(crate) mod group;
+#[cfg(test)]
+mod testing;
+pub(crate) mod validate;
+
+pub use entities::{Entities, entities_of};
+pub use entity::sandbox_for;
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct BatchReport {
+    /// Records read.
+    pub records: usize,
+    /// Events stored for the first time.
+    pub stored: usize,
+    /// Events folded into states.
+    pub applied: usize,
+    /// Events seen before (same identity and bytes), ignored.
+    pub duplicates: usize,
+    /// Records turned into dead letters.
+    pub dead_lettered: usize,
+    /// Events held for quarantined entities.
+    pub held: usize,
+    /// Entities newly quarantined.
+    pub quarantined: Vec<EntityKey>,
+    /// Entities whose events were stored but not folded yet: the batch ran
+    /// out of its time or output budget before reaching them. A later batch
+    /// or a query folds them (they are behind their head).
+    pub deferred: usize,
+}
+
+/// Settings of the pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Largest record accepted before any plugin sees it, in bytes.
+    pub max_record_bytes: usize,
+    /// Entity types folded at once (each on its own blocking thread).
+    pub fold_threads: usize,
+    /// Time a batch may spend folding before the entities not reached yet
+    /// are deferred.
+    pub fold_budget: Duration,
+    /// Read-model operations a batch may produce in all.
+    pub max_batch_projection_ops: usize,
+    /// Bytes of read-model output a batch may produce in all.
+    pub max_batch_projection_bytes: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            max_record_bytes: 1 << 20,
+            fold_threads: 0,
+            fold_budget: Duration::from_secs(2),
+            max_batch_projection_ops: 200_000,
+            max_batch_projection_bytes: 64 << 20,
+        }
+    }
+}
+
+impl PipelineConfig {
+    fn threads(&self) -> usize {
+        if self.fold_threads > 0 {
+            return self.fold_threads;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    }
+}
+
+/// The ingest pipeline. Owns one sandbox per entity type.
+pub struct Pipeline {
+    storage: Arc<dyn Storage>,
+    registry: Arc<Registry>,
+    sandboxes: HashMap<String, Sandbox>,
+    /// Entities a batch deferred, to be folded by the next ones even when no
+    /// new event of theirs arrives (so their read models catch up too).
+    behind: std::collections::VecDeque<EntityKey>,
+    config: PipelineConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Pipeline {
+    /// A pipeline over the host's storage and registry, tuned by its
+    /// `[engine]` settings.
+    pub fn for_host(host: &Host) -> Self {
+        let e = &host.config.engine;
+        Pipeline::new(
+            host.storage.clone(),
+            host.registry.clone(),
+            PipelineConfig {
+                max_record_bytes: e.max_record_bytes,
+                fold_threads: e.fold_threads,
+                fold_budget: Duration::from_millis(e.batch_fold_budget_ms),
+                max_batch_projection_ops: e.max_batch_projection_ops,
+                max_batch_projection_bytes: e.max_batch_projection_bytes,
+            },
+            host.metrics.clone(),
+        )
+    }
+
+    /// A pipeline over `storage` with the plugins of `registry`.
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        registry: Arc<Registry>,
+        config: PipelineConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Pipeline {
+            storage,
+            registry,
+            sandboxes: HashMap::new(),
+            behind: Default::default(),
+            config,
+            metrics,
+        }
+    }
+
+    /// Process one batch of records and commit its effects with the
+    /// checkpoints it reached. On `Err` nothing of the batch is committed and
+    /// the caller must retry it (or re-read it from the last checkpoint).
+    pub async fn process(&mut self, records: &[SourceRecord]) -> Result<BatchReport, StoreError> {
+        let plugins = self.registry.snapshot();
+        let generations = self.registry.generations();
+        let mut report = BatchReport {
+            records: records.len(),
+            ..Default::default()
+        };
+        let mut commit = Commit {
+            checkpoints: checkpoints_of(records),
+            ..Default::default()
+        };
+
+        let (valid, dead) = validate::validate(records, &plugins, self.config.max_record_bytes);
+        commit.dead_letters.extend(dead);
+        let deduped = dedup::dedup(&*self.storage, valid).await?;
+        commit.dead_letters.extend(deduped.dead_letters);
+        for d in &commit.dead_letters {
+            self.metrics.dead_lettered(&d.code);
+        }
+        report.duplicates = deduped.duplicates;
+        report.dead_lettered = commit.dead_letters.len();
+        self.metrics.duplicates(report.duplicates as u64);
+
+        let mut groups = group::Groups::of(deduped.fresh);
+        // A bounded number of deferred entities per batch.
+        let take = self.behind.len().min(records.len().max(MIN_CATCH_UP));
+        groups.bring_along(self.behind.drain(..take), &plugins);
+        let loaded = group::load(&*self.storage, &generations, groups).await?;
+        commit.entities.extend(loaded.moves.saved);
+        commit.quarantines.extend(loaded.moves.quarantines);
+        commit.released.extend(loaded.moves.released);
+        report.stored = loaded.events.len();
+        commit.events.extend(loaded.events);
+
+        let started = Instant::now();
+        let budget = fold::FoldBudget::new(
+            self.config.fold_budget,
+            self.config.max_batch_projection_ops,
+            self.config.max_batch_projection_bytes,
+        );
+        let folded = fold::fold(
+            &mut self.sandboxes,
+            &plugins,
+            loaded.work,
+            self.config.threads(),
+            budget,
+        )
+        .await?;
+        self.remember_deferred(&folded.deferred);
+        report.deferred = folded.deferred.len();
+        commit.entities.extend(folded.deferred);
+        if report.deferred > 0 {
+            self.metrics.deferred(report.deferred as u64);
+            tracing::info!(
+                deferred = report.deferred,
+                "batch fold budget spent; the remaining entities are folded later"
+            );
+        }
+        self.metrics.observe_fold(started.elapsed());
+
+        commit::collect(folded.done, &mut commit, &mut report, &self.metrics);
+        for s in self.sandboxes.values() {
+            self.metrics.sandbox(
+                &s.plugin().info.entity_type,
+                &s.plugin().info.version,
+                &s.stats,
+            );
+        }
+
+        self.storage.commit(commit).await?;
+        Ok(report)
+    }
+
+    /// Keep the deferred entities for the next batches (up to
+    /// [`MAX_BEHIND`]).
+    fn remember_deferred(&mut self, deferred: &[refold_store::EntityUpdate]) {
+        for d in deferred {
+            if self.behind.len() < MAX_BEHIND {
+                self.behind.push_back(d.key.clone());
+            }
+        }
+    }
+}
+
+/// Deferred entities remembered for catching up; beyond it they are folded
+/// by their own next batch or a query, like any entity behind its head.
+const MAX_BEHIND: usize = 100_000;
+/// Deferred entities a batch takes along at least (an idle poll has none of
+/// its own records).
+const MIN_CATCH_UP: usize = 256;
+
+impl Pipeline {
+    /// Whether entities deferred by earlier batches wait to be folded (the
+    /// consume loop then runs a batch even when the source is idle).
+    pub fn has_deferred(&self) -> bool {
+        !self.behind.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{bank_host, deposit, opened, record};
+    use super::*;
+
+    fn app() -> Host {
+        bank_host()
+    }
+
+    fn pipeline_with(app: &Host, config: PipelineConfig) -> Pipeline {
+        Pipeline::new(
+            app.storage.clone(),
+            app.registry.clone(),
+            config,
+            app.metrics.clone(),
+        )
+    }
+
+    async fn balance(app: &Host, account: &str) -> Option<u64> {
+        let k = EntityKey::new("account", account);
+        let rec = app.storage.load(std::slice::from_ref(&k)).await.unwrap();
+        rec.get(&k)
+            .and_then(|r| r.state.as_ref())
+            .and_then(|s| s["balance"].as_u64())
+    }
+
+    /// Event ids that repeat across entities ("1", "2", … per entity) are
+    /// distinct events: a re-delivery of (A, "7") in the batch that brings
+    /// (B, "7") drops only A's copy.
+    #[tokio::test]
+    async fn dedup_is_by_entity_and_event_id() {
+        let app = app();
+        let mut p = Pipeline::for_host(&app);
+        let r = p
+            .process(&[deposit(0, "a", "1", 10), deposit(1, "a", "2", 20)])
+            .await
+            .unwrap();
+        assert_eq!(r.applied, 2);
+        let r = p
+            .process(&[
+                deposit(2, "a", "2", 20), // re-delivered
+                deposit(3, "b", "2", 5),  // same id, other entity: new
+                deposit(4, "b", "1", 7),
+                deposit(5, "b", "1", 7), // re-delivered within the batch
+            ])
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.duplicates, r.dead_lettered), (2, 2, 0));
+        assert_eq!(balance(&app, "a").await, Some(30));
+        assert_eq!(balance(&app, "b").await, Some(12));
+    }
+
+    /// The same identity with other bytes is a conflict: dead-lettered with
+    /// both digests, never dropped or applied.
+    #[tokio::test]
+    async fn a_conflicting_duplicate_is_dead_lettered_with_both_digests() {
+        let app = app();
+        let mut p = Pipeline::for_host(&app);
+        p.process(&[deposit(0, "a", "1", 10)]).await.unwrap();
+        let r = p
+            .process(&[deposit(1, "a", "1", 99), deposit(2, "a", "2", 1)])
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.duplicates, r.dead_lettered), (1, 0, 1));
+        // Within one batch too.
+        let r = p
+            .process(&[deposit(3, "c", "1", 1), deposit(4, "c", "1", 2)])
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.dead_lettered), (1, 1));
+        let dl = app.storage.dead_letters(10).await.unwrap();
+        assert_eq!(dl.len(), 2);
+        assert!(dl.iter().all(|d| d.code == "conflicting_duplicate"));
+        let stored = refold_runtime::digest_of(&deposit(0, "a", "1", 10).payload);
+        let received = refold_runtime::digest_of(&deposit(1, "a", "1", 99).payload);
+        assert!(dl[0].reason.contains(&stored), "{}", dl[0].reason);
+        assert!(dl[0].reason.contains(&received), "{}", dl[0].reason);
+        assert_eq!(balance(&app, "a").await, Some(11));
+    }
+
+    /// The stored event is what was received: big integers and key order
+    /// survive, and the plugin reads the same text.
+    #[tokio::test]
+    async fn raw_events_are_kept_as_received() {
+        let app = app();
+        let mut p = Pipeline::for_host(&app);
+        let text = r#"{"specversion":"1.0","id":"x1","source":"/t","type":"account.noted","subject":"a","entitytype":"account","zeta":1,"alpha":2,"data":{"big":123456789012345678901234567890,"b":1,"a":2}}"#;
+        p.process(&[record(0, text.to_string())]).await.unwrap();
+        let h = app
+            .storage
+            .history(&EntityKey::new("account", "a"), 0, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            h[0].data.as_str(),
+            r#"{"big":123456789012345678901234567890,"b":1,"a":2}"#
+        );
+        assert_eq!(h[0].record.as_ref().unwrap().as_str(), text);
+        assert_eq!(
+            h[0].digest.as_deref(),
+            Some(refold_runtime::digest_of(text.as_bytes()).as_str())
+        );
+    }
+
+    /// With no time left in the batch, entities are deferred: their events
+    /// are stored, their state is folded by the next batch that meets them.
+    #[tokio::test]
+    async fn entities_beyond_the_batch_budget_are_deferred_then_caught_up() {
+        let app = app();
+        let mut p = pipeline_with(
+            &app,
+            PipelineConfig {
+                fold_budget: Duration::ZERO,
+                ..Default::default()
+            },
+        );
+        let r = p
+            .process(&[deposit(0, "a", "1", 10), deposit(1, "b", "1", 5)])
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.deferred, r.stored), (0, 2, 2));
+        assert_eq!(balance(&app, "a").await, None);
+        let mut p = Pipeline::for_host(&app);
+        let r = p.process(&[deposit(2, "a", "2", 1)]).await.unwrap();
+        assert_eq!((r.applied, r.deferred), (2, 0));
+        assert_eq!(balance(&app, "a").await, Some(11));
+    }
+
+    /// Deferred entities are folded by the next batches even when none of
+    /// their events arrives again (an idle poll runs with no records).
+    #[tokio::test]
+    async fn deferred_entities_catch_up_without_new_events() {
+        let app = app();
+        let mut p = pipeline_with(
+            &app,
+            PipelineConfig {
+                fold_budget: Duration::ZERO,
+                ..Default::default()
+            },
+        );
+        let r = p
+            .process(&[deposit(0, "a", "1", 10), deposit(1, "b", "1", 5)])
+            .await
+            .unwrap();
+        assert_eq!(r.deferred, 2);
+        assert!(p.has_deferred());
+        p.config.fold_budget = Duration::from_secs(5);
+        let r = p.process(&[]).await.unwrap();
+        assert_eq!((r.applied, r.deferred), (2, 0));
+        assert!(!p.has_deferred());
+        assert_eq!(balance(&app, "b").await, Some(5));
+    }
+
+    /// Output beyond the batch's read-model budget defers the rest.
+    #[tokio::test]
+    async fn the_batch_projection_budget_defers_the_rest() {
+        let app = app();
+        let mut p = pipeline_with(
+            &app,
+            PipelineConfig {
+                max_batch_projection_ops: 1,
+                ..Default::default()
+            },
+        );
+        let r = p.process(&[opened(0, "a"), opened(1, "b")]).await.unwrap();
+        assert_eq!((r.applied, r.deferred), (1, 1));
+    }
+}

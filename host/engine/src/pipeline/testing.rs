@@ -1,0 +1,57 @@
+//! Fixtures shared by the pipeline's unit tests: a host with the bank
+//! component over an in-memory SQLite store, and its records.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use refold_source::SourceRecord;
+use refold_store::Origin;
+use refold_store_sqlite::SqliteStore;
+
+use crate::config::HostConfig;
+use crate::host::Host;
+
+/// A host with `examples/bank/bank.wasm` (entity type `account`) active.
+pub(crate) fn bank_host() -> Host {
+    let mut config = HostConfig::default();
+    config.plugins.files =
+        vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bank/bank.wasm")];
+    let store = Arc::new(SqliteStore::in_memory().unwrap());
+    Host::with_storage(config, store.clone(), store).unwrap()
+}
+
+/// A record read at `offset` of source `t`.
+pub(crate) fn record(offset: i64, payload: String) -> SourceRecord {
+    SourceRecord {
+        origin: Origin {
+            source: "t".into(),
+            partition: 0,
+            offset,
+        },
+        next_offset: offset + 1,
+        key: None,
+        headers: Vec::new(),
+        payload: payload.into_bytes(),
+        produced_at_ms: None,
+    }
+}
+
+/// A deposit of `amount` into `account`, event id `id`.
+pub(crate) fn deposit(offset: i64, account: &str, id: &str, amount: u64) -> SourceRecord {
+    record(
+        offset,
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"/t","type":"account.deposited","subject":"{account}","entitytype":"account","data":{{"amount":{amount}}}}}"#
+        ),
+    )
+}
+
+/// The opening of `account` by `owner-<account>`.
+pub(crate) fn opened(offset: i64, account: &str) -> SourceRecord {
+    record(
+        offset,
+        format!(
+            r#"{{"specversion":"1.0","id":"o-{account}","source":"/t","type":"account.opened","subject":"{account}","entitytype":"account","data":{{"owner":"owner-{account}"}}}}"#
+        ),
+    )
+}
