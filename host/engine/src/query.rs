@@ -1,0 +1,407 @@
+//! Read-only query operations: the current state of an entity (in the
+//! generation its type has active, caught up from the raw events when it is
+//! behind), and its state at a past position (`?at=`), both folded in
+//! throwaway sandboxes under a time budget, and the replays in a bounded
+//! number of slots. Nothing here is stored, except the replay snapshots of
+//! [`crate::snapshot`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::app::App;
+use crate::host::Host;
+use crate::manager::PluginManager;
+use crate::registry::{Generations, plugin_ref};
+use refold_runtime::{CallError, Plugin, Sandbox, fold};
+use refold_store::{EntityRecord, StoreError};
+use refold_types::{EntityKey, Generation, PluginRef, StoredEvent};
+
+/// What bounds the replays of queries (the `[http]` settings of the same
+/// names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryLimits {
+    /// Time budget of one replay (`?at=`, or catching a state up), in
+    /// milliseconds.
+    pub replay_timeout_ms: u64,
+    /// `?at=` replays running at once; beyond it a query is refused with
+    /// [`QueryError::Busy`].
+    pub max_concurrent_replays: usize,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        QueryLimits {
+            replay_timeout_ms: 10_000,
+            max_concurrent_replays: 2,
+        }
+    }
+}
+
+/// Why a query has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// No such entity, state, plugin or events.
+    #[error("{0}")]
+    NotFound(String),
+    /// Every replay slot is taken.
+    #[error(
+        "{running} ?at= replays are running (http.max_concurrent_replays); retry later"
+    )]
+    Busy {
+        /// How many replays run at once at most.
+        running: usize,
+    },
+    /// The replay did not finish within its time budget.
+    #[error(
+        "replaying {key} took longer than its budget of {budget_ms} ms (http.replay_timeout_ms)"
+    )]
+    OverBudget {
+        /// The entity replayed.
+        key: EntityKey,
+        /// The budget, in milliseconds.
+        budget_ms: u128,
+    },
+    /// The active plugin fails on an event before the position asked for.
+    #[error("cannot fold {key} up to {at}: {reason}")]
+    Unfoldable {
+        /// The entity.
+        key: EntityKey,
+        /// The position asked for.
+        at: u64,
+        /// The failure.
+        reason: String,
+    },
+    /// The record could not be brought into its active generation: the
+    /// store did not answer as needed, which is worth a retry.
+    #[error("{0}")]
+    Generation(StoreError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Internal failure.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// The current state of an entity, as `GET /v1/entities/{type}/{id}`
+/// answers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntityView {
+    /// Entity type.
+    pub entity_type: String,
+    /// Entity id.
+    pub entity_id: String,
+    /// Position of the last event folded into `state`.
+    pub position: u64,
+    /// Position of the last event stored.
+    pub head: u64,
+    /// Whether the entity is quarantined.
+    pub quarantined: bool,
+    /// The plugin version that produced `state`.
+    pub plugin: Option<PluginRef>,
+    /// The generation `state` belongs to.
+    pub generation: Generation,
+    /// The state.
+    pub state: Value,
+}
+
+/// The state of an entity at a past position, as `?at=` answers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateAt {
+    /// Entity type.
+    pub entity_type: String,
+    /// Entity id.
+    pub entity_id: String,
+    /// Position of the last event applied (at most the one asked for).
+    pub position: u64,
+    /// The plugin version that folded it.
+    pub plugin: PluginRef,
+    /// The state.
+    pub state: Value,
+}
+
+/// Events folded per guest call of a replay: the deadline is checked
+/// between calls, so this bounds how far past its budget a replay runs.
+pub const REPLAY_CHUNK: usize = 1024;
+
+/// What [`fold_events`] did.
+#[derive(Debug)]
+pub struct Folded {
+    /// The state after the events applied (the start state when none was).
+    pub state: Value,
+    /// How many events were applied (a prefix of them).
+    pub applied: usize,
+    /// The event (index into the whole list) that failed, and why.
+    pub failure: Option<(usize, CallError)>,
+    /// The deadline passed before every event was folded.
+    pub timed_out: bool,
+}
+
+/// Fold `events` (in position order) onto `start` in `sandbox`, in guest
+/// calls of [`REPLAY_CHUNK`] events, stopping at the first failing event or
+/// once `deadline` has passed (checked between calls). With `project`, each
+/// chunk is projected as well, so a failing projection counts as a failure.
+/// Nothing is stored. Blocking: run it off the async threads.
+pub fn fold_events(
+    sandbox: &mut Sandbox,
+    entity_id: &str,
+    start: Value,
+    events: &[StoredEvent],
+    project: bool,
+    deadline: Option<Instant>,
+) -> Folded {
+    let mut out = Folded {
+        state: start,
+        applied: 0,
+        failure: None,
+        timed_out: false,
+    };
+    for chunk in events.chunks(REPLAY_CHUNK) {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            out.timed_out = true;
+            break;
+        }
+        let state = std::mem::take(&mut out.state);
+        let o = fold::fold_and_project(sandbox, entity_id, state, chunk, project);
+        out.state = o.state;
+        let offset = out.applied;
+        out.applied += o.applied;
+        if let Some((i, e)) = o.failure {
+            out.failure = Some((offset + i, e));
+            break;
+        }
+    }
+    out
+}
+
+/// The read-only query operations of a host. Cloning is cheap; the clones
+/// share the replay slots.
+#[derive(Clone)]
+pub struct Queries {
+    host: Host,
+    manager: PluginManager,
+    /// `?at=` replays running at once.
+    replays: Arc<Semaphore>,
+    /// `limits.max_concurrent_replays`, at least 1.
+    max_replays: usize,
+    /// Time budget of one replay.
+    budget: Duration,
+}
+
+impl Queries {
+    /// The queries of `app` under `limits`. A limit of 0 would refuse
+    /// everything, so 1 is the least.
+    pub fn new(app: &App, limits: QueryLimits) -> Self {
+        let max_replays = limits.max_concurrent_replays.max(1);
+        Queries {
+            host: app.host.clone(),
+            manager: app.plugins.clone(),
+            replays: Arc::new(Semaphore::new(max_replays)),
+            max_replays,
+            budget: Duration::from_millis(limits.replay_timeout_ms.max(1)),
+        }
+    }
+
+    /// The time budget of one replay.
+    pub fn replay_budget(&self) -> Duration {
+        self.budget
+    }
+
+    fn over_budget(&self, key: &EntityKey) -> QueryError {
+        QueryError::OverBudget {
+            key: key.clone(),
+            budget_ms: self.budget.as_millis(),
+        }
+    }
+
+    /// `f`, or [`QueryError::OverBudget`] if `deadline` comes first.
+    async fn within<T>(
+        &self,
+        deadline: Instant,
+        key: &EntityKey,
+        f: impl std::future::Future<Output = T>,
+    ) -> Result<T, QueryError> {
+        tokio::time::timeout_at(deadline.into(), f)
+            .await
+            .map_err(|_| self.over_budget(key))
+    }
+
+    /// The current state of `key`; [`QueryError::NotFound`] when it has
+    /// none (never folded, or unknown).
+    pub async fn entity(&self, key: &EntityKey) -> Result<EntityView, QueryError> {
+        let rec = self.current(key).await?;
+        let Some(rec) = rec else {
+            return Err(QueryError::NotFound(format!("no state for {key}")));
+        };
+        let Some(state) = rec.state else {
+            return Err(QueryError::NotFound(format!("no state for {key}")));
+        };
+        Ok(EntityView {
+            entity_type: key.entity_type.clone(),
+            entity_id: key.entity_id.clone(),
+            position: rec.position,
+            head: rec.head,
+            quarantined: rec.quarantined,
+            plugin: rec.plugin,
+            generation: rec.generation,
+            state,
+        })
+    }
+
+    /// The record of `key` as the active generation of its type has it:
+    /// taken from the generation's own namespace when another generation
+    /// wrote the live record last, and caught up from the raw events when it
+    /// is behind (after a cut-over, until a batch touches the entity).
+    /// Read-only.
+    ///
+    /// The active version and generation are read from the stored
+    /// activation, not this host's registry, so that every host answers
+    /// from the new generation from the moment its activation row is
+    /// written, including a host whose registry has not caught up yet.
+    pub async fn current(&self, key: &EntityKey) -> Result<Option<EntityRecord>, QueryError> {
+        let host = &self.host;
+        let t = &key.entity_type;
+        let stored = host.plugin_store.activation(t).await?;
+        let (generations, plugin) = match stored {
+            Some(a) => {
+                let plugin = match host.registry.get(t) {
+                    Some(p) if p.digest == a.digest => Some(p),
+                    _ => self.manager.compiled(&a.digest).await.ok(),
+                };
+                let mut g = Generations::new();
+                g.insert(t.clone(), a.generation);
+                (Arc::new(g), plugin)
+            }
+            None => (host.registry.generations(), host.registry.get(t)),
+        };
+        let mut recs = host.storage.load(std::slice::from_ref(key)).await?;
+        crate::generation::resolve(&*host.storage, &generations, &mut recs, false)
+            .await
+            .map_err(QueryError::Generation)?;
+        let Some(mut rec) = recs.remove(key) else {
+            return Ok(None);
+        };
+        if rec.quarantined || rec.position >= rec.head {
+            return Ok(Some(rec));
+        }
+        let Some(plugin) = plugin else {
+            return Ok(Some(rec));
+        };
+        // Catching up is a replay too, so it has the same time budget; it
+        // takes no replay slot, since plain reads of an entity must not be
+        // refused because of someone else's `?at=`.
+        let deadline = Instant::now() + self.budget;
+        let gap = self
+            .within(
+                deadline,
+                key,
+                host.storage.history(key, rec.position, Some(rec.head)),
+            )
+            .await??;
+        // A failing event shows the last good state; the batch that meets
+        // it will quarantine the entity.
+        let r = replay(&plugin, key, rec.state.clone(), gap, Some(deadline), None).await?;
+        if r.timed_out {
+            return Err(self.over_budget(key));
+        }
+        if r.applied > 0 {
+            rec.state = Some(r.state);
+            rec.position += r.applied as u64;
+            rec.plugin = Some(plugin_ref(&plugin));
+        }
+        Ok(Some(rec))
+    }
+
+    /// The state of `key` after the event at position `at`, folded from the
+    /// stored raw events with the active plugin of its type. Takes one of
+    /// the replay slots ([`QueryError::Busy`] when none is free) and gives
+    /// up past the replay budget ([`QueryError::OverBudget`]).
+    pub async fn state_at(&self, key: &EntityKey, at: u64) -> Result<StateAt, QueryError> {
+        let plugin = self.host.registry.get(&key.entity_type).ok_or_else(|| {
+            QueryError::NotFound(format!("no plugin for entity type {}", key.entity_type))
+        })?;
+        let slot = self
+            .replays
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| QueryError::Busy {
+                running: self.max_replays,
+            })?;
+        let deadline = Instant::now() + self.budget;
+        // From the replay snapshot before `at`: a bounded stretch of
+        // history, not all of it (see `snapshot`); the fold stops at the
+        // deadline.
+        let answer = self
+            .within(
+                deadline,
+                key,
+                crate::snapshot::state_at(&*self.host.storage, &plugin, key, at, Some(deadline)),
+            )
+            .await??;
+        drop(slot);
+        let Some(r) = answer else {
+            return Err(QueryError::NotFound(format!(
+                "no events for {key} up to position {at}"
+            )));
+        };
+        if r.timed_out {
+            return Err(self.over_budget(key));
+        }
+        if let Some(reason) = r.failure {
+            return Err(QueryError::Unfoldable {
+                key: key.clone(),
+                at,
+                reason,
+            });
+        }
+        Ok(StateAt {
+            entity_type: key.entity_type.clone(),
+            entity_id: key.entity_id.clone(),
+            position: r.position,
+            plugin: plugin_ref(&plugin),
+            state: r.state,
+        })
+    }
+}
+
+/// Fold `events` onto `start` (the plugin's initial state when `None`; a
+/// null state, nothing applied, when that fails) in a throwaway sandbox,
+/// off the async threads, stopping at `deadline`. Nothing is stored. `slot`
+/// (a replay permit) is held until the fold has stopped, even when the
+/// caller has gone.
+pub async fn replay(
+    plugin: &Arc<Plugin>,
+    key: &EntityKey,
+    start: Option<Value>,
+    events: Vec<StoredEvent>,
+    deadline: Option<Instant>,
+    slot: Option<OwnedSemaphorePermit>,
+) -> Result<Folded, QueryError> {
+    let id = key.entity_id.clone();
+    let p = plugin.clone();
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        let sandbox = &mut Sandbox::new(p);
+        let start = match start {
+            Some(s) => s,
+            None => match fold::init_state(sandbox, &id) {
+                Ok(s) => s,
+                Err(e) => {
+                    return Folded {
+                        state: Value::Null,
+                        applied: 0,
+                        failure: Some((0, e)),
+                        timed_out: false,
+                    };
+                }
+            },
+        };
+        fold_events(sandbox, &id, start, &events, false, deadline)
+    })
+    .await
+    .map_err(|e| QueryError::Internal(anyhow::anyhow!("replay task: {e}")))
+}
