@@ -48,9 +48,7 @@ pub enum QueryError {
     #[error("{0}")]
     NotFound(String),
     /// Every replay slot is taken.
-    #[error(
-        "{running} ?at= replays are running (http.max_concurrent_replays); retry later"
-    )]
+    #[error("{running} ?at= replays are running (http.max_concurrent_replays); retry later")]
     Busy {
         /// How many replays run at once at most.
         running: usize,

@@ -164,7 +164,9 @@ mod tests {
         assert_eq!(r.headers()[header::RETRY_AFTER], RETRY_AFTER_SECONDS);
         let outage = ApiError::from(QueryError::Store(StoreError::Unavailable("down".into())));
         assert_eq!(outage.0, StatusCode::SERVICE_UNAVAILABLE);
-        let generation = ApiError::from(QueryError::Generation(StoreError::Other(anyhow::anyhow!("x"))));
+        let generation = ApiError::from(QueryError::Generation(StoreError::Other(
+            anyhow::anyhow!("x"),
+        )));
         assert_eq!(generation.0, StatusCode::SERVICE_UNAVAILABLE);
     }
 }

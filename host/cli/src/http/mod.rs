@@ -22,7 +22,6 @@ pub mod types;
 #[cfg(test)]
 mod tests;
 
-
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode, Uri};
@@ -39,10 +38,7 @@ pub fn router(api: Api) -> Router {
     // path is a 404 whatever the credentials. The token is checked before
     // a query slot is taken (the later layer runs first).
     let queries = Router::new()
-        .route(
-            "/v1/entities/{entity_type}/{entity_id}",
-            get(query::entity),
-        )
+        .route("/v1/entities/{entity_type}/{entity_id}", get(query::entity))
         .route("/v1/projections/{name}/{key}", get(query::projection))
         .route("/v1/dead-letters", get(query::dead_letters))
         .route("/v1/quarantine", get(query::quarantine))

@@ -161,7 +161,11 @@ async fn the_admin_api_needs_its_token() {
     let (s, v) = get(&r, "/v1/plugins", Some(ADMIN)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let list: PluginList = serde_json::from_value(v).expect("a plugin list");
-    let types: Vec<&str> = list.plugins.iter().map(|p| p.entity_type.as_str()).collect();
+    let types: Vec<&str> = list
+        .plugins
+        .iter()
+        .map(|p| p.entity_type.as_str())
+        .collect();
     assert_eq!(types, ["account"]);
     assert!(list.plugins[0].running_digest.is_some());
 
@@ -230,7 +234,10 @@ async fn an_entity_after_a_batch_now_and_at_a_past_position() {
     let (s, v) = get(&r, "/v1/entities/account/acc-1", None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let e: EntityView = serde_json::from_value(v.clone()).expect("an entity");
-    assert_eq!((e.entity_type.as_str(), e.entity_id.as_str()), ("account", "acc-1"));
+    assert_eq!(
+        (e.entity_type.as_str(), e.entity_id.as_str()),
+        ("account", "acc-1")
+    );
     assert_eq!((e.position, e.head, e.quarantined), (3, 3, false));
     assert_eq!(e.state["owner"], "ann");
     assert_eq!(e.state["balance"], 150);
@@ -264,7 +271,10 @@ async fn an_entity_after_a_batch_now_and_at_a_past_position() {
     assert_eq!(error(&v).error, "bad_request");
     let (s, v) = get(&r, "/v1/entities/account/acc-9?at=1", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
-    assert_eq!(error(&v).message, "no events for account/acc-9 up to position 1");
+    assert_eq!(
+        error(&v).message,
+        "no events for account/acc-9 up to position 1"
+    );
     let (s, v) = get(&r, "/v1/entities/ledger/l-1?at=1", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
     assert_eq!(error(&v).message, "no plugin for entity type ledger");
@@ -272,7 +282,10 @@ async fn an_entity_after_a_batch_now_and_at_a_past_position() {
     let (s, v) = get(&r, "/v1/projections/balances/ann", None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let doc: ProjectionDocument = serde_json::from_value(v).expect("a document");
-    assert_eq!((doc.projection.as_str(), doc.key.as_str()), ("balances", "ann"));
+    assert_eq!(
+        (doc.projection.as_str(), doc.key.as_str()),
+        ("balances", "ann")
+    );
     let (s, v) = get(&r, "/v1/projections/balances/nobody", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
 }
@@ -334,7 +347,9 @@ async fn an_upload_over_the_limit_is_a_413() {
         .unwrap();
     let resp = r.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    let b = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    let b = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
     let e: ErrorBody = serde_json::from_slice(&b).unwrap();
     assert_eq!(e.error, "too_large");
     assert_eq!(
