@@ -20,8 +20,8 @@ use refold_runtime::{CallError, Plugin, Sandbox, fold};
 use refold_store::{EntityRecord, StoreError};
 use refold_types::{EntityKey, Generation, PluginRef, StoredEvent};
 
-/// What bounds the replays of queries (the `[http]` settings of the same
-/// names).
+/// What bounds the replays of queries. The command line fills it from its
+/// `[http]` settings of the same names, which hold the defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueryLimits {
     /// Time budget of one replay (`?at=`, or catching a state up), in
@@ -32,15 +32,6 @@ pub struct QueryLimits {
     pub max_concurrent_replays: usize,
 }
 
-impl Default for QueryLimits {
-    fn default() -> Self {
-        QueryLimits {
-            replay_timeout_ms: 10_000,
-            max_concurrent_replays: 2,
-        }
-    }
-}
-
 /// Why a query has no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -48,15 +39,13 @@ pub enum QueryError {
     #[error("{0}")]
     NotFound(String),
     /// Every replay slot is taken.
-    #[error("{running} ?at= replays are running (http.max_concurrent_replays); retry later")]
+    #[error("{running} replays are running; retry later")]
     Busy {
         /// How many replays run at once at most.
         running: usize,
     },
     /// The replay did not finish within its time budget.
-    #[error(
-        "replaying {key} took longer than its budget of {budget_ms} ms (http.replay_timeout_ms)"
-    )]
+    #[error("replaying {key} took longer than its budget of {budget_ms} ms")]
     OverBudget {
         /// The entity replayed.
         key: EntityKey,
@@ -402,4 +391,133 @@ pub async fn replay(
     })
     .await
     .map_err(|e| QueryError::Internal(anyhow::anyhow!("replay task: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HostConfig;
+    use crate::pipeline::Pipeline;
+    use refold_source::SourceRecord;
+    use refold_store_sqlite::SqliteStore;
+    use refold_types::Origin;
+    use serde_json::json;
+    use std::path::Path;
+
+    /// The bank example over an in-memory store, with acc-1 opened and
+    /// given two deposits.
+    async fn bank() -> App {
+        let mut config = HostConfig::default();
+        config.plugins.files =
+            vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bank/bank.wasm")];
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let app = App::with_storage(config, store.clone(), store).unwrap();
+        let events = [
+            ("account.opened", json!({"owner": "ann"})),
+            ("account.deposited", json!({"amount": 100})),
+            ("account.deposited", json!({"amount": 50})),
+        ];
+        let records: Vec<SourceRecord> = events
+            .iter()
+            .enumerate()
+            .map(|(i, (ty, data))| SourceRecord {
+                origin: Origin {
+                    source: "t".into(),
+                    partition: 0,
+                    offset: i as i64,
+                },
+                next_offset: i as i64 + 1,
+                key: None,
+                headers: Vec::new(),
+                payload: json!({"specversion": "1.0", "id": format!("e{i}"), "source": "/t",
+                    "type": ty, "subject": "acc-1", "entitytype": "account", "data": data})
+                .to_string()
+                .into_bytes(),
+                produced_at_ms: None,
+            })
+            .collect();
+        let report = Pipeline::for_host(&app.host)
+            .process(&records)
+            .await
+            .unwrap();
+        assert_eq!(report.applied, 3);
+        app
+    }
+
+    fn limits() -> QueryLimits {
+        QueryLimits {
+            replay_timeout_ms: 10_000,
+            max_concurrent_replays: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_entity_now_and_at_a_past_position() {
+        let app = bank().await;
+        let q = Queries::new(&app, limits());
+        let key = EntityKey::new("account", "acc-1");
+        let now = q.entity(&key).await.unwrap();
+        assert_eq!((now.position, now.head), (3, 3));
+        assert_eq!(now.state["balance"], 150);
+        let at = q.state_at(&key, 2).await.unwrap();
+        assert_eq!(at.position, 2);
+        assert_eq!(at.state["balance"], 100);
+        let missing = EntityKey::new("account", "acc-9");
+        assert!(matches!(
+            q.entity(&missing).await,
+            Err(QueryError::NotFound(_))
+        ));
+        assert!(matches!(
+            q.state_at(&missing, 1).await,
+            Err(QueryError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_replay_needs_a_free_slot() {
+        let app = bank().await;
+        let q = Queries::new(&app, limits());
+        let key = EntityKey::new("account", "acc-1");
+        let held = q.replays.clone().try_acquire_owned().unwrap();
+        assert!(matches!(
+            q.state_at(&key, 1).await,
+            Err(QueryError::Busy { running: 1 })
+        ));
+        // Reads of the current state take no slot.
+        assert_eq!(q.entity(&key).await.unwrap().position, 3);
+        drop(held);
+        assert_eq!(q.state_at(&key, 1).await.unwrap().position, 1);
+    }
+
+    #[tokio::test]
+    async fn a_fold_stops_at_its_deadline() {
+        let app = bank().await;
+        let key = EntityKey::new("account", "acc-1");
+        let plugin = app.host.registry.get("account").unwrap();
+        let events = app.host.storage.history(&key, 0, None).await.unwrap();
+        assert_eq!(events.len(), 3);
+        let mut sandbox = Sandbox::new(plugin.clone());
+        let init = fold::init_state(&mut sandbox, "acc-1").unwrap();
+        let all = fold_events(&mut sandbox, "acc-1", init.clone(), &events, false, None);
+        assert_eq!((all.applied, all.timed_out), (3, false));
+        assert!(all.failure.is_none());
+        assert_eq!(all.state["balance"], 150);
+        // A deadline already passed: nothing is folded.
+        let late = fold_events(
+            &mut sandbox,
+            "acc-1",
+            init.clone(),
+            &events,
+            false,
+            Some(Instant::now()),
+        );
+        assert_eq!((late.applied, late.timed_out), (0, true));
+        assert_eq!(late.state, init);
+        // The throwaway fold from the initial state.
+        let r = replay(&plugin, &key, None, events, None, None)
+            .await
+            .unwrap();
+        assert_eq!(r.applied, 3);
+        assert_eq!(r.state, all.state);
+    }
 }

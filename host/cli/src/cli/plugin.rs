@@ -9,12 +9,11 @@ use anyhow::Context as _;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use refold_store::RebuildState;
-
 use crate::http::types::{
     ActivateRequest, Activated, Fixture, Installed, Limits, PluginList, PluginType, RebuildStatus,
     Retried, RolledBack,
 };
+use refold_store::RebuildState;
 
 /// Where the admin API is and how to authenticate.
 #[derive(Debug, Clone, clap::Args)]

@@ -91,10 +91,25 @@ impl From<QueryError> for ApiError {
             QueryError::Internal(a) => return ApiError::from(a),
             e => e,
         };
+        // The limits are named by the settings that set them.
         let status = match &e {
             QueryError::NotFound(_) => StatusCode::NOT_FOUND,
-            QueryError::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
-            QueryError::OverBudget { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            QueryError::Busy { running } => {
+                return ApiError(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "{running} ?at= replays are running (http.max_concurrent_replays); retry later"
+                    ),
+                );
+            }
+            QueryError::OverBudget { key, budget_ms } => {
+                return ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "replaying {key} took longer than its budget of {budget_ms} ms (http.replay_timeout_ms)"
+                    ),
+                );
+            }
             QueryError::Unfoldable { .. } => StatusCode::CONFLICT,
             // Whatever the store said, the record could not be placed in
             // its generation this time: worth a retry.
@@ -159,9 +174,21 @@ mod tests {
     fn query_errors_map_by_kind() {
         let busy = ApiError::from(QueryError::Busy { running: 2 });
         assert_eq!(busy.0, StatusCode::TOO_MANY_REQUESTS);
-        assert!(busy.1.contains("http.max_concurrent_replays"), "{}", busy.1);
+        assert_eq!(
+            busy.1,
+            "2 ?at= replays are running (http.max_concurrent_replays); retry later"
+        );
         let r = busy.into_response();
         assert_eq!(r.headers()[header::RETRY_AFTER], RETRY_AFTER_SECONDS);
+        let slow = ApiError::from(QueryError::OverBudget {
+            key: refold_types::EntityKey::new("account", "acc-1"),
+            budget_ms: 5,
+        });
+        assert_eq!(slow.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            slow.1,
+            "replaying account/acc-1 took longer than its budget of 5 ms (http.replay_timeout_ms)"
+        );
         let outage = ApiError::from(QueryError::Store(StoreError::Unavailable("down".into())));
         assert_eq!(outage.0, StatusCode::SERVICE_UNAVAILABLE);
         let generation = ApiError::from(QueryError::Generation(StoreError::Other(

@@ -1,7 +1,7 @@
-//! The bodies of the admin API's answers, as the server writes them and the
+//! The bodies of the API's answers, as the server writes them and the
 //! command line reads them back: one definition of each for both sides.
-//! (The query answers are the engine's own [`refold_engine::query`]
-//! types.)
+//! (Entities now and at a past position are the engine's own
+//! [`refold_engine::query`] types.)
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
