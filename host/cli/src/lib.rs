@@ -5,8 +5,6 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map.
 
-pub mod admin;
-pub mod api;
 pub mod cli;
 pub mod config;
-pub mod server;
+pub mod http;

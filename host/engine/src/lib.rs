@@ -13,6 +13,7 @@ pub mod host;
 pub mod manager;
 pub mod metrics;
 pub mod pipeline;
+pub mod query;
 pub mod registry;
 pub mod snapshot;
 

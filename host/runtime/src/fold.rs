@@ -2,7 +2,7 @@
 //! and, when the batch fails, a replay of its events one call each under one
 //! shared deadline to find the failing event.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -253,4 +253,58 @@ fn replay(
         }
     }
     (state, events.len(), None)
+}
+
+/// Events folded per guest call of a replay: the deadline is checked
+/// between calls, so this bounds how far past its budget a replay runs.
+pub const REPLAY_CHUNK: usize = 1024;
+
+/// What [`fold_events`] did.
+#[derive(Debug)]
+pub struct Replayed {
+    /// The state after the events applied (the start state when none was).
+    pub state: Value,
+    /// How many events were applied (a prefix of them).
+    pub applied: usize,
+    /// The event (index into the whole list) that failed, and why.
+    pub failure: Option<(usize, CallError)>,
+    /// The deadline passed before every event was folded.
+    pub timed_out: bool,
+}
+
+/// Fold `events` (in position order) onto `start` in `sandbox`, in guest
+/// calls of [`REPLAY_CHUNK`] events, stopping at the first failing event or
+/// once `deadline` has passed (checked between calls). With `project`, each
+/// chunk is projected as well, so a failing projection counts as a failure.
+/// Nothing is stored. Blocking: run it off the async threads.
+pub fn fold_events(
+    sandbox: &mut Sandbox,
+    entity_id: &str,
+    start: Value,
+    events: &[StoredEvent],
+    project: bool,
+    deadline: Option<Instant>,
+) -> Replayed {
+    let mut out = Replayed {
+        state: start,
+        applied: 0,
+        failure: None,
+        timed_out: false,
+    };
+    for chunk in events.chunks(REPLAY_CHUNK) {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            out.timed_out = true;
+            break;
+        }
+        let state = std::mem::take(&mut out.state);
+        let o = fold_and_project(sandbox, entity_id, state, chunk, project);
+        out.state = o.state;
+        let offset = out.applied;
+        out.applied += o.applied;
+        if let Some((i, e)) = o.failure {
+            out.failure = Some((offset + i, e));
+            break;
+        }
+    }
+    out
 }

@@ -6,7 +6,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use crate::http::types::{
+    ActivateRequest, Activated, Fixture, Installed, Limits, PluginList, PluginType, RebuildStatus,
+    Retried, RolledBack,
+};
+use refold_store::RebuildState;
 
 /// Where the admin API is and how to authenticate.
 #[derive(Debug, Clone, clap::Args)]
@@ -33,7 +40,9 @@ impl Endpoint {
         }
     }
 
-    async fn send(&self, r: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    /// Send `r` and read the answer as `T`; an error status is an error
+    /// naming its message.
+    async fn send<T: DeserializeOwned>(&self, r: reqwest::RequestBuilder) -> anyhow::Result<T> {
         let resp = self
             .auth(r)
             .send()
@@ -52,7 +61,8 @@ impl Endpoint {
                 .to_string();
             anyhow::bail!("{status}: {msg}");
         }
-        Ok(body)
+        serde_json::from_value(body)
+            .with_context(|| format!("reading the answer of {} ({status})", self.api))
     }
 
     /// The largest component the host accepts (`plugins.max_upload_bytes`,
@@ -72,7 +82,9 @@ impl Endpoint {
             let msg = body["message"].as_str().unwrap_or("(no message)");
             anyhow::bail!("{status}: {msg}");
         }
-        Ok(body["plugins"]["max_upload_bytes"].as_u64())
+        let limits: Limits = serde_json::from_value(body)
+            .with_context(|| format!("reading the limits of {}", self.api))?;
+        Ok(Some(limits.plugins.max_upload_bytes as u64))
     }
 
     fn url(&self, path: &str) -> String {
@@ -100,7 +112,7 @@ pub async fn push(ep: &Endpoint, file: &Path, entity_type: &str, mode: &str) -> 
         );
     }
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let body = ep
+    let body: Installed = ep
         .send(
             c.put(ep.url(&format!("/v1/plugins/{entity_type}?mode={mode}")))
                 .body(bytes),
@@ -108,15 +120,15 @@ pub async fn push(ep: &Endpoint, file: &Path, entity_type: &str, mode: &str) -> 
         .await?;
     crate::cli::out::outln!(
         "stored {}@{} sha256:{} (sample fold: {} entities, {} events)",
-        body["version"]["name"].as_str().unwrap_or("?"),
-        body["version"]["version"].as_str().unwrap_or("?"),
-        body["version"]["digest"].as_str().unwrap_or("?"),
-        body["sample"]["entities"],
-        body["sample"]["events"],
+        body.version.name,
+        body.version.version,
+        body.version.digest,
+        body.sample.entities,
+        body.sample.events,
     );
-    if let Some(id) = body["rebuild"].as_str() {
+    if let Some(id) = &body.rebuild {
         follow_rebuild(ep, id).await?;
-    } else if let Some(m) = body["activation"].as_str() {
+    } else if let Some(m) = &body.activation {
         crate::cli::out::outln!("activated ({m})");
     }
     Ok(())
@@ -126,16 +138,16 @@ pub async fn push(ep: &Endpoint, file: &Path, entity_type: &str, mode: &str) -> 
 pub async fn follow_rebuild(ep: &Endpoint, id: &str) -> anyhow::Result<()> {
     let c = ep.client()?;
     loop {
-        let s = ep
+        let s: RebuildStatus = ep
             .send(c.get(ep.url(&format!("/v1/rebuilds/{id}"))))
             .await?;
-        let done = s["events_done"].as_f64().unwrap_or(0.0);
-        let total = s["events_total"].as_f64().unwrap_or(0.0).max(1.0);
+        let done = s.events_done as f64;
+        let total = (s.events_total as f64).max(1.0);
         let frac = (done / total).min(1.0);
         let width = 30;
         let filled = (frac * width as f64) as usize;
-        let eta = s["eta_seconds"]
-            .as_f64()
+        let eta = s
+            .eta_seconds
             .map(|e| format!("{e:.0}s"))
             .unwrap_or_else(|| "?".into());
         print!(
@@ -145,19 +157,19 @@ pub async fn follow_rebuild(ep: &Endpoint, id: &str) -> anyhow::Result<()> {
             frac * 100.0,
             done,
             total,
-            s["entities_done"],
-            s["rate"].as_f64().unwrap_or(0.0),
-            s["state"].as_str().unwrap_or("?"),
+            s.entities_done,
+            s.rate,
+            s.state,
         );
         let _ = std::io::stdout().flush();
-        match s["state"].as_str() {
-            Some("done") => {
+        match s.state {
+            RebuildState::Done => {
                 crate::cli::out::outln!("\ncut over");
                 return Ok(());
             }
-            Some("failed") => {
+            RebuildState::Failed => {
                 crate::cli::out::outln!();
-                anyhow::bail!("rebuild failed: {}", s["error"].as_str().unwrap_or("?"));
+                anyhow::bail!("rebuild failed: {}", s.error.as_deref().unwrap_or("?"));
             }
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
         }
@@ -167,14 +179,12 @@ pub async fn follow_rebuild(ep: &Endpoint, id: &str) -> anyhow::Result<()> {
 /// `plugin list [TYPE]`
 pub async fn list(ep: &Endpoint, entity_type: Option<&str>) -> anyhow::Result<()> {
     let c = ep.client()?;
-    let path = match entity_type {
-        Some(t) => format!("/v1/plugins/{t}"),
-        None => "/v1/plugins".into(),
-    };
-    let v = ep.send(c.get(ep.url(&path))).await?;
-    let items: Vec<Value> = match v.get("plugins") {
-        Some(Value::Array(a)) => a.clone(),
-        _ => vec![v],
+    let items: Vec<PluginType> = match entity_type {
+        Some(t) => vec![ep.send(c.get(ep.url(&format!("/v1/plugins/{t}")))).await?],
+        None => {
+            let all: PluginList = ep.send(c.get(ep.url("/v1/plugins"))).await?;
+            all.plugins
+        }
     };
     crate::cli::out::outln!(
         "{:<10} {:<10} {:<10} {:<14} {:<8}",
@@ -185,16 +195,16 @@ pub async fn list(ep: &Endpoint, entity_type: Option<&str>) -> anyhow::Result<()
         "ACTIVE"
     );
     for t in items {
-        let active = t["active"]["digest"].as_str().unwrap_or("");
-        for ver in t["versions"].as_array().cloned().unwrap_or_default() {
-            let d = ver["digest"].as_str().unwrap_or("");
+        let active = t.active.as_ref().map(|a| a.digest.as_str());
+        for ver in &t.versions {
+            let d = ver.digest.as_str();
             crate::cli::out::outln!(
                 "{:<10} {:<10} {:<10} {:<14} {:<8}",
-                ver["entity_type"].as_str().unwrap_or(""),
-                ver["name"].as_str().unwrap_or(""),
-                ver["version"].as_str().unwrap_or(""),
-                &d[..d.len().min(12)],
-                if d == active { "*" } else { "" }
+                ver.entity_type,
+                ver.name,
+                ver.version,
+                d.get(..12).unwrap_or(d),
+                if Some(d) == active { "*" } else { "" }
             );
         }
     }
@@ -209,13 +219,17 @@ pub async fn activate(
     mode: &str,
 ) -> anyhow::Result<()> {
     let c = ep.client()?;
-    let v = ep
+    let request = ActivateRequest {
+        digest: digest.to_string(),
+        mode: Some(mode.to_string()),
+    };
+    let v: Activated = ep
         .send(
             c.post(ep.url(&format!("/v1/plugins/{entity_type}/activate")))
-                .json(&serde_json::json!({"digest": digest, "mode": mode})),
+                .json(&request),
         )
         .await?;
-    if let Some(id) = v["rebuild"].as_str() {
+    if let Some(id) = &v.rebuild {
         follow_rebuild(ep, id).await
     } else {
         crate::cli::out::outln!("activated {digest} for {entity_type}");
@@ -226,13 +240,10 @@ pub async fn activate(
 /// `plugin rollback TYPE`
 pub async fn rollback(ep: &Endpoint, entity_type: &str) -> anyhow::Result<()> {
     let c = ep.client()?;
-    let v = ep
+    let v: RolledBack = ep
         .send(c.post(ep.url(&format!("/v1/plugins/{entity_type}/rollback"))))
         .await?;
-    crate::cli::out::outln!(
-        "rolled back {entity_type} to {}",
-        v["digest"].as_str().unwrap_or("?")
-    );
+    crate::cli::out::outln!("rolled back {entity_type} to {}", v.digest);
     Ok(())
 }
 
@@ -244,19 +255,19 @@ pub async fn export(
     dir: &Path,
 ) -> anyhow::Result<()> {
     let c = ep.client()?;
-    let v = ep
+    let v: Fixture = ep
         .send(c.get(ep.url(&format!("/v1/quarantine/{entity_type}/{entity_id}/fixture"))))
         .await?;
     std::fs::create_dir_all(dir)?;
-    write_jsonl(&dir.join("events.jsonl"), &v["events"])?;
-    write_jsonl(&dir.join("expected.jsonl"), &v["expected"])?;
+    write_jsonl(&dir.join("events.jsonl"), &v.events)?;
+    write_jsonl(&dir.join("expected.jsonl"), &v.expected)?;
     std::fs::write(
         dir.join("state_before.json"),
-        serde_json::to_string_pretty(&v["state_before"])?,
+        serde_json::to_string_pretty(&v.state_before)?,
     )?;
     std::fs::write(
         dir.join("quarantine.json"),
-        serde_json::to_string_pretty(&v["quarantine"])?,
+        serde_json::to_string_pretty(&v.quarantine)?,
     )?;
     crate::cli::out::outln!(
         "wrote {} (run: refold test --plugin PLUGIN.wasm {})",
@@ -266,11 +277,11 @@ pub async fn export(
     Ok(())
 }
 
-/// One JSON value per line, from a JSON array (anything else writes nothing).
-fn write_jsonl(path: &Path, items: &Value) -> anyhow::Result<()> {
+/// One JSON value per line.
+fn write_jsonl<T: serde::Serialize>(path: &Path, items: &[T]) -> anyhow::Result<()> {
     let mut text = String::new();
-    for e in items.as_array().map(Vec::as_slice).unwrap_or_default() {
-        text.push_str(&e.to_string());
+    for e in items {
+        text.push_str(&serde_json::to_string(e)?);
         text.push('\n');
     }
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
@@ -279,7 +290,7 @@ fn write_jsonl(path: &Path, items: &Value) -> anyhow::Result<()> {
 /// `quarantine retry TYPE ID`
 pub async fn retry(ep: &Endpoint, entity_type: &str, entity_id: &str) -> anyhow::Result<()> {
     let c = ep.client()?;
-    let v = ep
+    let v: Retried = ep
         .send(c.post(ep.url(&format!("/v1/quarantine/{entity_type}/{entity_id}/retry"))))
         .await?;
     crate::cli::out::outln!("{}", serde_json::to_string_pretty(&v)?);

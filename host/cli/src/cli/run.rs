@@ -27,8 +27,8 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
 
     let mut http_stop = stop_rx.clone();
     if !config.http.listen.is_empty() {
-        let addr = crate::api::serve(
-            crate::server::Api::new(app.clone(), &config),
+        let addr = crate::http::serve(
+            crate::http::state::Api::new(app.clone(), &config),
             &config.http.listen,
             async move {
                 let _ = http_stop.wait_for(|s| *s).await;

@@ -82,7 +82,7 @@ impl PluginManager {
                 let init = fold::init_state(&mut sandbox, &k.entity_id).map_err(|e| {
                     InstallError::SampleFold(format!("init({}) failed: {e}", k.entity_id))
                 })?;
-                let o = fold::fold_and_project(&mut sandbox, &k.entity_id, init, &events, true);
+                let o = fold::fold_events(&mut sandbox, &k.entity_id, init, &events, true, None);
                 report.entities += 1;
                 report.events += o.applied;
                 if let Some((i, e)) = o.failure {

@@ -1,0 +1,443 @@
+//! The router over an in-memory SQLite store, driven request by request.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+
+use crate::config::{AdminConfig, HttpConfig};
+use crate::http::router;
+use crate::http::state::Api;
+use crate::http::types::{ErrorBody, Installed, Limits, PluginList, ProjectionDocument};
+use refold_engine::HostConfig;
+use refold_engine::app::App;
+use refold_engine::pipeline::Pipeline;
+use refold_engine::query::{EntityView, StateAt};
+use refold_source::SourceRecord;
+use refold_store_sqlite::SqliteStore;
+use refold_types::Origin;
+
+const ADMIN: &str = "admin-secret";
+const READER: &str = "reader-secret";
+
+fn bank_wasm() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bank/bank.wasm")
+}
+
+/// A host running the bank example over a fresh in-memory store.
+fn app(max_upload_bytes: Option<usize>) -> App {
+    let mut config = HostConfig::default();
+    config.plugins.files = vec![bank_wasm()];
+    if let Some(n) = max_upload_bytes {
+        config.plugins.max_upload_bytes = n;
+    }
+    let store = Arc::new(SqliteStore::in_memory().expect("an in-memory store"));
+    App::with_storage(config, store.clone(), store).expect("the bank host")
+}
+
+fn admin_token() -> AdminConfig {
+    AdminConfig {
+        token: Some(ADMIN.into()),
+        disable_auth: false,
+    }
+}
+
+fn server(app: &App, http: HttpConfig, admin: AdminConfig) -> Router {
+    router(Api::with(app.clone(), http, admin))
+}
+
+fn record(offset: i64, payload: Vec<u8>) -> SourceRecord {
+    SourceRecord {
+        origin: Origin {
+            source: "test".into(),
+            partition: 0,
+            offset,
+        },
+        next_offset: offset + 1,
+        key: None,
+        headers: Vec::new(),
+        payload,
+        produced_at_ms: None,
+    }
+}
+
+fn event(offset: i64, id: &str, ty: &str, data: Value) -> SourceRecord {
+    let ce = json!({"specversion": "1.0", "id": id, "source": "/test", "type": ty,
+        "subject": "acc-1", "entitytype": "account", "data": data});
+    record(offset, ce.to_string().into_bytes())
+}
+
+/// Three events of acc-1 (opened, two deposits) and three records that
+/// are not events, consumed as one batch.
+async fn consume_batch(app: &App) {
+    let mut records = vec![
+        event(0, "e1", "account.opened", json!({"owner": "ann"})),
+        event(1, "e2", "account.deposited", json!({"amount": 100})),
+        event(2, "e3", "account.deposited", json!({"amount": 50})),
+    ];
+    for i in 3..6 {
+        records.push(record(i, format!("not json {i}").into_bytes()));
+    }
+    let report = Pipeline::for_host(&app.host)
+        .process(&records)
+        .await
+        .expect("the batch commits");
+    assert_eq!(report.applied, 3, "{report:?}");
+    assert_eq!(report.dead_lettered, 3, "{report:?}");
+}
+
+/// Send one request; the status, the headers and the body as JSON.
+async fn call(
+    r: &Router,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Body,
+) -> (StatusCode, HeaderMap, Value) {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let resp = r
+        .clone()
+        .oneshot(req.body(body).expect("a request"))
+        .await
+        .expect("an answer");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .expect("a body");
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, headers, v)
+}
+
+async fn get(r: &Router, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+    let (s, _, v) = call(r, Method::GET, path, token, Body::empty()).await;
+    (s, v)
+}
+
+fn error(v: &Value) -> ErrorBody {
+    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("not an error body ({e}): {v}"))
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_json_errors() {
+    let app = app(None);
+    let r = server(&app, HttpConfig::default(), admin_token());
+    for token in [None, Some(ADMIN), Some("wrong")] {
+        let (s, v) = get(&r, "/v1/xyz", token).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+        assert_eq!(
+            error(&v),
+            ErrorBody {
+                error: "not_found".into(),
+                message: "no route GET /v1/xyz".into(),
+            }
+        );
+    }
+    let (s, _, v) = call(&r, Method::POST, "/healthz", None, Body::empty()).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{v}");
+    let e = error(&v);
+    assert_eq!(e.error, "method_not_allowed");
+    assert_eq!(e.message, "/healthz does not take POST");
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_its_token() {
+    let app = app(None);
+    let r = server(&app, HttpConfig::default(), admin_token());
+    let (s, v) = get(&r, "/v1/plugins", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(error(&v).message, "missing bearer token");
+    let (s, v) = get(&r, "/v1/plugins", Some("wrong")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(error(&v).message, "invalid admin token");
+    let (s, v) = get(&r, "/v1/plugins", Some(ADMIN)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let list: PluginList = serde_json::from_value(v).expect("a plugin list");
+    let types: Vec<&str> = list
+        .plugins
+        .iter()
+        .map(|p| p.entity_type.as_str())
+        .collect();
+    assert_eq!(types, ["account"]);
+    assert!(list.plugins[0].running_digest.is_some());
+
+    // No token configured: refused whatever is sent, unless disabled.
+    let r = server(&app, HttpConfig::default(), AdminConfig::default());
+    let (s, v) = get(&r, "/v1/plugins", Some(ADMIN)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(error(&v).error, "forbidden");
+    let open = AdminConfig {
+        token: None,
+        disable_auth: true,
+    };
+    let r = server(&app, HttpConfig::default(), open);
+    let (s, v) = get(&r, "/v1/plugins", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+#[tokio::test]
+async fn queries_need_the_read_token_when_one_is_set() {
+    let app = app(None);
+    consume_batch(&app).await;
+    let http = HttpConfig {
+        read_token: Some(READER.into()),
+        ..HttpConfig::default()
+    };
+    let r = server(&app, http, admin_token());
+    for path in [
+        "/v1/entities/account/acc-1",
+        "/v1/entities/account/acc-1?at=1",
+        "/v1/dead-letters",
+        "/v1/quarantine",
+    ] {
+        let (s, v) = get(&r, path, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{path}: {v}");
+        assert!(error(&v).message.contains("bearer"), "{v}");
+        let (s, v) = get(&r, path, Some("wrong")).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{path}: {v}");
+        assert_eq!(error(&v).message, "invalid read token");
+        let (s, v) = get(&r, path, Some(READER)).await;
+        assert_eq!(s, StatusCode::OK, "{path}: {v}");
+        let (s, v) = get(&r, path, Some(ADMIN)).await;
+        assert_eq!(s, StatusCode::OK, "the admin token reads too: {path}: {v}");
+    }
+    // The read token is not an admin token; probes stay open.
+    let (s, _) = get(&r, "/v1/plugins", Some(READER)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, v) = get(&r, "/healthz", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _, v) = call(&r, Method::GET, "/metrics", None, Body::empty()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        v.as_str().is_some_and(|t| t.contains("refold_")),
+        "metrics text: {v}"
+    );
+}
+
+#[tokio::test]
+async fn an_entity_after_a_batch_now_and_at_a_past_position() {
+    let app = app(None);
+    let r = server(&app, HttpConfig::default(), admin_token());
+    let (s, v) = get(&r, "/v1/entities/account/acc-1", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "before any event: {v}");
+    assert_eq!(error(&v).message, "no state for account/acc-1");
+
+    consume_batch(&app).await;
+    let (s, v) = get(&r, "/v1/entities/account/acc-1", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let e: EntityView = serde_json::from_value(v.clone()).expect("an entity");
+    assert_eq!(
+        (e.entity_type.as_str(), e.entity_id.as_str()),
+        ("account", "acc-1")
+    );
+    assert_eq!((e.position, e.head, e.quarantined), (3, 3, false));
+    assert_eq!(e.state["owner"], "ann");
+    assert_eq!(e.state["balance"], 150);
+    assert_eq!(e.plugin.expect("a plugin").name, "bank");
+    // Exactly these fields, as the black-box clients read them.
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "entity_id",
+            "entity_type",
+            "generation",
+            "head",
+            "plugin",
+            "position",
+            "quarantined",
+            "state"
+        ]
+    );
+
+    let (s, v) = get(&r, "/v1/entities/account/acc-1?at=2", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let at: StateAt = serde_json::from_value(v).expect("a past state");
+    assert_eq!(at.position, 2);
+    assert_eq!(at.state["balance"], 100);
+    assert_eq!(at.plugin.name, "bank");
+
+    let (s, v) = get(&r, "/v1/entities/account/acc-1?at=zero", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(error(&v).error, "bad_request");
+    let (s, v) = get(&r, "/v1/entities/account/acc-9?at=1", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(
+        error(&v).message,
+        "no events for account/acc-9 up to position 1"
+    );
+    let (s, v) = get(&r, "/v1/entities/ledger/l-1?at=1", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(error(&v).message, "no plugin for entity type ledger");
+
+    let (s, v) = get(&r, "/v1/projections/balances/ann", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let doc: ProjectionDocument = serde_json::from_value(v).expect("a document");
+    assert_eq!(
+        (doc.projection.as_str(), doc.key.as_str()),
+        ("balances", "ann")
+    );
+    let (s, v) = get(&r, "/v1/projections/balances/nobody", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+}
+
+#[tokio::test]
+async fn listings_are_paged_by_cursor() {
+    let app = app(None);
+    consume_batch(&app).await;
+    let r = server(&app, HttpConfig::default(), admin_token());
+    let (s, v) = get(&r, "/v1/dead-letters?limit=2", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["count"], 2, "{v}");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(2));
+    let next = v["next"].as_str().expect("a next page").to_string();
+    let (s, v) = get(&r, &format!("/v1/dead-letters?limit=2&after={next}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["count"], 1, "{v}");
+    assert!(v["next"].is_null(), "the last page: {v}");
+    let (s, v) = get(&r, "/v1/dead-letters", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["count"], 3, "{v}");
+
+    // `limit` is capped to `max_page_items`.
+    let small = HttpConfig {
+        max_page_items: 1,
+        ..HttpConfig::default()
+    };
+    let capped = server(&app, small, admin_token());
+    let (_, v) = get(&capped, "/v1/dead-letters?limit=50", None).await;
+    assert_eq!(v["count"], 1, "{v}");
+
+    // A cursor the store did not issue is the client's error (the store's
+    // BadCursor), as is a limit that is not a number.
+    for path in [
+        "/v1/dead-letters?after=not-a-cursor",
+        "/v1/quarantine?after=not-a-cursor",
+        "/v1/dead-letters?limit=many",
+    ] {
+        let (s, v) = get(&r, path, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert_eq!(error(&v).error, "bad_request", "{path}");
+    }
+    let (s, v) = get(&r, "/v1/quarantine", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v, json!({"items": [], "count": 0, "next": null}));
+}
+
+#[tokio::test]
+async fn an_upload_over_the_limit_is_a_413() {
+    let app = app(Some(1000));
+    let r = server(&app, HttpConfig::default(), admin_token());
+    // Declared too large: refused before the body is read.
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri("/v1/plugins/account")
+        .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+        .header(header::CONTENT_LENGTH, "2000")
+        .body(Body::from(vec![0u8; 2000]))
+        .unwrap();
+    let resp = r.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let b = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let e: ErrorBody = serde_json::from_slice(&b).unwrap();
+    assert_eq!(e.error, "too_large");
+    assert_eq!(
+        e.message,
+        "component is 2000 bytes; limit plugins.max_upload_bytes = 1000"
+    );
+    // Undeclared: refused once the limit is passed while reading.
+    let (s, _, v) = call(
+        &r,
+        Method::PUT,
+        "/v1/plugins/account",
+        Some(ADMIN),
+        Body::from(vec![0u8; 2000]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert_eq!(
+        error(&v).message,
+        "component is more than 1000 bytes; limit plugins.max_upload_bytes = 1000"
+    );
+    // Within the limit but not a component.
+    let (s, _, v) = call(
+        &r,
+        Method::PUT,
+        "/v1/plugins/account",
+        Some(ADMIN),
+        Body::from(vec![0u8; 10]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(error(&v).error, "unprocessable");
+}
+
+#[tokio::test]
+async fn an_upload_stores_the_version() {
+    let app = app(None);
+    consume_batch(&app).await;
+    let r = server(&app, HttpConfig::default(), admin_token());
+    let bytes = std::fs::read(bank_wasm()).unwrap();
+    let (s, _, v) = call(
+        &r,
+        Method::PUT,
+        "/v1/plugins/account?mode=none",
+        Some(ADMIN),
+        Body::from(bytes),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let i: Installed = serde_json::from_value(v).expect("an install result");
+    assert_eq!(i.version.entity_type, "account");
+    assert_eq!(i.version.name, "bank");
+    assert_eq!((i.sample.entities, i.sample.events), (1, 3));
+    assert_eq!((i.activation, i.rebuild), (None, None));
+    let (s, _, v) = call(
+        &r,
+        Method::PUT,
+        "/v1/plugins/account?mode=sideways",
+        Some(ADMIN),
+        Body::from(vec![1u8]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+}
+
+#[tokio::test]
+async fn the_limits_are_what_is_configured() {
+    let app = app(Some(12345));
+    let http = HttpConfig {
+        max_page_items: 7,
+        max_page_bytes: 7000,
+        max_concurrent_queries: 3,
+        max_concurrent_replays: 1,
+        replay_timeout_ms: 250,
+        ..HttpConfig::default()
+    };
+    let r = server(&app, http, admin_token());
+    let (s, v) = get(&r, "/v1/admin/limits", Some(ADMIN)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v,
+        json!({
+            "plugins": {"max_upload_bytes": 12345},
+            "http": {"max_page_items": 7, "max_page_bytes": 7000, "max_concurrent_queries": 3,
+                "max_concurrent_replays": 1, "replay_timeout_ms": 250},
+        })
+    );
+    let l: Limits = serde_json::from_value(v).unwrap();
+    assert_eq!(l.plugins.max_upload_bytes, 12345);
+    let (s, _) = get(&r, "/v1/admin/limits", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}

@@ -1,0 +1,118 @@
+//! The bodies of the API's answers, as the server writes them and the
+//! command line reads them back: one definition of each for both sides.
+//! Results of the engine's operations are the engine's own types,
+//! re-exported here (the manager's results, and the entities now and at a
+//! past position of [`refold_engine::query`]).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use refold_engine::manager::{
+    ExpectedState, Fixture, Installed, RebuildStatus, Resubmitted, Retried, SampleReport,
+};
+use refold_engine::manager::SwapMode;
+use refold_store::plugins::{Activation, PluginVersion};
+
+/// Every error: `{"error": code, "message": text}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Named after the status (`not_found`, `too_large`, ...).
+    pub error: String,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+/// `GET /v1/projections/{name}/{key}`: one document of a read model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProjectionDocument {
+    /// The projection.
+    pub projection: String,
+    /// The document's key.
+    pub key: String,
+    /// The document.
+    pub document: Value,
+}
+
+/// `GET /v1/plugins/{type}`: the versions of one entity type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginType {
+    /// Entity type.
+    pub entity_type: String,
+    /// The stored activation, if any.
+    pub active: Option<Activation>,
+    /// The digest this host runs.
+    pub running_digest: Option<String>,
+    /// Every stored version.
+    pub versions: Vec<PluginVersion>,
+}
+
+/// `GET /v1/plugins`: every entity type known, stored or running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginList {
+    /// By entity type, sorted.
+    pub plugins: Vec<PluginType>,
+}
+
+/// The body of `POST /v1/plugins/{type}/activate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivateRequest {
+    /// The version to activate.
+    pub digest: String,
+    /// `forward` (default) or `rebuild`.
+    pub mode: Option<String>,
+}
+
+/// `POST /v1/plugins/{type}/activate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activated {
+    /// Entity type.
+    pub entity_type: String,
+    /// The version activated.
+    pub digest: String,
+    /// How.
+    pub mode: SwapMode,
+    /// The rebuild started, for a rebuild.
+    pub rebuild: Option<String>,
+}
+
+/// `POST /v1/plugins/{type}/rollback`: the activation now in force.
+pub type RolledBack = Activation;
+
+/// `GET /v1/rebuilds`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RebuildList {
+    /// Every rebuild known.
+    pub rebuilds: Vec<RebuildStatus>,
+}
+
+/// `GET /v1/admin/limits`: what this host accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// `[plugins]`.
+    pub plugins: PluginLimits,
+    /// `[http]`.
+    pub http: HttpLimits,
+}
+
+/// The `[plugins]` limits a client can check locally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginLimits {
+    /// The largest component an upload takes.
+    pub max_upload_bytes: usize,
+}
+
+/// The `[http]` limits of queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpLimits {
+    /// Items per listing page at most.
+    pub max_page_items: usize,
+    /// Bytes of items per listing page at most.
+    pub max_page_bytes: usize,
+    /// Query requests served at once.
+    pub max_concurrent_queries: usize,
+    /// `?at=` replays running at once.
+    pub max_concurrent_replays: usize,
+    /// Time budget of one replay, in milliseconds.
+    pub replay_timeout_ms: u64,
+}
+
