@@ -39,9 +39,11 @@ pub struct ProjectionSize {
     pub bytes: u64,
 }
 
-impl ProjectionSize {
-    /// The sum of two sizes.
-    pub fn add(self, other: ProjectionSize) -> ProjectionSize {
+/// The sum of two sizes (for a budget over several entities).
+impl std::ops::Add for ProjectionSize {
+    type Output = ProjectionSize;
+
+    fn add(self, other: ProjectionSize) -> ProjectionSize {
         ProjectionSize {
             ops: self.ops + other.ops,
             bytes: self.bytes.saturating_add(other.bytes),
@@ -98,7 +100,7 @@ pub fn fold_and_project(
                 for op in ops {
                     let (size, write) = resolve_op(op);
                     if let Some(w) = write {
-                        out.projection_size = out.projection_size.add(size);
+                        out.projection_size = out.projection_size + size;
                         out.projections.push(w);
                     }
                 }

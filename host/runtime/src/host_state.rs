@@ -136,6 +136,7 @@ impl HostState {
     /// Reset what describes one call: the refused grow and the log budget.
     pub fn begin_call(&mut self) {
         self.limiter.exceeded = None;
+        self.limiter.table_exceeded = None;
         self.log_budget.reset();
     }
 

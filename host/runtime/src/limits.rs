@@ -80,6 +80,9 @@ pub struct MemoryLimiter {
     /// Set when a grow was refused: (requested total bytes, limit). Cleared
     /// by the sandbox before each call, so it describes that call.
     pub exceeded: Option<(usize, usize)>,
+    /// Set when a table grow was refused: (requested total elements, limit),
+    /// cleared like `exceeded`.
+    pub table_exceeded: Option<(usize, usize)>,
     /// High-water mark of linear memory (all memories), for metrics.
     pub peak: usize,
 }
@@ -100,6 +103,7 @@ impl MemoryLimiter {
             total_memory: 0,
             total_elements: 0,
             exceeded: None,
+            table_exceeded: None,
             peak: 0,
         }
     }
@@ -147,6 +151,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
             .saturating_sub(current)
             .saturating_add(desired);
         if total > self.max_table_elements {
+            self.table_exceeded = Some((total, self.max_table_elements));
             return Ok(false);
         }
         self.total_elements = total;
@@ -206,6 +211,7 @@ mod tests {
         });
         assert!(l.table_growing(0, 6, None).unwrap());
         assert!(!l.table_growing(0, 6, None).unwrap());
+        assert_eq!(l.table_exceeded, Some((12, 10)));
         assert!(l.table_growing(0, 4, None).unwrap());
     }
 }

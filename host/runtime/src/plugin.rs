@@ -189,3 +189,56 @@ fn validate_info(info: &PluginInfo) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> PluginInfo {
+        PluginInfo {
+            name: "probe".into(),
+            version: "1.0.0".into(),
+            entity_type: "probe-dashed".into(),
+            event_types: vec!["probe.count".into()],
+            state_schema_version: 1,
+        }
+    }
+
+    #[test]
+    fn names_must_be_plain_and_bounded() {
+        assert_eq!(validate_info(&info()), Ok(()));
+        let bad = [
+            PluginInfo {
+                entity_type: "a/b".into(),
+                ..info()
+            },
+            PluginInfo {
+                entity_type: String::new(),
+                ..info()
+            },
+            PluginInfo {
+                name: "x".repeat(129),
+                ..info()
+            },
+            PluginInfo {
+                name: "two words".into(),
+                ..info()
+            },
+            PluginInfo {
+                version: String::new(),
+                ..info()
+            },
+            PluginInfo {
+                version: "1".repeat(65),
+                ..info()
+            },
+            PluginInfo {
+                event_types: vec!["t".into(); 1025],
+                ..info()
+            },
+        ];
+        for i in bad {
+            assert!(validate_info(&i).is_err(), "{i:?}");
+        }
+    }
+}

@@ -511,6 +511,33 @@ mod tests {
     }
 
     #[test]
+    fn count_and_table_limits_are_named_by_their_key() {
+        let limits = Limits {
+            max_instances: 2,
+            max_table_elements: 10,
+            ..Limits::default()
+        };
+        let mut limiter = MemoryLimiter::new(&limits);
+        // wasmtime's own wording for a count past `ResourceLimiter::instances`.
+        let count = wasmtime::Error::msg("resource limit exceeded: instance count too high at 3");
+        assert_eq!(
+            classify("instantiation", &limiter, &limits, "", &count).to_string(),
+            "Other trap: instance count too high at 3 in instantiation, limit max_instances = 2"
+        );
+        let other = wasmtime::Error::msg("resource limit exceeded: something else");
+        assert_eq!(
+            classify("fold", &limiter, &limits, "", &other).to_string(),
+            "Other trap: resource limit exceeded: something else in fold"
+        );
+        limiter.table_exceeded = Some((23, 10));
+        let table = wasmtime::Error::msg("table minimum size of 23 elements exceeds table limits");
+        assert_eq!(
+            classify("instantiation", &limiter, &limits, "", &table).to_string(),
+            "Other trap: table limit exceeded in instantiation: requested 23 table elements, limit max_table_elements = 10"
+        );
+    }
+
+    #[test]
     fn output_errors_name_the_limit() {
         let e = CallError::Output {
             what: "project returned",

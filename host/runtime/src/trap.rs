@@ -120,6 +120,20 @@ pub(crate) fn classify(
             ),
         };
     }
+    if let Some((requested, max)) = limiter.table_exceeded {
+        return CallError::Trap {
+            kind: TrapKind::Other,
+            message: format!(
+                "table limit exceeded in {export}: requested {requested} table elements, limit max_table_elements = {max}"
+            ),
+        };
+    }
+    if let Some(message) = count_exceeded(export, limits, err) {
+        return CallError::Trap {
+            kind: TrapKind::Other,
+            message,
+        };
+    }
     if trap == Some(wasmtime::Trap::Interrupt) {
         return CallError::Trap {
             kind: TrapKind::Deadline,
@@ -156,6 +170,27 @@ pub(crate) fn classify(
         kind: TrapKind::Other,
         message: message.chars().take(4096).collect(),
     }
+}
+
+/// How wasmtime refuses an instantiation past `ResourceLimiter::instances`,
+/// `tables` or `memories` (it counts them itself, so its text is all there is
+/// to go by): `resource limit exceeded: {what} count too high at {n}`.
+const COUNT_EXCEEDED: &str = "resource limit exceeded: ";
+
+/// The message for an instantiation refused by a count limit, naming its key.
+fn count_exceeded(export: &str, limits: &Limits, err: &wasmtime::Error) -> Option<String> {
+    let root = err.root_cause().to_string();
+    let what = root.strip_prefix(COUNT_EXCEEDED)?;
+    let (key, max) = if what.starts_with("instance count") {
+        ("max_instances", limits.max_instances)
+    } else if what.starts_with("table count") {
+        ("max_tables", limits.max_tables)
+    } else if what.starts_with("memory count") {
+        ("max_memories", limits.max_memories)
+    } else {
+        return None;
+    };
+    Some(format!("{what} in {export}, limit {key} = {max}"))
 }
 
 /// Rust's panic hook writes `thread '…' panicked at FILE:LINE:COL:\nMESSAGE`.
