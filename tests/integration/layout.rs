@@ -92,14 +92,26 @@ fn crate_boundaries_hold() {
     }
     let reach = |dir: &str| closure(&crates, &crates[dir]);
     let runtime = reach("runtime");
-    for banned in ["refold-store", "refold-source", "rusqlite", "scylla", "rdkafka"] {
+    for banned in [
+        "refold-store",
+        "refold-source",
+        "rusqlite",
+        "scylla",
+        "rdkafka",
+    ] {
         assert!(
             !runtime.contains(banned),
             "host/runtime knows nothing of stores or sources, yet depends on {banned}"
         );
     }
     let store = reach("store");
-    for banned in ["rusqlite", "scylla", "rdkafka", "refold-runtime", "wasmtime"] {
+    for banned in [
+        "rusqlite",
+        "scylla",
+        "rdkafka",
+        "refold-runtime",
+        "wasmtime",
+    ] {
         assert!(
             !store.contains(banned),
             "host/store has no backend or runtime dependency, yet depends on {banned}"
@@ -136,7 +148,10 @@ fn module_of(src: &Path, file: &Path) -> String {
         .components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect();
-    if matches!(parts.last().map(String::as_str), Some("mod" | "lib" | "main")) {
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "lib" | "main")
+    ) {
         parts.pop();
     }
     parts.join("::")
@@ -336,14 +351,24 @@ fn no_module_imports_its_importer() {
 
 #[test]
 fn the_import_reader_sees_cycles() {
-    let modules: BTreeSet<String> = ["", "a", "b", "b::c"].iter().map(|s| s.to_string()).collect();
+    let modules: BTreeSet<String> = ["", "a", "b", "b::c"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let code = "use crate::{a::X, b::c::{Y, Z}};\nfn f() { crate::b::g(); }\n// crate::nothing\n";
     let got = imports("a", &code_only(code), &modules);
     assert_eq!(
         got,
-        ["b", "b::c"].iter().map(|s| s.to_string()).collect::<BTreeSet<_>>()
+        ["b", "b::c"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<_>>()
     );
-    let got = imports("b::c", "use super::Thing;\nmod tests {\n use super::*;\n}", &modules);
+    let got = imports(
+        "b::c",
+        "use super::Thing;\nmod tests {\n use super::*;\n}",
+        &modules,
+    );
     assert_eq!(got, ["b".to_string()].into_iter().collect::<BTreeSet<_>>());
     let strings = code_only("let s = \"crate::b\"; refold_b::x();");
     assert!(imports("a", &strings, &modules).is_empty());

@@ -10,8 +10,8 @@ use serde_json::json;
 
 use refold_engine::app::App;
 use refold_engine::config::HostConfig as Config;
+use refold_engine::pipeline::{Entities, entities_of};
 use refold_source::jsonl::JsonlSource;
-use refold_types::event::EntityKey;
 
 /// Find the examples directory.
 pub fn examples_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
@@ -62,12 +62,10 @@ pub async fn demo(
     let mut out = std::io::stdout().lock();
     writeln!(out, "{:<8} {:<10} {:>4}  STATE", "TYPE", "ID", "POS")?;
     for entity_type in ["account", "order"] {
-        let ids = app.host.storage.entity_ids(entity_type).await?;
-        let keys: Vec<EntityKey> = ids
-            .iter()
-            .map(|id| EntityKey::new(entity_type, id.clone()))
-            .collect();
-        let recs = app.host.storage.load(&keys).await?;
+        let Entities {
+            keys,
+            records: recs,
+        } = entities_of(&*app.host.storage, entity_type, usize::MAX).await?;
         for k in &keys {
             let Some(r) = recs.get(k) else { continue };
             let mut state = r

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use refold_engine::app::App;
 use refold_engine::config::HostConfig as Config;
 use refold_engine::pipeline::BatchReport;
+use refold_engine::pipeline::entities_of;
 use refold_source::jsonl::JsonlSource;
 use refold_store_sqlite::SqliteStore;
 use refold_types::event::EntityKey;
@@ -49,12 +50,8 @@ pub async fn run_fixture(
     let report = app.consume(Box::new(source), rx, |_| {}).await?;
     let mut states = BTreeMap::new();
     for (entity_type, _) in app.host.registry.snapshot().iter() {
-        let ids = app.host.storage.entity_ids(entity_type).await?;
-        let keys: Vec<EntityKey> = ids
-            .into_iter()
-            .map(|id| EntityKey::new(entity_type.clone(), id))
-            .collect();
-        for (k, rec) in app.host.storage.load(&keys).await? {
+        let found = entities_of(&*app.host.storage, entity_type, usize::MAX).await?;
+        for (k, rec) in found.records {
             if let Some(s) = rec.state {
                 states.insert(k, s);
             }

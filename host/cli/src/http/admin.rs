@@ -10,8 +10,6 @@ use axum::extract::{FromRequest as _, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use serde::Deserialize;
 
-
-
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::state::Api;
 use crate::http::types::{
@@ -90,7 +88,7 @@ pub async fn upload(
         .plugins()
         .install(body.to_vec(), Some(&entity_type), mode)
         .await?;
-    Ok((StatusCode::CREATED, Json(installed.into())))
+    Ok((StatusCode::CREATED, Json(installed)))
 }
 
 /// `GET /v1/admin/limits`: what this host accepts, so that a client can
@@ -191,9 +189,7 @@ pub async fn rollback(
 /// `GET /v1/rebuilds`.
 pub async fn rebuilds(State(api): State<Api>) -> ApiResult<Json<RebuildList>> {
     let all = api.plugins().rebuild_list().await?;
-    Ok(Json(RebuildList {
-        rebuilds: all.into_iter().map(RebuildStatus::from).collect(),
-    }))
+    Ok(Json(RebuildList { rebuilds: all }))
 }
 
 /// `GET /v1/rebuilds/{id}`: live from this host, else as stored, so that

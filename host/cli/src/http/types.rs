@@ -7,10 +7,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use refold_engine::manager::SwapMode;
 pub use refold_engine::manager::{
     ExpectedState, Fixture, Installed, RebuildStatus, Resubmitted, Retried, SampleReport,
 };
-use refold_engine::manager::SwapMode;
 use refold_store::plugins::{Activation, PluginVersion};
 
 /// Every error: `{"error": code, "message": text}`.
@@ -115,4 +115,3 @@ pub struct HttpLimits {
     /// Time budget of one replay, in milliseconds.
     pub replay_timeout_ms: u64,
 }
-
