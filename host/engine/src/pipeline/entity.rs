@@ -222,22 +222,10 @@ pub fn sandbox_for<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::testing::bank_host;
-    use refold_types::RawJson;
+    use crate::pipeline::testing::{bank_host, stored_deposit};
 
     fn event(key: &EntityKey, position: u64, amount: u64) -> StoredEvent {
-        StoredEvent {
-            key: key.clone(),
-            position,
-            id: format!("e{position}"),
-            source: "/t".into(),
-            event_type: "account.deposited".into(),
-            time: None,
-            data: RawJson::parse(&format!(r#"{{"amount":{amount}}}"#)).unwrap(),
-            origin: None,
-            record: None,
-            digest: None,
-        }
+        stored_deposit(key, position, amount)
     }
 
     #[test]

@@ -162,9 +162,8 @@ pub(crate) fn defer(w: Work) -> EntityUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::testing::bank_host;
+    use crate::pipeline::testing::{bank_host, stored_deposit};
     use refold_store::EntityRecord;
-    use refold_types::RawJson;
     use refold_types::event::EntityKey;
 
     fn work(id: &str, positions: &[u64]) -> Work {
@@ -174,18 +173,7 @@ mod tests {
             gap: Vec::new(),
             events: positions
                 .iter()
-                .map(|&position| refold_store::StoredEvent {
-                    key: key.clone(),
-                    position,
-                    id: format!("e{position}"),
-                    source: "/t".into(),
-                    event_type: "account.deposited".into(),
-                    time: None,
-                    data: RawJson::parse(r#"{"amount":1}"#).unwrap(),
-                    origin: None,
-                    record: None,
-                    digest: None,
-                })
+                .map(|&position| stored_deposit(&key, position, 1))
                 .collect(),
         }
     }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use refold_source::SourceRecord;
-use refold_store::Origin;
+use refold_store::{EntityKey, Origin, RawJson, StoredEvent};
 use refold_store_sqlite::SqliteStore;
 
 use crate::config::HostConfig;
@@ -54,4 +54,21 @@ pub(crate) fn opened(offset: i64, account: &str) -> SourceRecord {
             r#"{{"specversion":"1.0","id":"o-{account}","source":"/t","type":"account.opened","subject":"{account}","entitytype":"account","data":{{"owner":"owner-{account}"}}}}"#
         ),
     )
+}
+
+/// A stored deposit of `amount` at `position` of `key`, event id
+/// `e<position>`.
+pub(crate) fn stored_deposit(key: &EntityKey, position: u64, amount: u64) -> StoredEvent {
+    StoredEvent {
+        key: key.clone(),
+        position,
+        id: format!("e{position}"),
+        source: "/t".into(),
+        event_type: "account.deposited".into(),
+        time: None,
+        data: RawJson::parse(&format!(r#"{{"amount":{amount}}}"#)).unwrap(),
+        origin: None,
+        record: None,
+        digest: None,
+    }
 }
