@@ -56,17 +56,3 @@ impl StoreError {
         matches!(self, StoreError::Unavailable(_))
     }
 }
-
-impl From<anyhow::Error> for StoreError {
-    /// Backends build their internal errors with `anyhow` context; one that
-    /// carries a typed `StoreError` inside keeps its kind.
-    fn from(e: anyhow::Error) -> Self {
-        match e.downcast::<StoreError>() {
-            Ok(s) => s,
-            Err(e) => match e.downcast::<BadCursor>() {
-                Ok(c) => StoreError::BadCursor(c),
-                Err(e) => StoreError::Other(e),
-            },
-        }
-    }
-}

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use crate::http::types::ErrorBody;
 use refold_engine::manager::InstallError;
 use refold_engine::query::QueryError;
-use refold_store::{BadCursor, StoreError};
+use refold_store::StoreError;
 
 /// An API error: a status and a message, rendered as
 /// `{"error": "<code>", "message": "..."}` with the code named after the
@@ -60,11 +60,9 @@ impl IntoResponse for ApiError {
 }
 
 impl From<anyhow::Error> for ApiError {
+    /// An untyped failure is ours (typed ones arrive as `StoreError`,
+    /// `QueryError` or `InstallError` and are answered by kind).
     fn from(e: anyhow::Error) -> Self {
-        // A cursor the client made up (or mangled) is its error, not ours.
-        if let Some(c) = e.downcast_ref::<BadCursor>() {
-            return ApiError(StatusCode::BAD_REQUEST, c.to_string());
-        }
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
     }
 }
