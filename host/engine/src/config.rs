@@ -130,6 +130,11 @@ pub struct EngineConfig {
     pub max_batch_projection_ops: usize,
     /// Bytes of read-model output one batch may produce in all.
     pub max_batch_projection_bytes: usize,
+    /// Bytes the owned-state cache may hold: the records of the entities
+    /// the consume loop writes, and their event-id hashes, kept between
+    /// batches so that the steady state reads nothing per entity (least
+    /// recently used out first; 0 turns it off).
+    pub state_cache_bytes: usize,
     /// Free space below which `/healthz` warns (503, with the reason)
     /// while ingest goes on, in bytes; 0 turns the check off.
     pub min_free_disk_bytes: u64,
@@ -145,6 +150,7 @@ impl Default for EngineConfig {
             batch_fold_budget_ms: 2_000,
             max_batch_projection_ops: 200_000,
             max_batch_projection_bytes: 64 << 20,
+            state_cache_bytes: 256 << 20,
             min_free_disk_bytes: 256 << 20,
         }
     }

@@ -39,6 +39,10 @@ pub struct Metrics {
     plugin_deadlines: IntGaugeVec,
     swaps: IntCounterVec,
     rebuilds: IntCounterVec,
+    cache_lookups: IntCounterVec,
+    cache_evictions: IntCounter,
+    cache_entries: prometheus::IntGauge,
+    cache_bytes: prometheus::IntGauge,
 }
 
 impl Default for Metrics {
@@ -219,6 +223,37 @@ impl Metrics {
                     &["entity_type", "outcome"]
                 )
             ),
+            cache_lookups: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "refold_state_cache_lookups_total",
+                        "Entities of batches looked up in the owned-state cache, by result"
+                    ),
+                    &["result"]
+                )
+            ),
+            cache_evictions: reg!(
+                r,
+                IntCounter::new(
+                    "refold_state_cache_evictions_total",
+                    "Entities dropped from the owned-state cache to keep within its budget"
+                )
+            ),
+            cache_entries: reg!(
+                r,
+                prometheus::IntGauge::new(
+                    "refold_state_cache_entries",
+                    "Entities held by the owned-state cache"
+                )
+            ),
+            cache_bytes: reg!(
+                r,
+                prometheus::IntGauge::new(
+                    "refold_state_cache_bytes",
+                    "Bytes held by the owned-state cache (estimated, as its budget is kept)"
+                )
+            ),
             registry: r,
         }
     }
@@ -307,6 +342,17 @@ impl Metrics {
         self.rebuilds
             .with_label_values(&[entity_type, outcome])
             .inc();
+    }
+
+    /// What the owned-state cache did in a batch, and what it holds.
+    pub fn state_cache(&self, s: crate::pipeline::CacheStats, entries: usize, bytes: usize) {
+        self.cache_lookups.with_label_values(&["hit"]).inc_by(s.hits);
+        self.cache_lookups
+            .with_label_values(&["miss"])
+            .inc_by(s.misses);
+        self.cache_evictions.inc_by(s.evictions);
+        self.cache_entries.set(entries as i64);
+        self.cache_bytes.set(bytes as i64);
     }
 
     /// Prometheus text format.

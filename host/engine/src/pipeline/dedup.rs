@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use refold_store::{DeadLetter, EventIdentity, Origin, Storage, StoreError};
 use refold_types::event::Envelope;
 
+use super::cache::StateCache;
 use super::validate::{Valid, conflict, dead_letter};
 
 /// What deduplication kept and dropped.
@@ -22,21 +23,23 @@ pub(crate) struct Deduped {
 }
 
 /// Drop re-deliveries and dead-letter conflicts, first within the batch,
-/// then against what the store already holds (one `known_ids` read, none
-/// when nothing is left).
+/// then against what the store already holds: one `known_ids` read for the
+/// ids the cache cannot vouch for as new, none when there are none.
 pub(crate) async fn dedup(
     storage: &dyn Storage,
+    cache: &StateCache,
     valid: Vec<Valid<'_>>,
 ) -> Result<Deduped, StoreError> {
     let (unique, mut deduped) = within_batch(valid);
-    let known = if unique.is_empty() {
+    let ask: Vec<EventIdentity> = unique
+        .iter()
+        .filter(|(e, _)| !cache.certainly_new(&e.key, &e.id))
+        .map(|(e, _)| (e.key.clone(), e.id.clone()))
+        .collect();
+    let known = if ask.is_empty() {
         HashMap::new()
     } else {
-        let ids: Vec<EventIdentity> = unique
-            .iter()
-            .map(|(e, _)| (e.key.clone(), e.id.clone()))
-            .collect();
-        storage.known_ids(&ids).await?
+        storage.known_ids(&ask).await?
     };
     against_store(unique, &known, &mut deduped);
     Ok(deduped)
@@ -139,10 +142,11 @@ mod tests {
             .unwrap();
         let records = [deposit(1, "a", "1", 10), deposit(2, "a", "2", 1)];
         let (v, _) = validate(&records, &host.registry.snapshot(), 1 << 20);
-        let d = dedup(&*host.storage, v).await.unwrap();
+        let cache = StateCache::new(0);
+        let d = dedup(&*host.storage, &cache, v).await.unwrap();
         assert_eq!((d.fresh.len(), d.duplicates), (1, 1));
         assert_eq!(d.fresh[0].1.offset, 2);
-        let none = dedup(&*host.storage, Vec::new()).await.unwrap();
+        let none = dedup(&*host.storage, &cache, Vec::new()).await.unwrap();
         assert!(none.fresh.is_empty());
     }
 }

@@ -3,11 +3,13 @@
 //! the active generation of their type), and position each entity's new
 //! events after its head.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
+use futures::{StreamExt as _, stream};
 use refold_store::{EntityRecord, Origin, Storage, StoreError, StoredEvent};
 use refold_types::event::{EntityKey, Envelope};
 
+use super::cache::{FILL_IDS_UPTO, StateCache};
 use super::entity::Work;
 use crate::generation::{self, Moves};
 use crate::registry::{Active, Generations};
@@ -60,36 +62,54 @@ pub(crate) struct Loaded {
     pub(crate) events: Vec<StoredEvent>,
     /// What moving records into their active generation writes besides them.
     pub(crate) moves: Moves,
+    /// Of the entities the cache did not hold, the hashes of all their
+    /// stored events' ids, where they were read (see [`cache`](super::cache)).
+    pub(crate) known_ids: HashMap<EntityKey, HashSet<u64>>,
 }
 
-/// Load the records of `groups` and make each entity's [`Work`]. Records
-/// another generation wrote (before a cut-over, or by a host that had not
-/// seen it yet) continue from the active generation's own state; theirs is
-/// saved for a rollback. An entity whose state is behind its head gets the
-/// stored events in between as its gap (none while quarantined: they are
-/// held).
+/// History reads in flight while entities are first touched.
+const FIRST_TOUCH_READS: usize = 32;
+
+/// Load the records of `groups` and make each entity's [`Work`]: from the
+/// cache where it holds them, else from the store. Records another
+/// generation wrote (before a cut-over, or by a host that had not seen it
+/// yet) continue from the active generation's own state; theirs is saved
+/// for a rollback. An entity whose state is behind its head gets the stored
+/// events in between as its gap (none while quarantined: they are held).
 pub(crate) async fn load(
     storage: &dyn Storage,
     generations: &Generations,
     mut groups: Groups,
+    cache: &mut StateCache,
 ) -> Result<Loaded, StoreError> {
-    let mut records = if groups.order.is_empty() {
+    let active = |t: &str| generations.get(t).cloned().unwrap_or_default();
+    let mut records = HashMap::with_capacity(groups.order.len());
+    let mut misses = Vec::new();
+    for key in &groups.order {
+        match cache.record(key, &active(&key.entity_type)) {
+            Some(r) => {
+                records.insert(key.clone(), r);
+            }
+            None => misses.push(key.clone()),
+        }
+    }
+    let mut fetched = if misses.is_empty() {
         HashMap::new()
     } else {
-        storage.load(&groups.order).await?
+        storage.load(&misses).await?
     };
-    let moves = generation::resolve(storage, generations, &mut records, true).await?;
+    let moves = generation::resolve(storage, generations, &mut fetched, true).await?;
+    let known_ids = first_touch_ids(storage, cache, &misses, &fetched).await?;
+    records.extend(fetched);
     let mut loaded = Loaded {
         work: Vec::with_capacity(groups.order.len()),
         events: Vec::new(),
         moves,
+        known_ids,
     };
     for key in &groups.order {
         let record = records.remove(key).unwrap_or_else(|| EntityRecord {
-            generation: generations
-                .get(&key.entity_type)
-                .cloned()
-                .unwrap_or_default(),
+            generation: active(&key.entity_type),
             ..EntityRecord::new(key.clone())
         });
         let events = position(&record, groups.events.remove(key).unwrap_or_default());
@@ -108,6 +128,42 @@ pub(crate) async fn load(
         });
     }
     Ok(loaded)
+}
+
+/// The id hashes of the entities met for the first time, so that their
+/// next events need no read to be known new: none for one the store does
+/// not hold, all of them (one history read each, concurrently) for one with
+/// at most [`FILL_IDS_UPTO`] events; a bigger or quarantined one is left
+/// out and its ids are asked of the store each time.
+async fn first_touch_ids(
+    storage: &dyn Storage,
+    cache: &StateCache,
+    misses: &[EntityKey],
+    fetched: &HashMap<EntityKey, EntityRecord>,
+) -> Result<HashMap<EntityKey, HashSet<u64>>, StoreError> {
+    let mut known = HashMap::with_capacity(misses.len());
+    let mut reads = Vec::new();
+    for key in misses {
+        match fetched.get(key) {
+            None => {
+                known.insert(key.clone(), HashSet::new());
+            }
+            Some(r) if !r.quarantined && r.head <= FILL_IDS_UPTO => {
+                reads.push(async move {
+                    let h = storage.history(key, 0, Some(r.head)).await?;
+                    Ok::<_, StoreError>((key, h))
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    let mut read = stream::iter(reads).buffer_unordered(FIRST_TOUCH_READS);
+    while let Some(r) = read.next().await {
+        let (key, history) = r?;
+        let ids = history.iter().map(|e| cache.id_hash(&e.id)).collect();
+        known.insert(key.clone(), ids);
+    }
+    Ok(known)
 }
 
 /// An entity's new events as stored: positioned one after another from the
@@ -212,6 +268,7 @@ mod tests {
             &*host.storage,
             &host.registry.generations(),
             Groups::of(fresh(&host, &records)),
+            &mut StateCache::new(0),
         )
         .await
         .unwrap();
@@ -225,5 +282,8 @@ mod tests {
         assert_eq!(b.events[0].position, 1);
         assert_eq!(loaded.events.len(), 2);
         assert!(loaded.moves.saved.is_empty());
+        // First touches: "a" has two events, read for their ids; "b" none.
+        assert_eq!(loaded.known_ids[&a.record.key].len(), 2);
+        assert!(loaded.known_ids[&b.record.key].is_empty());
     }
 }

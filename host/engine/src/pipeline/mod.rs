@@ -24,6 +24,7 @@ use crate::host::Host;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
+pub(crate) mod cache;
 pub(crate) mod commit;
 pub(crate) mod dedup;
 pub mod entities;
@@ -34,6 +35,7 @@ pub(crate) mod group;
 mod testing;
 pub(crate) mod validate;
 
+pub use cache::CacheStats;
 pub use entities::{Entities, entities_of};
 pub use entity::sandbox_for;
 
@@ -74,6 +76,9 @@ pub struct PipelineConfig {
     pub max_batch_projection_ops: usize,
     /// Bytes of read-model output a batch may produce in all.
     pub max_batch_projection_bytes: usize,
+    /// Bytes the owned-state cache may hold (0: none; every batch then
+    /// reads its entities).
+    pub state_cache_bytes: usize,
 }
 
 impl Default for PipelineConfig {
@@ -84,6 +89,7 @@ impl Default for PipelineConfig {
             fold_budget: Duration::from_secs(2),
             max_batch_projection_ops: 200_000,
             max_batch_projection_bytes: 64 << 20,
+            state_cache_bytes: 64 << 20,
         }
     }
 }
@@ -104,6 +110,8 @@ pub struct Pipeline {
     storage: Arc<dyn Storage>,
     registry: Arc<Registry>,
     sandboxes: HashMap<String, Sandbox>,
+    /// Records of the entities this pipeline wrote, between batches.
+    cache: cache::StateCache,
     /// Entities a batch deferred, to be folded by the next ones even when no
     /// new event of theirs arrives (so their read models catch up too).
     behind: std::collections::VecDeque<EntityKey>,
@@ -125,6 +133,7 @@ impl Pipeline {
                 fold_budget: Duration::from_millis(e.batch_fold_budget_ms),
                 max_batch_projection_ops: e.max_batch_projection_ops,
                 max_batch_projection_bytes: e.max_batch_projection_bytes,
+                state_cache_bytes: e.state_cache_bytes,
             },
             host.metrics.clone(),
         )
@@ -141,6 +150,7 @@ impl Pipeline {
             storage,
             registry,
             sandboxes: HashMap::new(),
+            cache: cache::StateCache::new(config.state_cache_bytes),
             behind: Default::default(),
             config,
             metrics,
@@ -164,7 +174,7 @@ impl Pipeline {
 
         let (valid, dead) = validate::validate(records, &plugins, self.config.max_record_bytes);
         commit.dead_letters.extend(dead);
-        let deduped = dedup::dedup(&*self.storage, valid).await?;
+        let deduped = dedup::dedup(&*self.storage, &self.cache, valid).await?;
         commit.dead_letters.extend(deduped.dead_letters);
         for d in &commit.dead_letters {
             self.metrics.dead_lettered(&d.code);
@@ -177,7 +187,17 @@ impl Pipeline {
         // A bounded number of deferred entities per batch.
         let take = self.behind.len().min(records.len().max(MIN_CATCH_UP));
         groups.bring_along(self.behind.drain(..take), &plugins);
-        let loaded = group::load(&*self.storage, &generations, groups).await?;
+        let mut loaded =
+            group::load(&*self.storage, &generations, groups, &mut self.cache).await?;
+        let known_ids = std::mem::take(&mut loaded.known_ids);
+        let mut new_ids: HashMap<EntityKey, Vec<u64>> = HashMap::new();
+        for e in &loaded.events {
+            new_ids
+                .entry(e.key.clone())
+                .or_default()
+                .push(self.cache.id_hash(&e.id));
+        }
+        let batch_keys: Vec<EntityKey> = loaded.work.iter().map(|w| w.record.key.clone()).collect();
         commit.entities.extend(loaded.moves.saved);
         commit.quarantines.extend(loaded.moves.quarantines);
         commit.released.extend(loaded.moves.released);
@@ -219,8 +239,42 @@ impl Pipeline {
             );
         }
 
-        self.storage.commit(commit).await?;
+        // The batch's own entities (not the records a generation move
+        // saves under other keys), kept to be cached once durable.
+        let ours: std::collections::HashSet<&EntityKey> = batch_keys.iter().collect();
+        let updates: Vec<refold_store::EntityUpdate> = commit
+            .entities
+            .iter()
+            .filter(|u| ours.contains(&u.key))
+            .cloned()
+            .collect();
+        drop(ours);
+        if let Err(e) = self.storage.commit(commit).await {
+            // What the store holds of these entities is not known now (a
+            // commit may fail half-way): their next batch reads them.
+            for k in &batch_keys {
+                self.cache.evict(k);
+            }
+            return Err(e);
+        }
+        self.remember(updates, new_ids, known_ids);
         Ok(report)
+    }
+
+    /// After a durable commit: the batch's entities as they now are.
+    fn remember(
+        &mut self,
+        updates: Vec<refold_store::EntityUpdate>,
+        mut new_ids: HashMap<EntityKey, Vec<u64>>,
+        mut known_ids: HashMap<EntityKey, std::collections::HashSet<u64>>,
+    ) {
+        for u in &updates {
+            let ids = new_ids.remove(&u.key).unwrap_or_default();
+            self.cache.committed(u, ids, known_ids.remove(&u.key));
+        }
+        let s = self.cache.take_stats();
+        self.metrics
+            .state_cache(s, self.cache.len(), self.cache.bytes());
     }
 
     /// Keep the deferred entities for the next batches (up to
@@ -415,5 +469,103 @@ mod tests {
         );
         let r = p.process(&[opened(0, "a"), opened(1, "b")]).await.unwrap();
         assert_eq!((r.applied, r.deferred), (1, 1));
+    }
+    /// Cached records only save reads: an entity another writer moved on
+    /// (another host after a rebalance, a re-submitted dead letter) fences
+    /// the batch that used its stale entry, the entry is dropped, and the
+    /// re-run folds from what the store holds.
+    #[tokio::test]
+    async fn a_stale_cached_entity_fences_its_batch_and_the_rerun_is_exact() {
+        let app = app();
+        let mut mine = Pipeline::for_host(&app);
+        mine.process(&[deposit(0, "a", "1", 10)]).await.unwrap();
+        // Behind its back, another writer appends to "a".
+        let mut other = Pipeline::for_host(&app);
+        other.process(&[deposit(1, "a", "2", 5)]).await.unwrap();
+        let batch = [deposit(2, "a", "3", 1), deposit(3, "b", "1", 7)];
+        let err = mine.process(&batch).await.unwrap_err();
+        assert!(matches!(err, StoreError::Fenced(_)), "{err}");
+        let r = mine.process(&batch).await.unwrap();
+        assert_eq!(r.applied, 2);
+        assert_eq!(balance(&app, "a").await, Some(16));
+        assert_eq!(balance(&app, "b").await, Some(7));
+        // A re-delivery of what the other writer stored is known from the
+        // store even though this pipeline's cache had never seen it.
+        let r = mine.process(&[deposit(4, "a", "2", 5)]).await.unwrap();
+        assert_eq!((r.applied, r.duplicates), (0, 1));
+    }
+
+    /// Re-deliveries and conflicts are found for cached entities too: an id
+    /// the entry knows is asked of the store, whose digest decides.
+    #[tokio::test]
+    async fn cached_entities_still_see_re_deliveries_and_conflicts() {
+        let app = app();
+        let mut p = Pipeline::for_host(&app);
+        p.process(&[deposit(0, "a", "1", 10)]).await.unwrap();
+        let r = p
+            .process(&[deposit(1, "a", "1", 10), deposit(2, "a", "2", 1)])
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.duplicates), (1, 1));
+        let r = p.process(&[deposit(3, "a", "2", 99)]).await.unwrap();
+        assert_eq!((r.applied, r.dead_lettered), (0, 1));
+        assert_eq!(balance(&app, "a").await, Some(11));
+        let text = app.metrics.render();
+        assert!(text.contains("refold_state_cache_lookups_total{result=\"hit\"} 1"), "{text}");
+    }
+
+    /// An entity first met by this pipeline but already stored (a restart,
+    /// a rebalance) has its ids read once, so its re-deliveries are found.
+    #[tokio::test]
+    async fn an_entity_stored_before_the_pipeline_started_is_deduplicated() {
+        let app = app();
+        Pipeline::for_host(&app)
+            .process(&[deposit(0, "a", "1", 10), deposit(1, "a", "2", 10)])
+            .await
+            .unwrap();
+        let mut p = Pipeline::for_host(&app);
+        let r = p.process(&[deposit(2, "a", "3", 1)]).await.unwrap();
+        assert_eq!(r.applied, 1);
+        let r = p
+            .process(&[deposit(3, "a", "1", 10), deposit(4, "a", "2", 10), deposit(5, "a", "4", 1)])
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.duplicates), (1, 2));
+        assert_eq!(balance(&app, "a").await, Some(22));
+    }
+
+    /// A cache far too small for the input (one entry, or none) gives the
+    /// same states as one that holds everything.
+    #[tokio::test]
+    async fn a_cache_too_small_for_the_input_gives_the_same_states() {
+        let input: Vec<SourceRecord> = (0..300)
+            .map(|i| deposit(i, &format!("acc-{}", (i * 7) % 23), &format!("e{}", i % 40), 1 + i as u64 % 5))
+            .collect();
+        let mut results = Vec::new();
+        for budget in [0, 400, 64 << 20] {
+            let app = app();
+            let mut p = pipeline_with(
+                &app,
+                PipelineConfig {
+                    state_cache_bytes: budget,
+                    ..Default::default()
+                },
+            );
+            for (n, chunk) in input.chunks(17).enumerate() {
+                p.process(chunk).await.unwrap();
+                // Re-deliver a window now and then, as after a crash.
+                if n % 4 == 3 {
+                    p.process(&input[n * 17 - 20..n * 17]).await.unwrap();
+                }
+            }
+            let mut balances = Vec::new();
+            for a in 0..23 {
+                balances.push(balance(&app, &format!("acc-{a}")).await);
+            }
+            results.push(balances);
+        }
+        assert_eq!(results[0], results[1]);
+        assert_eq!(results[0], results[2]);
+        assert!(results[0].iter().all(Option::is_some));
     }
 }

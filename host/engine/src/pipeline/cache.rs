@@ -1,0 +1,310 @@
+//! The owned-state cache: the records of the entities this pipeline writes,
+//! and what deduplication needs of them, kept between batches so that the
+//! steady state reads nothing per entity. Bounded in bytes, least recently
+//! used out first.
+//!
+//! The cache only ever saves reads; the store stays the judge of every
+//! write. An entry is the record as this pipeline last committed it, so a
+//! write computed from it is fenced on the head it holds: if anything else
+//! moved the entity on (another host after a rebalance, a re-submitted dead
+//! letter), the commit is refused as fenced and the batch's entries are
+//! dropped, so its re-run takes the slow path (load, ask the store). What
+//! could change a record without moving its head is kept out: quarantined
+//! entities are not cached (a release or retry flips them in place), and
+//! an entry of another generation than the active one is a miss (a cut-over
+//! or rollback moves records in place).
+//!
+//! Deduplication asks the cache whether an event id is certainly new: each
+//! entry holds 64-bit hashes of the ids of all its stored events when it
+//! knows all of them (an entity this pipeline created, or one small enough
+//! to have its ids read on first touch). An id whose hash is absent is new;
+//! one whose hash is present (a re-delivery, or a collision) is asked of
+//! the store like before, so a collision costs a read, never an event.
+
+use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
+
+use lru::LruCache;
+use serde_json::Value;
+
+use refold_store::{EntityRecord, EntityUpdate};
+use refold_types::Generation;
+use refold_types::event::EntityKey;
+
+/// Stored events an entity may have for its ids to be read on its first
+/// touch (one history read); beyond it its re-deliveries are asked of the
+/// store each time.
+pub(crate) const FILL_IDS_UPTO: u64 = 512;
+
+/// Bytes an entry costs besides its key, state and ids (the map slot, the
+/// record's fixed fields, the LRU links).
+const ENTRY_OVERHEAD: usize = 192;
+
+/// One cached entity.
+struct Entry {
+    record: EntityRecord,
+    /// Hashes of the ids of every event stored for the entity; `None` when
+    /// the cache does not know all of them.
+    ids: Option<HashSet<u64>>,
+    bytes: usize,
+}
+
+/// What the cache did since the last look (for metrics).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Entities found.
+    pub hits: u64,
+    /// Entities not found (or found stale).
+    pub misses: u64,
+    /// Entries dropped to stay within the budget.
+    pub evictions: u64,
+}
+
+/// The cache itself. One per pipeline; not shared (a pipeline is the only
+/// writer of what it caches).
+pub(crate) struct StateCache {
+    entries: LruCache<EntityKey, Entry>,
+    budget: usize,
+    used: usize,
+    hasher: RandomState,
+    stats: CacheStats,
+}
+
+impl StateCache {
+    /// A cache of at most `budget` bytes (0: caches nothing).
+    pub(crate) fn new(budget: usize) -> Self {
+        StateCache {
+            entries: LruCache::unbounded(),
+            budget,
+            used: 0,
+            hasher: RandomState::new(),
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// The hash an id is kept as.
+    pub(crate) fn id_hash(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    /// The cached record of `key`, if it is of `generation` (the active one
+    /// of its type); an entry of another generation is dropped.
+    pub(crate) fn record(
+        &mut self,
+        key: &EntityKey,
+        generation: &Generation,
+    ) -> Option<EntityRecord> {
+        match self.entries.get(key) {
+            Some(e) if e.record.generation == *generation => {
+                self.stats.hits += 1;
+                Some(e.record.clone())
+            }
+            Some(_) => {
+                self.stats.misses += 1;
+                self.evict(key);
+                None
+            }
+            None => {
+                self.stats.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Whether `id` is certainly not an event of `key` already stored.
+    /// `false` means "ask the store", not "known".
+    pub(crate) fn certainly_new(&self, key: &EntityKey, id: &str) -> bool {
+        match self.entries.peek(key).and_then(|e| e.ids.as_ref()) {
+            Some(ids) => !ids.contains(&self.id_hash(id)),
+            None => false,
+        }
+    }
+
+    /// The id hashes of a cached entity when complete (for an entry about to
+    /// be replaced after a commit).
+    fn take_ids(&mut self, key: &EntityKey) -> Option<HashSet<u64>> {
+        let e = self.entries.pop(key)?;
+        self.used -= e.bytes;
+        e.ids
+    }
+
+    /// After a commit is durable: the entity's new record, with the ids of
+    /// the events the commit stored for it. `known` are the entity's ids
+    /// before the commit when the pipeline read all of them (a first touch);
+    /// for an entity already cached its entry's ids are used.
+    pub(crate) fn committed(
+        &mut self,
+        update: &EntityUpdate,
+        new_ids: impl IntoIterator<Item = u64>,
+        known: Option<HashSet<u64>>,
+    ) {
+        let before = self.take_ids(&update.key).or(known);
+        if update.quarantined || self.budget == 0 {
+            return;
+        }
+        let ids = before.map(|mut ids| {
+            ids.extend(new_ids);
+            ids
+        });
+        let record = EntityRecord {
+            key: update.key.clone(),
+            state: Some(update.state.clone()),
+            position: update.position,
+            head: update.head,
+            plugin: update.plugin.clone(),
+            quarantined: false,
+            generation: update.generation.clone(),
+        };
+        let bytes = ENTRY_OVERHEAD
+            + record.key.entity_type.len()
+            + record.key.entity_id.len()
+            + record.state.as_ref().map_or(0, value_bytes)
+            + ids.as_ref().map_or(0, |i| i.capacity() * 16);
+        self.used += bytes;
+        self.entries.put(update.key.clone(), Entry { record, ids, bytes });
+        while self.used > self.budget {
+            let Some((_, e)) = self.entries.pop_lru() else {
+                break;
+            };
+            self.used -= e.bytes;
+            self.stats.evictions += 1;
+        }
+    }
+
+    /// Forget an entity (its commit failed, so what the store holds of it
+    /// is not known).
+    pub(crate) fn evict(&mut self, key: &EntityKey) {
+        if let Some(e) = self.entries.pop(key) {
+            self.used -= e.bytes;
+        }
+    }
+
+    /// Bytes held, by the estimate the budget is kept with.
+    pub(crate) fn bytes(&self) -> usize {
+        self.used
+    }
+
+    /// Entities held.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Hits, misses and evictions since the last call.
+    pub(crate) fn take_stats(&mut self) -> CacheStats {
+        std::mem::take(&mut self.stats)
+    }
+}
+
+/// A JSON value's heap footprint, estimated: its text length and a node's
+/// size for each element (a `Value` is 32 bytes, a map entry about twice).
+fn value_bytes(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 32,
+        Value::String(s) => 32 + s.len(),
+        Value::Array(a) => 32 + a.iter().map(value_bytes).sum::<usize>(),
+        Value::Object(m) => {
+            32 + m
+                .iter()
+                .map(|(k, v)| 64 + k.len() + value_bytes(v))
+                .sum::<usize>()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn update(id: &str, head: u64) -> EntityUpdate {
+        EntityUpdate {
+            key: EntityKey::new("account", id),
+            state: json!({"balance": head}),
+            position: head,
+            head,
+            expected_head: head.saturating_sub(1),
+            plugin: None,
+            quarantined: false,
+            generation: Generation::base(),
+        }
+    }
+
+    #[test]
+    fn a_committed_record_is_found_in_its_generation_only() {
+        let mut c = StateCache::new(1 << 20);
+        let u = update("a", 3);
+        c.committed(&u, [], Some(HashSet::new()));
+        let r = c.record(&u.key, &Generation::base()).unwrap();
+        assert_eq!((r.head, r.state), (3, Some(json!({"balance": 3}))));
+        assert!(c.record(&u.key, &Generation::from("account#x.1")).is_none());
+        // The stale entry is gone.
+        assert!(c.record(&u.key, &Generation::base()).is_none());
+        assert_eq!(c.take_stats(), CacheStats { hits: 1, misses: 2, evictions: 0 });
+    }
+
+    #[test]
+    fn ids_are_certainly_new_only_when_all_are_known() {
+        let mut c = StateCache::new(1 << 20);
+        let (a, b) = (update("a", 1), update("b", 1));
+        let h = c.id_hash("e1");
+        c.committed(&a, [h], Some(HashSet::new()));
+        c.committed(&b, [h], None);
+        assert!(!c.certainly_new(&a.key, "e1"));
+        assert!(c.certainly_new(&a.key, "e2"));
+        // b's earlier ids are not known: every id is asked of the store.
+        assert!(!c.certainly_new(&b.key, "e2"));
+        // A later commit adds to what a cached entry knows.
+        let h2 = c.id_hash("e2");
+        c.committed(&update("a", 2), [h2], None);
+        assert!(!c.certainly_new(&a.key, "e2"));
+        assert!(c.certainly_new(&a.key, "e3"));
+        assert!(!c.certainly_new(&EntityKey::new("account", "z"), "e1"));
+    }
+
+    #[test]
+    fn quarantined_entities_are_not_kept() {
+        let mut c = StateCache::new(1 << 20);
+        c.committed(&update("a", 1), [], Some(HashSet::new()));
+        let q = EntityUpdate {
+            quarantined: true,
+            ..update("a", 2)
+        };
+        c.committed(&q, [], None);
+        assert_eq!((c.len(), c.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn the_budget_holds_and_the_least_recent_go_first() {
+        let one = {
+            let mut c = StateCache::new(usize::MAX);
+            c.committed(&update("0", 1), [], Some(HashSet::new()));
+            c.bytes()
+        };
+        let mut c = StateCache::new(one * 3);
+        for i in 0..3 {
+            c.committed(&update(&i.to_string(), 1), [], Some(HashSet::new()));
+        }
+        // Touch "0": "1" is now the least recently used.
+        assert!(c.record(&EntityKey::new("account", "0"), &Generation::base()).is_some());
+        c.committed(&update("3", 1), [], Some(HashSet::new()));
+        assert_eq!(c.len(), 3);
+        assert!(c.bytes() <= one * 3);
+        assert!(c.record(&EntityKey::new("account", "1"), &Generation::base()).is_none());
+        assert!(c.record(&EntityKey::new("account", "0"), &Generation::base()).is_some());
+        assert_eq!(c.take_stats().evictions, 1);
+        // A zero budget keeps nothing.
+        let mut none = StateCache::new(0);
+        none.committed(&update("a", 1), [], Some(HashSet::new()));
+        assert_eq!(none.len(), 0);
+    }
+
+    #[test]
+    fn eviction_forgets_the_entry_and_its_bytes() {
+        let mut c = StateCache::new(1 << 20);
+        let u = update("a", 1);
+        c.committed(&u, [], Some(HashSet::new()));
+        c.evict(&u.key);
+        assert_eq!((c.len(), c.bytes()), (0, 0));
+        assert!(!c.certainly_new(&u.key, "x"));
+    }
+}
