@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::config::HostConfig;
 use crate::host::Host;
 use crate::manager::PluginManager;
-use crate::pipeline::{BatchReport, Pipeline};
+use crate::pipeline::{BatchReport, Pipeline, Prepare};
 
 /// The engine and everything it shares with the API.
 #[derive(Clone)]
@@ -51,8 +51,10 @@ impl App {
     }
 
     /// Consume `source` until it is exhausted or `shutdown` turns true.
-    /// Each batch is committed before the source is told to move on; a
-    /// store outage is waited out with backoff, never skipped.
+    /// The next batch is read, deduplicated and folded while the one before
+    /// it is written; a batch's source offsets are committed only once it
+    /// and every batch before it are durable, in order. A store outage is
+    /// waited out with backoff, never skipped.
     pub async fn consume(
         &self,
         mut source: Box<dyn EventSource>,
@@ -60,8 +62,12 @@ impl App {
         mut on_batch: impl FnMut(&BatchReport) + Send,
     ) -> anyhow::Result<BatchReport> {
         let host = &self.host;
-        let mut pipeline = Pipeline::for_host(host);
-        let mut total = BatchReport::default();
+        let mut run = Run {
+            pipeline: Pipeline::for_host(host),
+            total: BatchReport::default(),
+            on_batch: &mut on_batch,
+        };
+        let mut pending: Option<Pending> = None;
         let mut reader = Reader::new(host.config.source.batch_size);
         let mut disk_checked: Option<Instant> = None;
         loop {
@@ -78,32 +84,192 @@ impl App {
                 Read::Again => continue,
                 Read::End => break,
             };
-            if records.is_empty() && !pipeline.has_deferred() {
+            if records.is_empty() && !run.pipeline.has_deferred() {
+                // Idle: let the write in flight land and its offsets go.
+                if let Some(p) = pending.take()
+                    && self.settle(p, &mut run, &mut *source, &shutdown).await? == Settled::Shutdown
+                {
+                    return Ok(run.total);
+                }
                 continue;
             }
             count_consumed(host, &records);
-            let checkpoints = checkpoints_of(&records);
-            let Some(report) = self
-                .commit_batch(&mut pipeline, &records, &shutdown)
+            match self
+                .overlap(records, &mut pending, &mut run, &mut *source, &shutdown)
                 .await?
-            else {
-                return Ok(total);
-            };
-            // The batch is durable and its checkpoint is in the store; a
-            // failed offset commit only means the batch may be read again,
-            // and its events are then found already stored.
-            if let Err(e) = source.commit(&checkpoints).await {
-                tracing::warn!(error = %format!("{e:#}"), "committing source offsets failed; the batch may be re-read");
+            {
+                Settled::Shutdown => return Ok(run.total),
+                Settled::Durable | Settled::Redone => {}
             }
-            for c in &checkpoints {
-                host.metrics.progressed(&c.source, c.partition);
-                host.health.progressed(&c.source, c.partition);
-            }
-            report_lag(host, &*source);
-            on_batch(&report);
-            merge(&mut total, &report);
         }
-        Ok(total)
+        if let Some(p) = pending.take() {
+            self.settle(p, &mut run, &mut *source, &shutdown).await?;
+        }
+        Ok(run.total)
+    }
+
+    /// Prepare `records` while the write in `pending` runs, settle that
+    /// write, then hand this batch's to a task of its own (left in
+    /// `pending`). When the write in flight failed, what was prepared on top
+    /// of it is dropped and the batch is processed again on its own.
+    async fn overlap(
+        &self,
+        records: Vec<SourceRecord>,
+        pending: &mut Option<Pending>,
+        run: &mut Run<'_>,
+        source: &mut dyn EventSource,
+        shutdown: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Settled> {
+        let gate = self.plugins.gate().clone();
+        let guard = match gate.clone().try_read_owned() {
+            Ok(g) => g,
+            Err(_) => {
+                // A change waits for the gate: let the batch in flight land
+                // first (it holds the gate too), then queue behind the change.
+                if let Some(p) = pending.take()
+                    && self.settle(p, run, source, shutdown).await? == Settled::Shutdown
+                {
+                    return Ok(Settled::Shutdown);
+                }
+                gate.read_owned().await
+            }
+        };
+        loop {
+            let prepared = match run.pipeline.prepare(&records).await {
+                Ok(Prepare::Ready(p)) => p,
+                Ok(Prepare::Settle) if pending.is_some() => {
+                    let p = pending.take().expect("checked");
+                    match self.settle(p, run, source, shutdown).await? {
+                        Settled::Shutdown => return Ok(Settled::Shutdown),
+                        Settled::Durable | Settled::Redone => continue,
+                    }
+                }
+                Ok(Prepare::Settle) | Err(_) => {
+                    // A read failed (or the batch waits on nothing known):
+                    // the one-batch-at-a-time path retries it with backoff,
+                    // after the write in flight.
+                    drop(guard);
+                    if let Some(p) = pending.take()
+                        && self.settle(p, run, source, shutdown).await? == Settled::Shutdown
+                    {
+                        return Ok(Settled::Shutdown);
+                    }
+                    return self.redo(records, run, source, shutdown).await;
+                }
+            };
+            if let Some(p) = pending.take() {
+                match self.settle(p, run, source, shutdown).await? {
+                    Settled::Shutdown => return Ok(Settled::Shutdown),
+                    Settled::Redone => {
+                        // Prepared on top of a write that failed: void.
+                        drop(prepared);
+                        drop(guard);
+                        return self.redo(records, run, source, shutdown).await;
+                    }
+                    Settled::Durable => {}
+                }
+            }
+            let produced_at = produced_at(&records);
+            let (commit, report) = run.pipeline.submit(prepared);
+            let storage = run.pipeline.storage().clone();
+            *pending = Some(Pending {
+                write: tokio::spawn(async move { storage.commit(commit).await }),
+                records,
+                report,
+                produced_at,
+                _gate: guard,
+            });
+            return Ok(Settled::Durable);
+        }
+    }
+
+    /// Wait for the write in flight. Durable: its offsets are committed and
+    /// it is reported. Failed: the cache is emptied and the batch processed
+    /// again on its own until it is durable.
+    async fn settle(
+        &self,
+        p: Pending,
+        run: &mut Run<'_>,
+        source: &mut dyn EventSource,
+        shutdown: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Settled> {
+        let Pending {
+            write,
+            records,
+            report,
+            produced_at,
+            _gate,
+        } = p;
+        let result = write
+            .await
+            .map_err(|e| anyhow::anyhow!("the batch write task failed: {e}"))?;
+        run.pipeline.settled(result.is_ok());
+        drop(_gate);
+        match result {
+            Ok(()) => {
+                self.host.health.clear("store");
+                self.durable(&records, &report, &produced_at, run, source)
+                    .await;
+                Ok(Settled::Durable)
+            }
+            Err(e @ (StoreError::Unavailable(_) | StoreError::Fenced(_))) => {
+                tracing::warn!(error = %e, "batch write failed; processing it again");
+                match self.redo(records, run, source, shutdown).await? {
+                    Settled::Shutdown => Ok(Settled::Shutdown),
+                    _ => Ok(Settled::Redone),
+                }
+            }
+            Err(e) => Err(anyhow::Error::new(e).context("committing a batch")),
+        }
+    }
+
+    /// Process one batch on its own until it is durable, then report it.
+    async fn redo(
+        &self,
+        records: Vec<SourceRecord>,
+        run: &mut Run<'_>,
+        source: &mut dyn EventSource,
+        shutdown: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Settled> {
+        let produced_at = produced_at(&records);
+        let Some(report) = self
+            .commit_batch(&mut run.pipeline, &records, shutdown)
+            .await?
+        else {
+            return Ok(Settled::Shutdown);
+        };
+        self.durable(&records, &report, &produced_at, run, source)
+            .await;
+        Ok(Settled::Redone)
+    }
+
+    /// A batch is durable: count it, tell the source, report it.
+    async fn durable(
+        &self,
+        records: &[SourceRecord],
+        report: &BatchReport,
+        produced_at: &[i64],
+        run: &mut Run<'_>,
+        source: &mut dyn EventSource,
+    ) {
+        let host = &self.host;
+        host.metrics.committed(report.applied as u64);
+        host.metrics
+            .observe_produce_to_commit(produced_at, clock::unix_ms());
+        let checkpoints = checkpoints_of(records);
+        // The batch is durable and its checkpoint is in the store; a
+        // failed offset commit only means the batch may be read again,
+        // and its events are then found already stored.
+        if let Err(e) = source.commit(&checkpoints).await {
+            tracing::warn!(error = %format!("{e:#}"), "committing source offsets failed; the batch may be re-read");
+        }
+        for c in &checkpoints {
+            host.metrics.progressed(&c.source, c.partition);
+            host.health.progressed(&c.source, c.partition);
+        }
+        report_lag(host, source);
+        (run.on_batch)(report);
+        merge(&mut run.total, report);
     }
 
     /// Process one batch and commit it, under the batch gate, until it is
@@ -117,20 +283,14 @@ impl App {
         shutdown: &watch::Receiver<bool>,
     ) -> anyhow::Result<Option<BatchReport>> {
         let host = &self.host;
-        let produced_at: Vec<i64> = records.iter().filter_map(|r| r.produced_at_ms).collect();
         let mut backoff = Duration::from_millis(100);
         loop {
-            let gate = self.plugins.gate().lock().await;
+            let gate = self.plugins.gate().read().await;
             let result = pipeline.process(records).await;
             drop(gate);
             match result {
                 Ok(r) => {
                     host.health.clear("store");
-                    // `process` returns after the store commit: from here on
-                    // the batch's events and states are durable.
-                    host.metrics.committed(r.applied as u64);
-                    host.metrics
-                        .observe_produce_to_commit(&produced_at, clock::unix_ms());
                     return Ok(Some(r));
                 }
                 Err(StoreError::Unavailable(e)) => {
@@ -155,6 +315,40 @@ impl App {
             }
         }
     }
+}
+
+/// The consume loop's own state.
+struct Run<'a> {
+    pipeline: Pipeline,
+    total: BatchReport,
+    on_batch: &'a mut (dyn FnMut(&BatchReport) + Send),
+}
+
+/// A batch whose write runs in a task of its own.
+struct Pending {
+    write: tokio::task::JoinHandle<Result<(), StoreError>>,
+    records: Vec<SourceRecord>,
+    report: BatchReport,
+    produced_at: Vec<i64>,
+    /// The batch gate, shared, until the write is durable.
+    _gate: tokio::sync::OwnedRwLockReadGuard<()>,
+}
+
+/// How a batch in flight ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// Its write landed.
+    Durable,
+    /// Its write failed; it was processed again on its own and is durable.
+    Redone,
+    /// Shutdown came while an outage was waited out: nothing of the batch
+    /// is committed, and it is read again at start.
+    Shutdown,
+}
+
+/// When the records were produced, where the source says.
+fn produced_at(records: &[SourceRecord]) -> Vec<i64> {
+    records.iter().filter_map(|r| r.produced_at_ms).collect()
 }
 
 /// What one read of the source gave.
@@ -258,7 +452,7 @@ fn merge(total: &mut BatchReport, r: &BatchReport) {
 mod tests {
     use super::*;
     use refold_source::{PartitionLag, SourceRecord};
-    use refold_store::{Checkpoint, Origin};
+    use refold_store::{Checkpoint, Origin, StateStore as _};
     use refold_store_sqlite::SqliteStore;
     use std::path::Path;
 
@@ -278,6 +472,104 @@ mod tests {
         fn lag(&self) -> Vec<PartitionLag> {
             Vec::new()
         }
+    }
+
+    /// Batches in order, then the end; records what was committed, and
+    /// checks that each commit comes after the store holds its batch.
+    struct Batches {
+        batches: std::collections::VecDeque<Vec<SourceRecord>>,
+        committed: Arc<std::sync::Mutex<Vec<i64>>>,
+        store: Arc<SqliteStore>,
+    }
+
+    #[async_trait::async_trait]
+    impl EventSource for Batches {
+        async fn next_batch(&mut self, _max: usize) -> anyhow::Result<Option<Vec<SourceRecord>>> {
+            Ok(self.batches.pop_front())
+        }
+        async fn commit(&mut self, c: &[Checkpoint]) -> anyhow::Result<()> {
+            let stored = self.store.checkpoints("t").await?;
+            for c in c {
+                let durable = stored.iter().find(|s| s.partition == c.partition);
+                assert!(
+                    durable.is_some_and(|d| d.offset >= c.offset),
+                    "offset {} committed before it was durable",
+                    c.offset
+                );
+                self.committed.lock().unwrap().push(c.offset);
+            }
+            Ok(())
+        }
+        fn lag(&self) -> Vec<PartitionLag> {
+            Vec::new()
+        }
+    }
+
+    fn deposit(i: usize, account: &str, id: &str, amount: u64) -> SourceRecord {
+        SourceRecord {
+            origin: Origin {
+                source: "t".into(),
+                partition: 0,
+                offset: i as i64,
+            },
+            next_offset: i as i64 + 1,
+            key: Some(account.into()),
+            headers: Vec::new(),
+            payload: serde_json::json!({"specversion": "1.0", "id": id,
+                "source": "/t", "type": "account.deposited", "subject": account,
+                "entitytype": "account", "data": {"amount": amount}})
+            .to_string()
+            .into_bytes(),
+            produced_at_ms: None,
+        }
+    }
+
+    /// With a batch folded while the one before is written, a re-delivery
+    /// of an event still being written is a duplicate, each batch builds on
+    /// the one before, and offsets are committed in order, each once its
+    /// batch is durable.
+    #[tokio::test]
+    async fn overlapped_batches_are_exact_and_commit_offsets_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = HostConfig::default();
+        config.plugins.files =
+            vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bank/bank.wasm")];
+        let store = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
+        let app = App::with_storage(config, store.clone(), store.clone()).unwrap();
+        let mut offset = 0;
+        let mut next = |account: &str, id: &str, amount| {
+            offset += 1;
+            deposit(offset - 1, account, id, amount)
+        };
+        let batches = vec![
+            vec![next("a", "1", 10), next("b", "1", 1)],
+            // "a"/"1" again while the first batch may still be written.
+            vec![next("a", "1", 10), next("a", "2", 5)],
+            vec![next("a", "2", 5), next("b", "2", 2), next("c", "1", 3)],
+            vec![next("c", "1", 3)],
+        ];
+        let committed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let source = Batches {
+            batches: batches.into(),
+            committed: committed.clone(),
+            store: store.clone(),
+        };
+        let (_tx, rx) = watch::channel(false);
+        let total = app.consume(Box::new(source), rx, |_| {}).await.unwrap();
+        assert_eq!((total.applied, total.duplicates), (5, 3));
+        assert_eq!(*committed.lock().unwrap(), [2, 4, 7, 8]);
+        let balance = |id: &str| {
+            let k = refold_store::EntityKey::new("account", id);
+            let store = store.clone();
+            async move {
+                let r = store.load(std::slice::from_ref(&k)).await.unwrap();
+                r[&k].state.as_ref().unwrap()["balance"].as_u64().unwrap()
+            }
+        };
+        assert_eq!(
+            (balance("a").await, balance("b").await, balance("c").await),
+            (15, 3, 3)
+        );
     }
 
     fn metric(text: &str, name: &str) -> f64 {

@@ -346,7 +346,9 @@ impl Metrics {
 
     /// What the owned-state cache did in a batch, and what it holds.
     pub fn state_cache(&self, s: crate::pipeline::CacheStats, entries: usize, bytes: usize) {
-        self.cache_lookups.with_label_values(&["hit"]).inc_by(s.hits);
+        self.cache_lookups
+            .with_label_values(&["hit"])
+            .inc_by(s.hits);
         self.cache_lookups
             .with_label_values(&["miss"])
             .inc_by(s.misses);

@@ -33,7 +33,7 @@ impl PluginManager {
     pub(super) async fn activate_forward(&self, plugin: Arc<Plugin>) -> Result<(), InstallError> {
         let entity_type = plugin.info.entity_type.clone();
         let digest = plugin.digest.clone();
-        let _gate = self.gate.lock().await;
+        let _gate = self.gate.write().await;
         let cur = self.current_activation(&entity_type).await?;
         if cur.as_ref().is_some_and(|c| c.digest == digest)
             && self
@@ -134,7 +134,7 @@ impl PluginManager {
             .clone()
             .unwrap_or_else(|| cur.generation.clone());
         let plugin = self.compiled(&prev).await?;
-        let _gate = self.gate.lock().await;
+        let _gate = self.gate.write().await;
         if prev_generation != cur.generation {
             self.host
                 .storage

@@ -61,9 +61,12 @@ pub struct PluginManager {
     compiled: Arc<Mutex<HashMap<String, Arc<Plugin>>>>,
     /// Rebuilds by id.
     rebuilds: Arc<Mutex<HashMap<String, RebuildStatus>>>,
-    /// Held by the consume loop for each batch, and by anything that must
-    /// land between two batches (swaps, retries, re-submissions).
-    gate: Arc<tokio::sync::Mutex<()>>,
+    /// Held shared by each batch of the consume loop from its first read to
+    /// its durable commit (two overlap: one folding, one being written), and
+    /// exclusively by anything that must land between batches (swaps,
+    /// retries, re-submissions). Write-preferring: a change waiting keeps
+    /// new batches out until the ones in flight are durable.
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl PluginManager {
@@ -73,12 +76,12 @@ impl PluginManager {
             host,
             compiled: Arc::new(Mutex::new(HashMap::new())),
             rebuilds: Arc::new(Mutex::new(HashMap::new())),
-            gate: Arc::new(tokio::sync::Mutex::new(())),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
         }
     }
 
     /// The batch gate (see the type's doc).
-    pub fn gate(&self) -> &tokio::sync::Mutex<()> {
+    pub fn gate(&self) -> &Arc<tokio::sync::RwLock<()>> {
         &self.gate
     }
 

@@ -519,7 +519,7 @@ impl PluginManager {
         }
         // Cut over between two batches: the last few events, the read model,
         // then the one row that makes the new generation the active one.
-        let _gate = self.gate.lock().await;
+        let _gate = self.gate.write().await;
         self.catch_up(plugin, &t, &shadow, &mut folded_to).await?;
         // A fresh heartbeat just before the cut-over: no cleanup can claim the
         // record (and drop the generation) for ORPHANED_AFTER_MS after it.

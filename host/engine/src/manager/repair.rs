@@ -43,7 +43,7 @@ impl PluginManager {
         let plugin = self.host.registry.get(&key.entity_type).ok_or_else(|| {
             InstallError::NotFound(format!("no active plugin for {}", key.entity_type))
         })?;
-        let _gate = self.gate.lock().await;
+        let _gate = self.gate.write().await;
         let (rec, moves) = self.load_active(key, true).await?;
         if !rec.quarantined {
             return Err(InstallError::NotFound(format!("{key} is not quarantined")));
@@ -141,7 +141,7 @@ impl PluginManager {
             payload,
             produced_at_ms: None,
         };
-        let _gate = self.gate.lock().await;
+        let _gate = self.gate.write().await;
         let mut pipeline = Pipeline::for_host(&self.host);
         let report = pipeline.process(std::slice::from_ref(&record)).await?;
         if report.dead_lettered == 0 {

@@ -104,7 +104,7 @@ impl PluginManager {
             }
             match self.compiled(&a.digest).await {
                 Ok(p) => {
-                    let _gate = self.gate.lock().await;
+                    let _gate = self.gate.write().await;
                     self.host.registry.activate_in(p, &a.generation);
                     tracing::info!(entity_type = %a.entity_type, digest = %a.digest, "activation picked up from the registry");
                 }

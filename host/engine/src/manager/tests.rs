@@ -94,7 +94,7 @@ fn deposit(offset: i64, account: &str, amount: i64) -> SourceRecord {
 
 /// One batch through the pipeline, between two batches of anything else.
 async fn ingest(m: &PluginManager, records: &[SourceRecord]) -> BatchReport {
-    let _gate = m.gate().lock().await;
+    let _gate = m.gate().read().await;
     Pipeline::for_host(&m.host).process(records).await.unwrap()
 }
 

@@ -161,7 +161,8 @@ impl StateCache {
             + record.state.as_ref().map_or(0, value_bytes)
             + ids.as_ref().map_or(0, |i| i.capacity() * 16);
         self.used += bytes;
-        self.entries.put(update.key.clone(), Entry { record, ids, bytes });
+        self.entries
+            .put(update.key.clone(), Entry { record, ids, bytes });
         while self.used > self.budget {
             let Some((_, e)) = self.entries.pop_lru() else {
                 break;
@@ -177,6 +178,17 @@ impl StateCache {
         if let Some(e) = self.entries.pop(key) {
             self.used -= e.bytes;
         }
+    }
+
+    /// Whether `key` is held (in any generation).
+    pub(crate) fn holds(&self, key: &EntityKey) -> bool {
+        self.entries.contains(key)
+    }
+
+    /// Forget everything.
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.used = 0;
     }
 
     /// Bytes held, by the estimate the budget is kept with.
@@ -239,7 +251,14 @@ mod tests {
         assert!(c.record(&u.key, &Generation::from("account#x.1")).is_none());
         // The stale entry is gone.
         assert!(c.record(&u.key, &Generation::base()).is_none());
-        assert_eq!(c.take_stats(), CacheStats { hits: 1, misses: 2, evictions: 0 });
+        assert_eq!(
+            c.take_stats(),
+            CacheStats {
+                hits: 1,
+                misses: 2,
+                evictions: 0
+            }
+        );
     }
 
     #[test]
@@ -285,12 +304,21 @@ mod tests {
             c.committed(&update(&i.to_string(), 1), [], Some(HashSet::new()));
         }
         // Touch "0": "1" is now the least recently used.
-        assert!(c.record(&EntityKey::new("account", "0"), &Generation::base()).is_some());
+        assert!(
+            c.record(&EntityKey::new("account", "0"), &Generation::base())
+                .is_some()
+        );
         c.committed(&update("3", 1), [], Some(HashSet::new()));
         assert_eq!(c.len(), 3);
         assert!(c.bytes() <= one * 3);
-        assert!(c.record(&EntityKey::new("account", "1"), &Generation::base()).is_none());
-        assert!(c.record(&EntityKey::new("account", "0"), &Generation::base()).is_some());
+        assert!(
+            c.record(&EntityKey::new("account", "1"), &Generation::base())
+                .is_none()
+        );
+        assert!(
+            c.record(&EntityKey::new("account", "0"), &Generation::base())
+                .is_some()
+        );
         assert_eq!(c.take_stats().evictions, 1);
         // A zero budget keeps nothing.
         let mut none = StateCache::new(0);

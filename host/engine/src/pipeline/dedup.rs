@@ -24,23 +24,35 @@ pub(crate) struct Deduped {
 
 /// Drop re-deliveries and dead-letter conflicts, first within the batch,
 /// then against what the store already holds: one `known_ids` read for the
-/// ids the cache cannot vouch for as new, none when there are none.
+/// ids the cache cannot vouch for as new, none when there are none. The
+/// events of the batch being written (`in_flight`) count as stored.
 pub(crate) async fn dedup(
     storage: &dyn Storage,
     cache: &StateCache,
+    in_flight: &HashMap<EventIdentity, Option<String>>,
     valid: Vec<Valid<'_>>,
 ) -> Result<Deduped, StoreError> {
     let (unique, mut deduped) = within_batch(valid);
-    let ask: Vec<EventIdentity> = unique
-        .iter()
-        .filter(|(e, _)| !cache.certainly_new(&e.key, &e.id))
-        .map(|(e, _)| (e.key.clone(), e.id.clone()))
-        .collect();
-    let known = if ask.is_empty() {
+    let mut from_flight = HashMap::new();
+    let mut ask: Vec<EventIdentity> = Vec::new();
+    for (e, _) in &unique {
+        if cache.certainly_new(&e.key, &e.id) {
+            continue;
+        }
+        let identity = (e.key.clone(), e.id.clone());
+        match in_flight.get(&identity) {
+            Some(d) => {
+                from_flight.insert(identity, d.clone());
+            }
+            None => ask.push(identity),
+        }
+    }
+    let mut known = if ask.is_empty() {
         HashMap::new()
     } else {
         storage.known_ids(&ask).await?
     };
+    known.extend(from_flight);
     against_store(unique, &known, &mut deduped);
     Ok(deduped)
 }
@@ -142,11 +154,13 @@ mod tests {
             .unwrap();
         let records = [deposit(1, "a", "1", 10), deposit(2, "a", "2", 1)];
         let (v, _) = validate(&records, &host.registry.snapshot(), 1 << 20);
-        let cache = StateCache::new(0);
-        let d = dedup(&*host.storage, &cache, v).await.unwrap();
+        let (cache, flight) = (StateCache::new(0), HashMap::new());
+        let d = dedup(&*host.storage, &cache, &flight, v).await.unwrap();
         assert_eq!((d.fresh.len(), d.duplicates), (1, 1));
         assert_eq!(d.fresh[0].1.offset, 2);
-        let none = dedup(&*host.storage, &cache, Vec::new()).await.unwrap();
+        let none = dedup(&*host.storage, &cache, &flight, Vec::new())
+            .await
+            .unwrap();
         assert!(none.fresh.is_empty());
     }
 }

@@ -11,13 +11,13 @@
 //! `entities` (every entity of a type) stands alone. No step uses `mod`
 //! except for [`BatchReport`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use refold_runtime::Sandbox;
 use refold_source::{SourceRecord, checkpoints_of};
-use refold_store::{Commit, Storage, StoreError};
+use refold_store::{Commit, EventIdentity, Storage, StoreError};
 use refold_types::event::EntityKey;
 
 use crate::host::Host;
@@ -60,6 +60,25 @@ pub struct BatchReport {
     /// out of its time or output budget before reaching them. A later batch
     /// or a query folds them (they are behind their head).
     pub deferred: usize,
+}
+
+/// A batch ready to be written (see [`Pipeline::prepare`]).
+pub struct Prepared {
+    commit: Commit,
+    report: BatchReport,
+    /// The identities of the events it stores, with their digests.
+    identities: HashMap<EventIdentity, Option<String>>,
+    /// The entities it writes.
+    keys: HashSet<EntityKey>,
+}
+
+/// What [`Pipeline::prepare`] gave.
+pub enum Prepare {
+    /// The batch, ready to be written.
+    Ready(Prepared),
+    /// The batch needs what the write in flight is storing: settle it and
+    /// prepare the batch again.
+    Settle,
 }
 
 /// Settings of the pipeline.
@@ -112,6 +131,9 @@ pub struct Pipeline {
     sandboxes: HashMap<String, Sandbox>,
     /// Records of the entities this pipeline wrote, between batches.
     cache: cache::StateCache,
+    /// The events of the batch being written, and its entities.
+    in_flight: HashMap<EventIdentity, Option<String>>,
+    in_flight_keys: HashSet<EntityKey>,
     /// Entities a batch deferred, to be folded by the next ones even when no
     /// new event of theirs arrives (so their read models catch up too).
     behind: std::collections::VecDeque<EntityKey>,
@@ -151,6 +173,8 @@ impl Pipeline {
             registry,
             sandboxes: HashMap::new(),
             cache: cache::StateCache::new(config.state_cache_bytes),
+            in_flight: HashMap::new(),
+            in_flight_keys: HashSet::new(),
             behind: Default::default(),
             config,
             metrics,
@@ -161,6 +185,28 @@ impl Pipeline {
     /// checkpoints it reached. On `Err` nothing of the batch is committed and
     /// the caller must retry it (or re-read it from the last checkpoint).
     pub async fn process(&mut self, records: &[SourceRecord]) -> Result<BatchReport, StoreError> {
+        let prepared = match self.prepare(records).await? {
+            Prepare::Ready(p) => p,
+            Prepare::Settle => {
+                return Err(StoreError::Other(anyhow::anyhow!(
+                    "a batch was processed while another one's write was in flight"
+                )));
+            }
+        };
+        let (commit, report) = self.submit(prepared);
+        let result = self.storage.commit(commit).await;
+        self.settled(result.is_ok());
+        result.map(|()| report)
+    }
+
+    /// Everything of a batch but its write: validate, deduplicate, load,
+    /// fold, and the [`Commit`] that makes it durable. The cache then holds
+    /// the batch's records as if committed, so that the next batch can be
+    /// prepared while this one is written; [`settled`](Self::settled) says
+    /// how the write went. [`Prepare::Settle`] when the batch needs an
+    /// entity of the write in flight that the cache no longer holds: settle
+    /// that write, then prepare again.
+    pub async fn prepare(&mut self, records: &[SourceRecord]) -> Result<Prepare, StoreError> {
         let plugins = self.registry.snapshot();
         let generations = self.registry.generations();
         let mut report = BatchReport {
@@ -174,30 +220,41 @@ impl Pipeline {
 
         let (valid, dead) = validate::validate(records, &plugins, self.config.max_record_bytes);
         commit.dead_letters.extend(dead);
-        let deduped = dedup::dedup(&*self.storage, &self.cache, valid).await?;
+        let deduped = dedup::dedup(&*self.storage, &self.cache, &self.in_flight, valid).await?;
         commit.dead_letters.extend(deduped.dead_letters);
-        for d in &commit.dead_letters {
-            self.metrics.dead_lettered(&d.code);
-        }
         report.duplicates = deduped.duplicates;
         report.dead_lettered = commit.dead_letters.len();
-        self.metrics.duplicates(report.duplicates as u64);
 
         let mut groups = group::Groups::of(deduped.fresh);
         // A bounded number of deferred entities per batch.
         let take = self.behind.len().min(records.len().max(MIN_CATCH_UP));
+        let needs_settling =
+            |k: &EntityKey| self.in_flight_keys.contains(k) && !self.cache.holds(k);
+        if groups.order.iter().any(needs_settling)
+            || self.behind.iter().take(take).any(needs_settling)
+        {
+            // The store does not hold that entity's last write yet, and the
+            // cache no longer does (it was evicted, or quarantined).
+            return Ok(Prepare::Settle);
+        }
         groups.bring_along(self.behind.drain(..take), &plugins);
-        let mut loaded =
-            group::load(&*self.storage, &generations, groups, &mut self.cache).await?;
-        let known_ids = std::mem::take(&mut loaded.known_ids);
+        for d in &commit.dead_letters {
+            self.metrics.dead_lettered(&d.code);
+        }
+        self.metrics.duplicates(report.duplicates as u64);
+        let mut loaded = group::load(&*self.storage, &generations, groups, &mut self.cache).await?;
+        let mut known_ids = std::mem::take(&mut loaded.known_ids);
         let mut new_ids: HashMap<EntityKey, Vec<u64>> = HashMap::new();
+        let mut identities = HashMap::with_capacity(loaded.events.len());
         for e in &loaded.events {
             new_ids
                 .entry(e.key.clone())
                 .or_default()
                 .push(self.cache.id_hash(&e.id));
+            identities.insert((e.key.clone(), e.id.clone()), e.digest.clone());
         }
-        let batch_keys: Vec<EntityKey> = loaded.work.iter().map(|w| w.record.key.clone()).collect();
+        let batch_keys: HashSet<EntityKey> =
+            loaded.work.iter().map(|w| w.record.key.clone()).collect();
         commit.entities.extend(loaded.moves.saved);
         commit.quarantines.extend(loaded.moves.quarantines);
         commit.released.extend(loaded.moves.released);
@@ -238,43 +295,51 @@ impl Pipeline {
                 &s.stats,
             );
         }
-
-        // The batch's own entities (not the records a generation move
-        // saves under other keys), kept to be cached once durable.
-        let ours: std::collections::HashSet<&EntityKey> = batch_keys.iter().collect();
-        let updates: Vec<refold_store::EntityUpdate> = commit
+        // The batch's own entities (not the records a generation move saves
+        // under other keys) are cached as this commit leaves them.
+        for u in commit
             .entities
             .iter()
-            .filter(|u| ours.contains(&u.key))
-            .cloned()
-            .collect();
-        drop(ours);
-        if let Err(e) = self.storage.commit(commit).await {
-            // What the store holds of these entities is not known now (a
-            // commit may fail half-way): their next batch reads them.
-            for k in &batch_keys {
-                self.cache.evict(k);
-            }
-            return Err(e);
-        }
-        self.remember(updates, new_ids, known_ids);
-        Ok(report)
-    }
-
-    /// After a durable commit: the batch's entities as they now are.
-    fn remember(
-        &mut self,
-        updates: Vec<refold_store::EntityUpdate>,
-        mut new_ids: HashMap<EntityKey, Vec<u64>>,
-        mut known_ids: HashMap<EntityKey, std::collections::HashSet<u64>>,
-    ) {
-        for u in &updates {
+            .filter(|u| batch_keys.contains(&u.key))
+        {
             let ids = new_ids.remove(&u.key).unwrap_or_default();
             self.cache.committed(u, ids, known_ids.remove(&u.key));
         }
         let s = self.cache.take_stats();
         self.metrics
             .state_cache(s, self.cache.len(), self.cache.bytes());
+        Ok(Prepare::Ready(Prepared {
+            commit,
+            report,
+            identities,
+            keys: batch_keys,
+        }))
+    }
+
+    /// The prepared batch is being written: until [`settled`](Self::settled),
+    /// the next batch takes its events as stored (a re-delivery of one of
+    /// them is a duplicate, not a new event).
+    pub fn submit(&mut self, prepared: Prepared) -> (Commit, BatchReport) {
+        self.in_flight = prepared.identities;
+        self.in_flight_keys = prepared.keys;
+        (prepared.commit, prepared.report)
+    }
+
+    /// The write handed out by [`submit`](Self::submit) ended. After a
+    /// failure the cache is emptied: what the store holds of the batch's
+    /// entities is not known (a commit may fail half-way), and any batch
+    /// prepared on top of it is void and must be prepared again.
+    pub fn settled(&mut self, ok: bool) {
+        self.in_flight.clear();
+        self.in_flight_keys.clear();
+        if !ok {
+            self.cache.clear();
+        }
+    }
+
+    /// The storage this pipeline commits to.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
     }
 
     /// Keep the deferred entities for the next batches (up to
@@ -511,7 +576,10 @@ mod tests {
         assert_eq!((r.applied, r.dead_lettered), (0, 1));
         assert_eq!(balance(&app, "a").await, Some(11));
         let text = app.metrics.render();
-        assert!(text.contains("refold_state_cache_lookups_total{result=\"hit\"} 1"), "{text}");
+        assert!(
+            text.contains("refold_state_cache_lookups_total{result=\"hit\"} 1"),
+            "{text}"
+        );
     }
 
     /// An entity first met by this pipeline but already stored (a restart,
@@ -527,7 +595,11 @@ mod tests {
         let r = p.process(&[deposit(2, "a", "3", 1)]).await.unwrap();
         assert_eq!(r.applied, 1);
         let r = p
-            .process(&[deposit(3, "a", "1", 10), deposit(4, "a", "2", 10), deposit(5, "a", "4", 1)])
+            .process(&[
+                deposit(3, "a", "1", 10),
+                deposit(4, "a", "2", 10),
+                deposit(5, "a", "4", 1),
+            ])
             .await
             .unwrap();
         assert_eq!((r.applied, r.duplicates), (1, 2));
@@ -539,7 +611,14 @@ mod tests {
     #[tokio::test]
     async fn a_cache_too_small_for_the_input_gives_the_same_states() {
         let input: Vec<SourceRecord> = (0..300)
-            .map(|i| deposit(i, &format!("acc-{}", (i * 7) % 23), &format!("e{}", i % 40), 1 + i as u64 % 5))
+            .map(|i| {
+                deposit(
+                    i,
+                    &format!("acc-{}", (i * 7) % 23),
+                    &format!("e{}", i % 40),
+                    1 + i as u64 % 5,
+                )
+            })
             .collect();
         let mut results = Vec::new();
         for budget in [0, 400, 64 << 20] {
