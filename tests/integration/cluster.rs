@@ -645,6 +645,167 @@ fn a_rebalance_moves_partitions_without_loss_or_double_apply() {
     );
 }
 
+/// A cluster config whose `[engine]` section is `engine` (appended: the
+/// last table of the file).
+fn with_engine(cfg: &Path, engine: &str) {
+    let mut text = std::fs::read_to_string(cfg).unwrap();
+    text.push_str(&format!("\n[engine]\n{engine}\n"));
+    std::fs::write(cfg, text).unwrap();
+}
+
+/// Twenty SIGKILLs at random moments of one stream (folding, writing,
+/// committing offsets, starting up), with the next batch folded while the
+/// one before is written: every state exact, every event stored and
+/// applied once.
+#[test]
+fn twenty_sigkills_at_random_moments_lose_nothing_and_apply_nothing_twice() {
+    let _g = shared();
+    let c = Cluster::new("kills");
+    let (lines, expected) = generated_bank(12_000, 120, 41);
+    let file = c.write_lines("events.jsonl", &lines);
+    produce(c.path(), &c.topic, &file, false);
+    let cfg = c.config(
+        "host",
+        60,
+        "properties = { \"group.instance.id\" = \"kills-host\" }",
+        "bucket_size = 40",
+    );
+    let started = Instant::now();
+    let mut rng = 0xc0ffee_u64;
+    let mut killed_mid_stream = 0;
+    for round in 0..20 {
+        let mut host = Host::start(&cfg, c.path(), &[]);
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        // Some rounds die before their first batch, most after a few.
+        let after = (rng >> 33) as usize % 6;
+        poll(Duration::from_secs(30), || {
+            (host.log_text().matches("batch committed").count() >= after).then_some(())
+        });
+        std::thread::sleep(Duration::from_millis((rng >> 20) % 250));
+        host.kill();
+        let batches = host.log_text().matches("batch committed").count();
+        if batches > 0 {
+            killed_mid_stream += 1;
+        }
+        eprintln!("kill {round}: after {batches} committed batches");
+    }
+    let host = Host::start(&cfg, c.path(), &[]);
+    check_bank(&host, &lines, &expected, Duration::from_secs(150));
+    eprintln!("20 kills and the catch-up took {:?}", started.elapsed());
+    assert!(
+        killed_mid_stream >= 10,
+        "most kills must land mid-stream ({killed_mid_stream} of 20 did)"
+    );
+    let (_, dl) = host.get("/v1/dead-letters");
+    assert_eq!(dl["count"], 0, "{dl}");
+}
+
+/// A zombie: host A is paused (SIGSTOP) with batches in flight, its
+/// partitions move to B, which goes on with more input; A resumes
+/// (SIGCONT) and its late writes land. None of them wins over B's: every
+/// state ends exact, every event stored and applied once.
+#[test]
+fn a_paused_host_that_resumes_after_its_partitions_moved_changes_nothing() {
+    let _g = shared();
+    let c = Cluster::new("zombie");
+    let (lines, expected) = generated_bank(16_000, 100, 59);
+    let (first, second) = lines.split_at(lines.len() / 2);
+    let first = c.write_lines("first.jsonl", first);
+    let second = c.write_lines("second.jsonl", second);
+    // A short session: the group gives A's partitions away 6 s after A
+    // stops answering.
+    let cfg = c.config(
+        "host",
+        80,
+        "properties = { \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"500\" }",
+        "",
+    );
+    produce(c.path(), &c.topic, &first, false);
+    let mut a = Host::start(&cfg, c.path(), &[]);
+    poll(Duration::from_secs(60), || {
+        (a.log_text().matches("batch committed").count() >= 5).then_some(())
+    })
+    .unwrap_or_else(|| panic!("host A committed nothing:\n{}", tail(&a.log_text(), 40)));
+    let pid = a.child.id() as i32;
+    signal(pid, "STOP");
+    let paused = a.log_text().matches("batch committed").count();
+    let moves = a.log_text().matches("Kafka partitions").count();
+    let b = Host::start(&cfg, c.path(), &[]);
+    produce(c.path(), &c.topic, &second, false);
+    // B takes every partition once A's session is over, and advances.
+    poll(Duration::from_secs(60), || {
+        (b.log_text().matches("batch committed").count() >= 20).then_some(())
+    })
+    .unwrap_or_else(|| {
+        signal(pid, "CONT");
+        panic!("host B did not take over:\n{}", tail(&b.log_text(), 40))
+    });
+    signal(pid, "CONT");
+    // A wakes up, finishes what it had in flight, finds its partitions
+    // gone and rejoins the group.
+    poll(Duration::from_secs(60), || {
+        (a.log_text().matches("Kafka partitions").count() > moves).then_some(())
+    })
+    .unwrap_or_else(|| panic!("host A did not come back:\n{}", tail(&a.log_text(), 40)));
+    check_bank(&b, &lines, &expected, Duration::from_secs(150));
+    check_bank(&a, &lines, &expected, Duration::from_secs(30));
+    eprintln!(
+        "A committed {paused} batches before its pause, {} in all; B {}",
+        a.log_text().matches("batch committed").count(),
+        b.log_text().matches("batch committed").count()
+    );
+    a.kill();
+}
+
+/// Event ids that count per entity ("1", "2", … in every account), with
+/// re-deliveries of earlier events, consumed by a host that a second one
+/// joins mid-stream (a rebalance) and whose owned-state cache is far too
+/// small for the input: every state exact, every event once.
+#[test]
+fn per_entity_ids_with_re_deliveries_across_a_rebalance_and_a_tiny_cache() {
+    let _g = shared();
+    let c = Cluster::new("localids");
+    let (lines, expected) = crate::embedded::generated_bank_local_ids(12_000, 150, 71);
+    let file = c.write_lines("events.jsonl", &lines);
+    let cfg = c.config("host", 50, "", "");
+    with_engine(&cfg, "state_cache_bytes = 4096");
+    let a = Host::start(&cfg, c.path(), &[]);
+    produce(c.path(), &c.topic, &file, false);
+    poll(Duration::from_secs(60), || {
+        (a.log_text().matches("batch committed").count() >= 10).then_some(())
+    })
+    .unwrap_or_else(|| panic!("host A committed nothing:\n{}", tail(&a.log_text(), 40)));
+    let b = Host::start(&cfg, c.path(), &[]);
+    poll(Duration::from_secs(30), || {
+        b.log_text()
+            .contains("Kafka partitions assigned")
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "host B was never assigned partitions:\n{}",
+            tail(&b.log_text(), 40)
+        )
+    });
+    check_bank(&b, &lines, &expected, Duration::from_secs(150));
+    let (_, dl) = b.get("/v1/dead-letters");
+    assert_eq!(dl["count"], 0, "{dl}");
+    let m = http()
+        .get(format!("{}/metrics", a.base))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let evicted = m
+        .lines()
+        .find_map(|l| l.strip_prefix("refold_state_cache_evictions_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(evicted > 0.0, "the cache should have been too small:\n{m}");
+}
+
 /// SIGSTOP/SIGCONT of the local Cassandra: an unresponsive node (requests
 /// time out, connections stall) rather than a restart, which is slow and
 /// racy to automate. The host must wait, retry, and end exactly right.

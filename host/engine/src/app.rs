@@ -213,7 +213,12 @@ impl App {
                 Ok(Settled::Durable)
             }
             Err(e @ (StoreError::Unavailable(_) | StoreError::Fenced(_))) => {
-                tracing::warn!(error = %e, "batch write failed; processing it again");
+                if matches!(e, StoreError::Unavailable(_)) {
+                    tracing::warn!(error = %e, "store unavailable; processing the batch again");
+                    self.host.health.fault("store", format!("store: {e}"));
+                } else {
+                    tracing::warn!(error = %e, "batch fenced; processing it again");
+                }
                 match self.redo(records, run, source, shutdown).await? {
                     Settled::Shutdown => Ok(Settled::Shutdown),
                     _ => Ok(Settled::Redone),

@@ -87,27 +87,27 @@ impl StateCache {
         self.hasher.hash_one(id)
     }
 
-    /// The cached record of `key`, if it is of `generation` (the active one
-    /// of its type); an entry of another generation is dropped.
-    pub(crate) fn record(
+    /// Take the entry of `key` out, if it is of `generation` (the active
+    /// one of its type): its record, and its id hashes when complete. The
+    /// batch puts it back with [`committed`](Self::committed); a batch that
+    /// fails before leaves it out, so the next one reads the store. An
+    /// entry of another generation is dropped.
+    pub(crate) fn take(
         &mut self,
         key: &EntityKey,
         generation: &Generation,
-    ) -> Option<EntityRecord> {
-        match self.entries.get(key) {
-            Some(e) if e.record.generation == *generation => {
-                self.stats.hits += 1;
-                Some(e.record.clone())
-            }
-            Some(_) => {
-                self.stats.misses += 1;
-                self.evict(key);
-                None
-            }
-            None => {
-                self.stats.misses += 1;
-                None
-            }
+    ) -> Option<(EntityRecord, Option<HashSet<u64>>)> {
+        let Some(e) = self.entries.pop(key) else {
+            self.stats.misses += 1;
+            return None;
+        };
+        self.used -= e.bytes;
+        if e.record.generation == *generation {
+            self.stats.hits += 1;
+            Some((e.record, e.ids))
+        } else {
+            self.stats.misses += 1;
+            None
         }
     }
 
@@ -130,8 +130,8 @@ impl StateCache {
 
     /// After a commit is durable: the entity's new record, with the ids of
     /// the events the commit stored for it. `known` are the entity's ids
-    /// before the commit when the pipeline read all of them (a first touch);
-    /// for an entity already cached its entry's ids are used.
+    /// before the commit when they are all known: read on a first touch, or
+    /// those of the entry [`take`](Self::take) gave.
     pub(crate) fn committed(
         &mut self,
         update: &EntityUpdate,
@@ -169,14 +169,6 @@ impl StateCache {
             };
             self.used -= e.bytes;
             self.stats.evictions += 1;
-        }
-    }
-
-    /// Forget an entity (its commit failed, so what the store holds of it
-    /// is not known).
-    pub(crate) fn evict(&mut self, key: &EntityKey) {
-        if let Some(e) = self.entries.pop(key) {
-            self.used -= e.bytes;
         }
     }
 
@@ -246,19 +238,17 @@ mod tests {
         let mut c = StateCache::new(1 << 20);
         let u = update("a", 3);
         c.committed(&u, [], Some(HashSet::new()));
-        let r = c.record(&u.key, &Generation::base()).unwrap();
+        let (r, ids) = c.take(&u.key, &Generation::base()).unwrap();
         assert_eq!((r.head, r.state), (3, Some(json!({"balance": 3}))));
-        assert!(c.record(&u.key, &Generation::from("account#x.1")).is_none());
+        assert_eq!(ids, Some(HashSet::new()));
+        // Taken out until the batch puts it back.
+        assert!(c.take(&u.key, &Generation::base()).is_none());
+        c.committed(&u, [], ids);
+        assert!(c.take(&u.key, &Generation::from("account#x.1")).is_none());
         // The stale entry is gone.
-        assert!(c.record(&u.key, &Generation::base()).is_none());
-        assert_eq!(
-            c.take_stats(),
-            CacheStats {
-                hits: 1,
-                misses: 2,
-                evictions: 0
-            }
-        );
+        assert!(c.take(&u.key, &Generation::base()).is_none());
+        let s = c.take_stats();
+        assert_eq!((s.hits, s.misses, s.evictions), (1, 3, 0));
     }
 
     #[test]
@@ -303,22 +293,15 @@ mod tests {
         for i in 0..3 {
             c.committed(&update(&i.to_string(), 1), [], Some(HashSet::new()));
         }
-        // Touch "0": "1" is now the least recently used.
-        assert!(
-            c.record(&EntityKey::new("account", "0"), &Generation::base())
-                .is_some()
-        );
+        // A batch takes "0" and puts it back: "1" is now the least recent.
+        let zero = EntityKey::new("account", "0");
+        let (_, ids) = c.take(&zero, &Generation::base()).unwrap();
+        c.committed(&update("0", 2), [], ids);
         c.committed(&update("3", 1), [], Some(HashSet::new()));
         assert_eq!(c.len(), 3);
         assert!(c.bytes() <= one * 3);
-        assert!(
-            c.record(&EntityKey::new("account", "1"), &Generation::base())
-                .is_none()
-        );
-        assert!(
-            c.record(&EntityKey::new("account", "0"), &Generation::base())
-                .is_some()
-        );
+        assert!(!c.holds(&EntityKey::new("account", "1")));
+        assert!(c.holds(&zero));
         assert_eq!(c.take_stats().evictions, 1);
         // A zero budget keeps nothing.
         let mut none = StateCache::new(0);
@@ -327,11 +310,11 @@ mod tests {
     }
 
     #[test]
-    fn eviction_forgets_the_entry_and_its_bytes() {
+    fn clearing_forgets_entries_and_their_bytes() {
         let mut c = StateCache::new(1 << 20);
         let u = update("a", 1);
         c.committed(&u, [], Some(HashSet::new()));
-        c.evict(&u.key);
+        c.clear();
         assert_eq!((c.len(), c.bytes()), (0, 0));
         assert!(!c.certainly_new(&u.key, "x"));
     }

@@ -15,15 +15,15 @@ pub(crate) fn collect(
     report: &mut BatchReport,
     metrics: &Metrics,
 ) {
-    for d in done {
+    for mut d in done {
         let tag = (
             d.plugin.info.entity_type.as_str(),
             d.plugin.info.version.as_str(),
         );
-        if let Some(o) = &d.outcome {
+        if let Some(o) = &mut d.outcome {
             report.applied += o.applied;
             metrics.applied(tag.0, tag.1, o.applied as u64);
-            commit.projections.extend(o.projections.iter().cloned());
+            commit.projections.append(&mut o.projections);
         }
         if d.outcome.is_none() && d.failed_event.is_none() {
             report.held += (d.update.head - d.update.expected_head) as usize;

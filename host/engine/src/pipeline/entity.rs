@@ -149,7 +149,7 @@ fn fold_entity(
 ) -> Done {
     let mut update = EntityUpdate {
         key: record.key.clone(),
-        state: record.state.clone().unwrap_or(Value::Null),
+        state: Value::Null,
         position: record.position,
         head: fence.head,
         expected_head: fence.expected_head,
@@ -159,6 +159,7 @@ fn fold_entity(
     };
     if record.quarantined {
         // Held: store the events, apply nothing until the entity is retried.
+        update.state = record.state.unwrap_or(Value::Null);
         return Done {
             update,
             outcome: None,
@@ -184,8 +185,9 @@ fn fold_entity(
             }
         },
     };
-    let outcome = fold::fold_and_project(sandbox, &live.entity_id, state, &events, true);
-    update.state = outcome.state.clone();
+    let mut outcome = fold::fold_and_project(sandbox, &live.entity_id, state, &events, true);
+    // The update carries the state; the outcome keeps the rest.
+    update.state = std::mem::take(&mut outcome.state);
     update.position = record.position + outcome.applied as u64;
     if outcome.applied > 0 {
         update.plugin = Some(plugin_ref(&plugin));

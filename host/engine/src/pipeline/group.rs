@@ -62,8 +62,9 @@ pub(crate) struct Loaded {
     pub(crate) events: Vec<StoredEvent>,
     /// What moving records into their active generation writes besides them.
     pub(crate) moves: Moves,
-    /// Of the entities the cache did not hold, the hashes of all their
-    /// stored events' ids, where they were read (see [`cache`](super::cache)).
+    /// The hashes of the ids of all the stored events of the entities where
+    /// they are known: from the cache, or read on a first touch (see
+    /// [`cache`](super::cache)).
     pub(crate) known_ids: HashMap<EntityKey, HashSet<u64>>,
 }
 
@@ -84,11 +85,15 @@ pub(crate) async fn load(
 ) -> Result<Loaded, StoreError> {
     let active = |t: &str| generations.get(t).cloned().unwrap_or_default();
     let mut records = HashMap::with_capacity(groups.order.len());
+    let mut cached_ids = HashMap::new();
     let mut misses = Vec::new();
     for key in &groups.order {
-        match cache.record(key, &active(&key.entity_type)) {
-            Some(r) => {
+        match cache.take(key, &active(&key.entity_type)) {
+            Some((r, ids)) => {
                 records.insert(key.clone(), r);
+                if let Some(ids) = ids {
+                    cached_ids.insert(key.clone(), ids);
+                }
             }
             None => misses.push(key.clone()),
         }
@@ -99,7 +104,8 @@ pub(crate) async fn load(
         storage.load(&misses).await?
     };
     let moves = generation::resolve(storage, generations, &mut fetched, true).await?;
-    let known_ids = first_touch_ids(storage, cache, &misses, &fetched).await?;
+    let mut known_ids = first_touch_ids(storage, cache, &misses, &fetched).await?;
+    known_ids.extend(cached_ids);
     records.extend(fetched);
     let mut loaded = Loaded {
         work: Vec::with_capacity(groups.order.len()),
