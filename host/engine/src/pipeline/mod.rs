@@ -75,7 +75,7 @@ pub struct Prepared {
 /// What [`Pipeline::prepare`] gave.
 pub enum Prepare {
     /// The batch, ready to be written.
-    Ready(Prepared),
+    Ready(Box<Prepared>),
     /// The batch needs what the write in flight is storing: settle it and
     /// prepare the batch again.
     Settle,
@@ -308,18 +308,19 @@ impl Pipeline {
         let s = self.cache.take_stats();
         self.metrics
             .state_cache(s, self.cache.len(), self.cache.bytes());
-        Ok(Prepare::Ready(Prepared {
+        Ok(Prepare::Ready(Box::new(Prepared {
             commit,
             report,
             identities,
             keys: batch_keys,
-        }))
+        })))
     }
 
     /// The prepared batch is being written: until [`settled`](Self::settled),
     /// the next batch takes its events as stored (a re-delivery of one of
     /// them is a duplicate, not a new event).
-    pub fn submit(&mut self, prepared: Prepared) -> (Commit, BatchReport) {
+    pub fn submit(&mut self, prepared: Box<Prepared>) -> (Commit, BatchReport) {
+        let prepared = *prepared;
         self.in_flight = prepared.identities;
         self.in_flight_keys = prepared.keys;
         (prepared.commit, prepared.report)
