@@ -344,15 +344,15 @@ impl Metrics {
             .inc();
     }
 
-    /// What the owned-state cache did in a batch, and what it holds.
-    pub fn state_cache(&self, s: crate::pipeline::CacheStats, entries: usize, bytes: usize) {
-        self.cache_lookups
-            .with_label_values(&["hit"])
-            .inc_by(s.hits);
+    /// What the owned-state cache did in a batch (entities found, not
+    /// found, dropped for room), and what it holds.
+    pub fn state_cache(&self, lookups: (u64, u64, u64), entries: usize, bytes: usize) {
+        let (hits, misses, evictions) = lookups;
+        self.cache_lookups.with_label_values(&["hit"]).inc_by(hits);
         self.cache_lookups
             .with_label_values(&["miss"])
-            .inc_by(s.misses);
-        self.cache_evictions.inc_by(s.evictions);
+            .inc_by(misses);
+        self.cache_evictions.inc_by(evictions);
         self.cache_entries.set(entries as i64);
         self.cache_bytes.set(bytes as i64);
     }

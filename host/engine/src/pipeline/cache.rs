@@ -51,13 +51,13 @@ struct Entry {
 
 /// What the cache did since the last look (for metrics).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct CacheStats {
+pub(crate) struct CacheStats {
     /// Entities found.
-    pub hits: u64,
+    pub(crate) hits: u64,
     /// Entities not found (or found stale).
-    pub misses: u64,
+    pub(crate) misses: u64,
     /// Entries dropped to stay within the budget.
-    pub evictions: u64,
+    pub(crate) evictions: u64,
 }
 
 /// The cache itself. One per pipeline; not shared (a pipeline is the only

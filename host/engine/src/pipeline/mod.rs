@@ -35,7 +35,6 @@ pub(crate) mod group;
 mod testing;
 pub(crate) mod validate;
 
-pub use cache::CacheStats;
 pub use entities::{Entities, entities_of};
 pub use entity::sandbox_for;
 
@@ -306,8 +305,11 @@ impl Pipeline {
             self.cache.committed(u, ids, known_ids.remove(&u.key));
         }
         let s = self.cache.take_stats();
-        self.metrics
-            .state_cache(s, self.cache.len(), self.cache.bytes());
+        self.metrics.state_cache(
+            (s.hits, s.misses, s.evictions),
+            self.cache.len(),
+            self.cache.bytes(),
+        );
         Ok(Prepare::Ready(Box::new(Prepared {
             commit,
             report,
