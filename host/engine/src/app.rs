@@ -162,7 +162,7 @@ impl App {
                     Settled::Shutdown => return Ok(Settled::Shutdown),
                     Settled::Redone => {
                         // Prepared on top of a write that failed: void.
-                        drop(prepared);
+                        run.pipeline.void(prepared);
                         drop(guard);
                         return self.redo(records, run, source, shutdown).await;
                     }

@@ -69,6 +69,8 @@ pub struct Prepared {
     identities: HashMap<EventIdentity, Option<String>>,
     /// The entities it writes.
     keys: HashSet<EntityKey>,
+    /// The deferred entities it took along.
+    brought: Vec<EntityKey>,
 }
 
 /// What [`Pipeline::prepare`] gave.
@@ -192,9 +194,14 @@ impl Pipeline {
                 )));
             }
         };
+        let brought = prepared.brought.clone();
         let (commit, report) = self.submit(prepared);
         let result = self.storage.commit(commit).await;
         self.settled(result.is_ok());
+        if result.is_err() {
+            // The batch is run again; so are the deferred ones it took.
+            self.behind.extend(brought);
+        }
         result.map(|()| report)
     }
 
@@ -236,12 +243,39 @@ impl Pipeline {
             // cache no longer does (it was evicted, or quarantined).
             return Ok(Prepare::Settle);
         }
-        groups.bring_along(self.behind.drain(..take), &plugins);
+        let brought: Vec<EntityKey> = self.behind.drain(..take).collect();
+        groups.bring_along(brought.iter().cloned(), &plugins);
         for d in &commit.dead_letters {
             self.metrics.dead_lettered(&d.code);
         }
         self.metrics.duplicates(report.duplicates as u64);
-        let mut loaded = group::load(&*self.storage, &generations, groups, &mut self.cache).await?;
+        match self
+            .fold_batch(groups, commit, report, &generations, &plugins)
+            .await
+        {
+            Ok(mut p) => {
+                p.brought = brought;
+                Ok(Prepare::Ready(p))
+            }
+            Err(e) => {
+                // Deferred entities the batch took along wait for the next.
+                self.behind.extend(brought);
+                Err(e)
+            }
+        }
+    }
+
+    /// The second half of [`prepare`](Self::prepare): load, position, fold
+    /// and collect the batch's entities, and cache them as it leaves them.
+    async fn fold_batch(
+        &mut self,
+        groups: group::Groups,
+        mut commit: Commit,
+        mut report: BatchReport,
+        generations: &crate::registry::Generations,
+        plugins: &Arc<crate::registry::Active>,
+    ) -> Result<Box<Prepared>, StoreError> {
+        let mut loaded = group::load(&*self.storage, generations, groups, &mut self.cache).await?;
         let mut known_ids = std::mem::take(&mut loaded.known_ids);
         let mut new_ids: HashMap<EntityKey, Vec<u64>> = HashMap::new();
         let mut identities = HashMap::with_capacity(loaded.events.len());
@@ -268,7 +302,7 @@ impl Pipeline {
         );
         let folded = fold::fold(
             &mut self.sandboxes,
-            &plugins,
+            plugins,
             loaded.work,
             self.config.threads(),
             budget,
@@ -310,12 +344,19 @@ impl Pipeline {
             self.cache.len(),
             self.cache.bytes(),
         );
-        Ok(Prepare::Ready(Box::new(Prepared {
+        Ok(Box::new(Prepared {
             commit,
             report,
             identities,
             keys: batch_keys,
-        })))
+            brought: Vec::new(),
+        }))
+    }
+
+    /// A prepared batch that will not be written (the write before it
+    /// failed): the deferred entities it took along wait for the next.
+    pub fn void(&mut self, prepared: Box<Prepared>) {
+        self.behind.extend(prepared.brought);
     }
 
     /// The prepared batch is being written: until [`settled`](Self::settled),
