@@ -179,8 +179,18 @@ impl StateCache {
     }
 
     /// Whether `key` is held (in any generation).
+    #[cfg(test)]
     pub(crate) fn holds(&self, key: &EntityKey) -> bool {
         self.entries.contains(key)
+    }
+
+    /// Whether `key` is held with its state caught up to its head (a
+    /// deferred entity is not: its next batch reads the stored events in
+    /// between).
+    pub(crate) fn holds_caught_up(&self, key: &EntityKey) -> bool {
+        self.entries
+            .peek(key)
+            .is_some_and(|e| e.record.position >= e.record.head)
     }
 
     /// Forget everything.

@@ -234,13 +234,15 @@ impl Pipeline {
         let mut groups = group::Groups::of(deduped.fresh);
         // A bounded number of deferred entities per batch.
         let take = self.behind.len().min(records.len().max(MIN_CATCH_UP));
+        // An entity of the write in flight must be read from the store when
+        // the cache no longer holds it (evicted, quarantined) or holds it
+        // behind its head (deferred: its events in between are read back),
+        // and the store does not hold that write yet.
         let needs_settling =
-            |k: &EntityKey| self.in_flight_keys.contains(k) && !self.cache.holds(k);
+            |k: &EntityKey| self.in_flight_keys.contains(k) && !self.cache.holds_caught_up(k);
         if groups.order.iter().any(needs_settling)
             || self.behind.iter().take(take).any(needs_settling)
         {
-            // The store does not hold that entity's last write yet, and the
-            // cache no longer does (it was evicted, or quarantined).
             return Ok(Prepare::Settle);
         }
         let brought: Vec<EntityKey> = self.behind.drain(..take).collect();
@@ -690,5 +692,37 @@ mod tests {
         assert_eq!(results[0], results[1]);
         assert_eq!(results[0], results[2]);
         assert!(results[0].iter().all(Option::is_some));
+    }
+    /// A deferred entity of the batch being written has its events in
+    /// between read back from the store: the next batch waits for that
+    /// write instead of reading a store that does not hold it yet.
+    #[tokio::test]
+    async fn a_deferred_entity_of_the_write_in_flight_waits_for_it() {
+        let app = app();
+        let mut p = pipeline_with(
+            &app,
+            PipelineConfig {
+                fold_budget: Duration::ZERO,
+                ..Default::default()
+            },
+        );
+        let Prepare::Ready(first) = p.prepare(&[deposit(0, "a", "1", 10)]).await.unwrap() else {
+            panic!("nothing is in flight yet");
+        };
+        let (commit, report) = p.submit(first);
+        assert_eq!(report.deferred, 1);
+        p.config.fold_budget = Duration::from_secs(5);
+        // "a" is brought along, but its event is not stored yet.
+        assert!(matches!(p.prepare(&[]).await.unwrap(), Prepare::Settle));
+        app.storage.commit(commit).await.unwrap();
+        p.settled(true);
+        let Prepare::Ready(second) = p.prepare(&[]).await.unwrap() else {
+            panic!("nothing is in flight any more");
+        };
+        let (commit, report) = p.submit(second);
+        assert_eq!((report.applied, report.deferred), (1, 0));
+        app.storage.commit(commit).await.unwrap();
+        p.settled(true);
+        assert_eq!(balance(&app, "a").await, Some(10));
     }
 }
