@@ -548,7 +548,7 @@ fn sigkill_at_random_points_loses_nothing_and_applies_nothing_twice() {
             .wrapping_add(1442695040888963407);
         let after = 5 + (rng >> 33) as usize % 35;
         poll(Duration::from_secs(60), || {
-            (host.log_text().matches("batch committed").count() >= after).then_some(())
+            (batches(&host) >= after).then_some(())
         })
         .unwrap_or_else(|| {
             panic!(
@@ -558,13 +558,13 @@ fn sigkill_at_random_points_loses_nothing_and_applies_nothing_twice() {
         });
         std::thread::sleep(Duration::from_millis((rng >> 20) % 300));
         host.kill();
-        let batches = host.log_text().matches("batch committed").count();
+        let batches = batches(&host);
         committed_before_kills += batches;
         eprintln!("crash round {round}: killed after {batches} committed batches");
     }
     let host = Host::start(&cfg, c.path(), &[]);
     check_bank(&host, &lines, &expected, Duration::from_secs(150));
-    let rest = host.log_text().matches("batch committed").count();
+    let rest = batches(&host);
     eprintln!("after the crashes: {rest} batches");
     assert!(
         committed_before_kills > 0 && rest > 0,
@@ -623,7 +623,7 @@ fn a_rebalance_moves_partitions_without_loss_or_double_apply() {
     std::thread::sleep(Duration::from_secs(2));
     // A dies without leaving the group: B takes over after the session timeout.
     a.kill();
-    let a_batches = a.log_text().matches("batch committed").count();
+    let a_batches = batches(&a);
     // B serves what A stored, and ends with everything exactly once.
     let (code, v) = b.get(&format!("/v1/entities/account/{seen_id}"));
     assert_eq!(code, 200, "{v}");
@@ -643,6 +643,11 @@ fn a_rebalance_moves_partitions_without_loss_or_double_apply() {
         "B should get A's partitions after A died:\n{}",
         tail(&b_log, 40)
     );
+}
+
+/// Batches a host has committed so far (its log says each one).
+fn batches(host: &Host) -> usize {
+    host.log_text().matches("batch committed").count()
 }
 
 /// A cluster config whose `[engine]` section is `engine` (appended: the
@@ -681,11 +686,11 @@ fn twenty_sigkills_at_random_moments_lose_nothing_and_apply_nothing_twice() {
         // Some rounds die before their first batch, most after a few.
         let after = (rng >> 33) as usize % 6;
         poll(Duration::from_secs(30), || {
-            (host.log_text().matches("batch committed").count() >= after).then_some(())
+            (batches(&host) >= after).then_some(())
         });
         std::thread::sleep(Duration::from_millis((rng >> 20) % 250));
         host.kill();
-        let batches = host.log_text().matches("batch committed").count();
+        let batches = batches(&host);
         if batches > 0 {
             killed_mid_stream += 1;
         }
@@ -724,19 +729,17 @@ fn a_paused_host_that_resumes_after_its_partitions_moved_changes_nothing() {
     );
     produce(c.path(), &c.topic, &first, false);
     let mut a = Host::start(&cfg, c.path(), &[]);
-    poll(Duration::from_secs(60), || {
-        (a.log_text().matches("batch committed").count() >= 5).then_some(())
-    })
-    .unwrap_or_else(|| panic!("host A committed nothing:\n{}", tail(&a.log_text(), 40)));
+    poll(Duration::from_secs(60), || (batches(&a) >= 5).then_some(()))
+        .unwrap_or_else(|| panic!("host A committed nothing:\n{}", tail(&a.log_text(), 40)));
     let pid = a.child.id() as i32;
     signal(pid, "STOP");
-    let paused = a.log_text().matches("batch committed").count();
+    let paused = batches(&a);
     let moves = a.log_text().matches("Kafka partitions").count();
     let b = Host::start(&cfg, c.path(), &[]);
     produce(c.path(), &c.topic, &second, false);
     // B takes every partition once A's session is over, and advances.
     poll(Duration::from_secs(60), || {
-        (b.log_text().matches("batch committed").count() >= 20).then_some(())
+        (batches(&b) >= 20).then_some(())
     })
     .unwrap_or_else(|| {
         signal(pid, "CONT");
@@ -753,8 +756,8 @@ fn a_paused_host_that_resumes_after_its_partitions_moved_changes_nothing() {
     check_bank(&a, &lines, &expected, Duration::from_secs(30));
     eprintln!(
         "A committed {paused} batches before its pause, {} in all; B {}",
-        a.log_text().matches("batch committed").count(),
-        b.log_text().matches("batch committed").count()
+        batches(&a),
+        batches(&b)
     );
     a.kill();
 }
@@ -774,7 +777,7 @@ fn per_entity_ids_with_re_deliveries_across_a_rebalance_and_a_tiny_cache() {
     let a = Host::start(&cfg, c.path(), &[]);
     produce(c.path(), &c.topic, &file, false);
     poll(Duration::from_secs(60), || {
-        (a.log_text().matches("batch committed").count() >= 10).then_some(())
+        (batches(&a) >= 10).then_some(())
     })
     .unwrap_or_else(|| panic!("host A committed nothing:\n{}", tail(&a.log_text(), 40)));
     let b = Host::start(&cfg, c.path(), &[]);
@@ -1134,7 +1137,7 @@ fn per_entity_ids_with_redeliveries_fold_exactly_into_cassandra() {
     );
     let mut host = Host::start(&cfg, c.path(), &[]);
     poll(Duration::from_secs(60), || {
-        (host.log_text().matches("batch committed").count() >= 5).then_some(())
+        (batches(&host) >= 5).then_some(())
     })
     .unwrap_or_else(|| panic!("no progress:\n{}", tail(&host.log_text(), 40)));
     host.kill();

@@ -86,8 +86,10 @@ impl App {
             };
             if records.is_empty() && !run.pipeline.has_deferred() {
                 // Idle: let the write in flight land and its offsets go.
-                if let Some(p) = pending.take()
-                    && self.settle(p, &mut run, &mut *source, &shutdown).await? == Settled::Shutdown
+                if self
+                    .settle(&mut pending, &mut run, &mut *source, &shutdown)
+                    .await?
+                    == Settled::Shutdown
                 {
                     return Ok(run.total);
                 }
@@ -99,12 +101,11 @@ impl App {
                 .await?
             {
                 Settled::Shutdown => return Ok(run.total),
-                Settled::Durable | Settled::Redone => {}
+                Settled::Nothing | Settled::Durable | Settled::Redone => {}
             }
         }
-        if let Some(p) = pending.take() {
-            self.settle(p, &mut run, &mut *source, &shutdown).await?;
-        }
+        self.settle(&mut pending, &mut run, &mut *source, &shutdown)
+            .await?;
         Ok(run.total)
     }
 
@@ -126,9 +127,7 @@ impl App {
             Err(_) => {
                 // A change waits for the gate: let the batch in flight land
                 // first (it holds the gate too), then queue behind the change.
-                if let Some(p) = pending.take()
-                    && self.settle(p, run, source, shutdown).await? == Settled::Shutdown
-                {
+                if self.settle(pending, run, source, shutdown).await? == Settled::Shutdown {
                     return Ok(Settled::Shutdown);
                 }
                 gate.read_owned().await
@@ -137,37 +136,34 @@ impl App {
         loop {
             let prepared = match run.pipeline.prepare(&records).await {
                 Ok(Prepare::Ready(p)) => p,
-                Ok(Prepare::Settle) if pending.is_some() => {
-                    let p = pending.take().expect("checked");
-                    match self.settle(p, run, source, shutdown).await? {
-                        Settled::Shutdown => return Ok(Settled::Shutdown),
-                        Settled::Durable | Settled::Redone => continue,
+                Ok(Prepare::Settle) => match self.settle(pending, run, source, shutdown).await? {
+                    Settled::Shutdown => return Ok(Settled::Shutdown),
+                    Settled::Durable | Settled::Redone => continue,
+                    // It waits on no write known: processed on its own.
+                    Settled::Nothing => {
+                        drop(guard);
+                        return self.redo(records, run, source, shutdown).await;
                     }
-                }
-                Ok(Prepare::Settle) | Err(_) => {
-                    // A read failed (or the batch waits on nothing known):
-                    // the one-batch-at-a-time path retries it with backoff,
-                    // after the write in flight.
+                },
+                Err(_) => {
+                    // A read failed: the one-batch-at-a-time path retries it
+                    // with backoff, after the write in flight.
                     drop(guard);
-                    if let Some(p) = pending.take()
-                        && self.settle(p, run, source, shutdown).await? == Settled::Shutdown
-                    {
+                    if self.settle(pending, run, source, shutdown).await? == Settled::Shutdown {
                         return Ok(Settled::Shutdown);
                     }
                     return self.redo(records, run, source, shutdown).await;
                 }
             };
-            if let Some(p) = pending.take() {
-                match self.settle(p, run, source, shutdown).await? {
-                    Settled::Shutdown => return Ok(Settled::Shutdown),
-                    Settled::Redone => {
-                        // Prepared on top of a write that failed: void.
-                        run.pipeline.void(prepared);
-                        drop(guard);
-                        return self.redo(records, run, source, shutdown).await;
-                    }
-                    Settled::Durable => {}
+            match self.settle(pending, run, source, shutdown).await? {
+                Settled::Shutdown => return Ok(Settled::Shutdown),
+                Settled::Redone => {
+                    // Prepared on top of a write that failed: void.
+                    run.pipeline.void(prepared);
+                    drop(guard);
+                    return self.redo(records, run, source, shutdown).await;
                 }
+                Settled::Nothing | Settled::Durable => {}
             }
             let produced_at = produced_at(&records);
             let (commit, report) = run.pipeline.submit(prepared);
@@ -183,16 +179,20 @@ impl App {
         }
     }
 
-    /// Wait for the write in flight. Durable: its offsets are committed and
-    /// it is reported. Failed: the cache is emptied and the batch processed
-    /// again on its own until it is durable.
+    /// Wait for the write in flight, if there is one (`Nothing` if not).
+    /// Durable: its offsets are committed and it is reported. Failed: the
+    /// cache is emptied and the batch processed again on its own until it
+    /// is durable.
     async fn settle(
         &self,
-        p: Pending,
+        pending: &mut Option<Pending>,
         run: &mut Run<'_>,
         source: &mut dyn EventSource,
         shutdown: &watch::Receiver<bool>,
     ) -> anyhow::Result<Settled> {
+        let Some(p) = pending.take() else {
+            return Ok(Settled::Nothing);
+        };
         let Pending {
             write,
             records,
@@ -342,6 +342,8 @@ struct Pending {
 /// How a batch in flight ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Settled {
+    /// No write was in flight.
+    Nothing,
     /// Its write landed.
     Durable,
     /// Its write failed; it was processed again on its own and is durable.

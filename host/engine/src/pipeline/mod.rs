@@ -135,6 +135,7 @@ pub struct Pipeline {
     /// The events of the batch being written, and its entities.
     in_flight: HashMap<EventIdentity, Option<String>>,
     in_flight_keys: HashSet<EntityKey>,
+    in_flight_brought: Vec<EntityKey>,
     /// Entities a batch deferred, to be folded by the next ones even when no
     /// new event of theirs arrives (so their read models catch up too).
     behind: std::collections::VecDeque<EntityKey>,
@@ -176,6 +177,7 @@ impl Pipeline {
             cache: cache::StateCache::new(config.state_cache_bytes),
             in_flight: HashMap::new(),
             in_flight_keys: HashSet::new(),
+            in_flight_brought: Vec::new(),
             behind: Default::default(),
             config,
             metrics,
@@ -194,14 +196,9 @@ impl Pipeline {
                 )));
             }
         };
-        let brought = prepared.brought.clone();
         let (commit, report) = self.submit(prepared);
         let result = self.storage.commit(commit).await;
         self.settled(result.is_ok());
-        if result.is_err() {
-            // The batch is run again; so are the deferred ones it took.
-            self.behind.extend(brought);
-        }
         result.map(|()| report)
     }
 
@@ -368,18 +365,22 @@ impl Pipeline {
         let prepared = *prepared;
         self.in_flight = prepared.identities;
         self.in_flight_keys = prepared.keys;
+        self.in_flight_brought = prepared.brought;
         (prepared.commit, prepared.report)
     }
 
     /// The write handed out by [`submit`](Self::submit) ended. After a
     /// failure the cache is emptied: what the store holds of the batch's
     /// entities is not known (a commit may fail half-way), and any batch
-    /// prepared on top of it is void and must be prepared again.
+    /// prepared on top of it is void and must be prepared again; the
+    /// deferred entities the batch took along wait for the next one.
     pub fn settled(&mut self, ok: bool) {
         self.in_flight.clear();
         self.in_flight_keys.clear();
+        let brought = std::mem::take(&mut self.in_flight_brought);
         if !ok {
             self.cache.clear();
+            self.behind.extend(brought);
         }
     }
 
