@@ -33,8 +33,9 @@ use refold_types::event::EntityKey;
 
 /// Stored events an entity may have for its ids to be read on its first
 /// touch (one history read); beyond it its re-deliveries are asked of the
-/// store each time.
-pub(crate) const FILL_IDS_UPTO: u64 = 512;
+/// store each time. The read brings whole events (records up to
+/// `max_record_bytes`), so this and the reads in flight bound its memory.
+pub(crate) const FILL_IDS_UPTO: u64 = 128;
 
 /// Bytes an entry costs besides the text of its key, plugin and generation,
 /// its state and its ids: the LRU node and map slot, the record's fixed

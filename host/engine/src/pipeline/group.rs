@@ -69,7 +69,7 @@ pub(crate) struct Loaded {
 }
 
 /// History reads in flight while entities are first touched.
-const FIRST_TOUCH_READS: usize = 32;
+const FIRST_TOUCH_READS: usize = 8;
 
 /// Load the records of `groups` and make each entity's [`Work`]: from the
 /// cache where it holds them, else from the store. Records another
