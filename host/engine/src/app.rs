@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use refold_source::{EventSource, SourceRecord, checkpoints_of};
-use refold_store::{PluginStore, Storage, StoreError};
+use refold_store::{Checkpoint, PluginStore, Storage, StoreError};
 use refold_types::clock;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::HostConfig;
 use crate::host::Host;
@@ -51,9 +51,11 @@ impl App {
     }
 
     /// Consume `source` until it is exhausted or `shutdown` turns true.
-    /// The next batch is read, deduplicated and folded while the one before
-    /// it is written; a batch's source offsets are committed only once it
-    /// and every batch before it are durable, in order. A store outage is
+    /// Records are dealt out to lanes by partition (each partition always
+    /// to the same lane, so its order is kept); on each lane the next batch
+    /// is read, deduplicated and folded while the one before it is written.
+    /// A batch's source offsets are committed only once it and every batch
+    /// of its lane before it are durable, in order. A store outage is
     /// waited out with backoff, never skipped.
     pub async fn consume(
         &self,
@@ -62,21 +64,40 @@ impl App {
         mut on_batch: impl FnMut(&BatchReport) + Send,
     ) -> anyhow::Result<BatchReport> {
         let host = &self.host;
-        let mut run = Run {
-            pipeline: Pipeline::for_host(host),
-            total: BatchReport::default(),
-            on_batch: &mut on_batch,
-        };
-        let mut pending: Option<Pending> = None;
+        let lanes = host.config.engine.lane_count();
+        let independent = source.independent_partitions();
+        let (done_tx, mut done) = mpsc::unbounded_channel();
+        let mut inboxes = Vec::with_capacity(lanes);
+        let mut tasks = Vec::with_capacity(lanes);
+        for _ in 0..lanes {
+            // One batch queued per lane: the reader runs at most one batch
+            // ahead of the slowest lane it feeds.
+            let (tx, rx) = mpsc::channel(1);
+            let lane = Lane {
+                app: self.clone(),
+                pipeline: Pipeline::for_lane(host, lanes),
+                pending: None,
+                done: done_tx.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tasks.push(tokio::spawn(lane.run(rx)));
+            inboxes.push(tx);
+        }
+        drop(done_tx);
+        let mut total = BatchReport::default();
         let mut reader = Reader::new(host.config.source.batch_size);
         let mut disk_checked: Option<Instant> = None;
-        loop {
+        'read: loop {
             host.health.beat();
             if disk_checked.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
                 host.check_disk();
                 disk_checked = Some(Instant::now());
             }
-            if *shutdown.borrow() {
+            while let Ok(d) = done.try_recv() {
+                deliver(host, d, &mut *source, &mut on_batch, &mut total).await;
+            }
+            // A lane that stopped stopped on an error: collected below.
+            if *shutdown.borrow() || tasks.iter().any(|t| t.is_finished()) {
                 break;
             }
             let records = match reader.next(host, &mut *source, &mut shutdown).await? {
@@ -84,91 +105,147 @@ impl App {
                 Read::Again => continue,
                 Read::End => break,
             };
-            if records.is_empty() && !run.pipeline.has_deferred() {
-                // Idle: let the write in flight land and its offsets go.
-                if self
-                    .settle(&mut pending, &mut run, &mut *source, &shutdown)
-                    .await?
-                    == Settled::Shutdown
-                {
-                    return Ok(run.total);
-                }
+            if records.is_empty() {
                 continue;
             }
             count_consumed(host, &records);
-            match self
-                .overlap(records, &mut pending, &mut run, &mut *source, &shutdown)
-                .await?
-            {
-                Settled::Shutdown => return Ok(run.total),
-                Settled::Nothing | Settled::Durable | Settled::Redone => {}
+            for (lane, batch) in deal(records, lanes, independent) {
+                if inboxes[lane].send(batch).await.is_err() {
+                    break 'read;
+                }
             }
         }
-        self.settle(&mut pending, &mut run, &mut *source, &shutdown)
-            .await?;
-        Ok(run.total)
+        // Lanes finish what they were given (or, on shutdown, only the
+        // write in flight), then their last batches are delivered.
+        drop(inboxes);
+        let mut error = None;
+        for t in tasks {
+            let r = t
+                .await
+                .map_err(|e| anyhow::anyhow!("a consume lane failed: {e}"))
+                .and_then(|r| r);
+            if let Err(e) = r {
+                error.get_or_insert(e);
+            }
+        }
+        while let Some(d) = done.recv().await {
+            deliver(host, d, &mut *source, &mut on_batch, &mut total).await;
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+}
+
+/// One lane of the consume loop: its own pipeline (sandboxes, state
+/// cache) over the partitions dealt to it, and its write in flight.
+struct Lane {
+    app: App,
+    pipeline: Pipeline,
+    pending: Option<Pending>,
+    /// Where durable batches go, in order, for their offsets.
+    done: mpsc::UnboundedSender<Durable>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A batch of one lane that is durable: the checkpoints to tell the
+/// source, and what it did.
+struct Durable {
+    checkpoints: Vec<Checkpoint>,
+    report: BatchReport,
+}
+
+impl Lane {
+    /// Process the batches dealt to this lane until there are no more (or
+    /// shutdown); when no batch comes within the linger time, the write in
+    /// flight is let land (and entities deferred by earlier batches are
+    /// folded).
+    async fn run(mut self, mut inbox: mpsc::Receiver<Vec<SourceRecord>>) -> anyhow::Result<()> {
+        let idle = Duration::from_millis(self.app.host.config.source.linger_ms.max(1));
+        loop {
+            if *self.shutdown.borrow() {
+                break;
+            }
+            let waiting = self.pending.is_some() || self.pipeline.has_deferred();
+            let next = if waiting {
+                tokio::select! {
+                    r = inbox.recv() => r,
+                    _ = tokio::time::sleep(idle) => Some(Vec::new()),
+                }
+            } else {
+                inbox.recv().await
+            };
+            let Some(records) = next else { break };
+            if *self.shutdown.borrow() {
+                break;
+            }
+            let settled = if records.is_empty() && !self.pipeline.has_deferred() {
+                self.settle().await?
+            } else {
+                self.overlap(records).await?
+            };
+            if settled == Settled::Shutdown {
+                return Ok(());
+            }
+        }
+        self.settle().await?;
+        Ok(())
     }
 
-    /// Prepare `records` while the write in `pending` runs, settle that
+    /// Prepare `records` while the write in flight runs, settle that
     /// write, then hand this batch's to a task of its own (left in
     /// `pending`). When the write in flight failed, what was prepared on top
     /// of it is dropped and the batch is processed again on its own.
-    async fn overlap(
-        &self,
-        records: Vec<SourceRecord>,
-        pending: &mut Option<Pending>,
-        run: &mut Run<'_>,
-        source: &mut dyn EventSource,
-        shutdown: &watch::Receiver<bool>,
-    ) -> anyhow::Result<Settled> {
-        let gate = self.plugins.gate().clone();
+    async fn overlap(&mut self, records: Vec<SourceRecord>) -> anyhow::Result<Settled> {
+        let gate = self.app.plugins.gate().clone();
         let guard = match gate.clone().try_read_owned() {
             Ok(g) => g,
             Err(_) => {
                 // A change waits for the gate: let the batch in flight land
                 // first (it holds the gate too), then queue behind the change.
-                if self.settle(pending, run, source, shutdown).await? == Settled::Shutdown {
+                if self.settle().await? == Settled::Shutdown {
                     return Ok(Settled::Shutdown);
                 }
                 gate.read_owned().await
             }
         };
         loop {
-            let prepared = match run.pipeline.prepare(&records).await {
+            let prepared = match self.pipeline.prepare(&records).await {
                 Ok(Prepare::Ready(p)) => p,
-                Ok(Prepare::Settle) => match self.settle(pending, run, source, shutdown).await? {
+                Ok(Prepare::Settle) => match self.settle().await? {
                     Settled::Shutdown => return Ok(Settled::Shutdown),
                     Settled::Durable | Settled::Redone => continue,
                     // It waits on no write known: processed on its own.
                     Settled::Nothing => {
                         drop(guard);
-                        return self.redo(records, run, source, shutdown).await;
+                        return self.redo(records).await;
                     }
                 },
                 Err(_) => {
                     // A read failed: the one-batch-at-a-time path retries it
                     // with backoff, after the write in flight.
                     drop(guard);
-                    if self.settle(pending, run, source, shutdown).await? == Settled::Shutdown {
+                    if self.settle().await? == Settled::Shutdown {
                         return Ok(Settled::Shutdown);
                     }
-                    return self.redo(records, run, source, shutdown).await;
+                    return self.redo(records).await;
                 }
             };
-            match self.settle(pending, run, source, shutdown).await? {
+            match self.settle().await? {
                 Settled::Shutdown => return Ok(Settled::Shutdown),
                 Settled::Redone => {
                     // Prepared on top of a write that failed: void.
-                    run.pipeline.void(prepared);
+                    self.pipeline.void(prepared);
                     drop(guard);
-                    return self.redo(records, run, source, shutdown).await;
+                    return self.redo(records).await;
                 }
                 Settled::Nothing | Settled::Durable => {}
             }
             let produced_at = produced_at(&records);
-            let (commit, report) = run.pipeline.submit(prepared);
-            let storage = run.pipeline.storage().clone();
-            *pending = Some(Pending {
+            let (commit, report) = self.pipeline.submit(prepared);
+            let storage = self.pipeline.storage().clone();
+            self.pending = Some(Pending {
                 write: tokio::spawn(async move { storage.commit(commit).await }),
                 records,
                 report,
@@ -180,17 +257,11 @@ impl App {
     }
 
     /// Wait for the write in flight, if there is one (`Nothing` if not).
-    /// Durable: its offsets are committed and it is reported. Failed: the
-    /// cache is emptied and the batch processed again on its own until it
-    /// is durable.
-    async fn settle(
-        &self,
-        pending: &mut Option<Pending>,
-        run: &mut Run<'_>,
-        source: &mut dyn EventSource,
-        shutdown: &watch::Receiver<bool>,
-    ) -> anyhow::Result<Settled> {
-        let Some(p) = pending.take() else {
+    /// Durable: it is handed on for its offsets. Failed: the cache is
+    /// emptied and the batch processed again on its own until it is
+    /// durable.
+    async fn settle(&mut self) -> anyhow::Result<Settled> {
+        let Some(p) = self.pending.take() else {
             return Ok(Settled::Nothing);
         };
         let Pending {
@@ -203,23 +274,22 @@ impl App {
         let result = write
             .await
             .map_err(|e| anyhow::anyhow!("the batch write task failed: {e}"))?;
-        run.pipeline.settled(result.is_ok());
+        self.pipeline.settled(result.is_ok());
         drop(_gate);
         match result {
             Ok(()) => {
-                self.host.health.clear("store");
-                self.durable(&records, &report, &produced_at, run, source)
-                    .await;
+                self.app.host.health.clear("store");
+                self.durable(&records, report, &produced_at);
                 Ok(Settled::Durable)
             }
             Err(e @ (StoreError::Unavailable(_) | StoreError::Fenced(_))) => {
                 if matches!(e, StoreError::Unavailable(_)) {
                     tracing::warn!(error = %e, "store unavailable; processing the batch again");
-                    self.host.health.fault("store", format!("store: {e}"));
+                    self.app.host.health.fault("store", format!("store: {e}"));
                 } else {
                     tracing::warn!(error = %e, "batch fenced; processing it again");
                 }
-                match self.redo(records, run, source, shutdown).await? {
+                match self.redo(records).await? {
                     Settled::Shutdown => Ok(Settled::Shutdown),
                     _ => Ok(Settled::Redone),
                 }
@@ -228,53 +298,27 @@ impl App {
         }
     }
 
-    /// Process one batch on its own until it is durable, then report it.
-    async fn redo(
-        &self,
-        records: Vec<SourceRecord>,
-        run: &mut Run<'_>,
-        source: &mut dyn EventSource,
-        shutdown: &watch::Receiver<bool>,
-    ) -> anyhow::Result<Settled> {
+    /// Process one batch on its own until it is durable, then hand it on.
+    async fn redo(&mut self, records: Vec<SourceRecord>) -> anyhow::Result<Settled> {
         let produced_at = produced_at(&records);
-        let Some(report) = self
-            .commit_batch(&mut run.pipeline, &records, shutdown)
-            .await?
-        else {
+        let Some(report) = self.commit_batch(&records).await? else {
             return Ok(Settled::Shutdown);
         };
-        self.durable(&records, &report, &produced_at, run, source)
-            .await;
+        self.durable(&records, report, &produced_at);
         Ok(Settled::Redone)
     }
 
-    /// A batch is durable: count it, tell the source, report it.
-    async fn durable(
-        &self,
-        records: &[SourceRecord],
-        report: &BatchReport,
-        produced_at: &[i64],
-        run: &mut Run<'_>,
-        source: &mut dyn EventSource,
-    ) {
-        let host = &self.host;
+    /// A batch is durable: count it and hand it on for its offsets.
+    fn durable(&self, records: &[SourceRecord], report: BatchReport, produced_at: &[i64]) {
+        let host = &self.app.host;
         host.metrics.committed(report.applied as u64);
         host.metrics
             .observe_produce_to_commit(produced_at, clock::unix_ms());
-        let checkpoints = checkpoints_of(records);
-        // The batch is durable and its checkpoint is in the store; a
-        // failed offset commit only means the batch may be read again,
-        // and its events are then found already stored.
-        if let Err(e) = source.commit(&checkpoints).await {
-            tracing::warn!(error = %format!("{e:#}"), "committing source offsets failed; the batch may be re-read");
-        }
-        for c in &checkpoints {
-            host.metrics.progressed(&c.source, c.partition);
-            host.health.progressed(&c.source, c.partition);
-        }
-        report_lag(host, source);
-        (run.on_batch)(report);
-        merge(&mut run.total, report);
+        // The consume loop is gone only once every lane has stopped.
+        let _ = self.done.send(Durable {
+            checkpoints: checkpoints_of(records),
+            report,
+        });
     }
 
     /// Process one batch and commit it, under the batch gate, until it is
@@ -282,16 +326,14 @@ impl App {
     /// re-runs the batch. `None` when shutdown came during an outage
     /// (nothing of the batch was committed; it is read again at start).
     async fn commit_batch(
-        &self,
-        pipeline: &mut Pipeline,
+        &mut self,
         records: &[SourceRecord],
-        shutdown: &watch::Receiver<bool>,
     ) -> anyhow::Result<Option<BatchReport>> {
-        let host = &self.host;
+        let host = &self.app.host;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let gate = self.plugins.gate().read().await;
-            let result = pipeline.process(records).await;
+            let gate = self.app.plugins.gate().read().await;
+            let result = self.pipeline.process(records).await;
             drop(gate);
             match result {
                 Ok(r) => {
@@ -304,14 +346,16 @@ impl App {
                     host.health.beat();
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
-                    if *shutdown.borrow() {
+                    if *self.shutdown.borrow() {
                         return Ok(None);
                     }
                 }
                 Err(StoreError::Fenced(e)) => {
-                    // Another writer moved an entity on (a rebalance race or a
-                    // redelivery): re-run the batch; it reloads the entities and
-                    // drops the events that are already stored.
+                    // Another writer moved an entity on (a rebalance race,
+                    // a redelivery, or another lane writing an entity whose
+                    // events come on two partitions): re-run the batch; it
+                    // reloads the entities and drops the events that are
+                    // already stored.
                     tracing::warn!(error = %e, "batch fenced; re-running it");
                     host.health.beat();
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -322,11 +366,61 @@ impl App {
     }
 }
 
-/// The consume loop's own state.
-struct Run<'a> {
-    pipeline: Pipeline,
-    total: BatchReport,
-    on_batch: &'a mut (dyn FnMut(&BatchReport) + Send),
+/// A lane's durable batch reaches the source (its offsets), the metrics
+/// and health (its partitions progressed) and the caller.
+async fn deliver(
+    host: &Host,
+    d: Durable,
+    source: &mut dyn EventSource,
+    on_batch: &mut (dyn FnMut(&BatchReport) + Send),
+    total: &mut BatchReport,
+) {
+    // The batch is durable and its checkpoint is in the store; a failed
+    // offset commit only means the batch may be read again, and its events
+    // are then found already stored.
+    if let Err(e) = source.commit(&d.checkpoints).await {
+        tracing::warn!(error = %format!("{e:#}"), "committing source offsets failed; the batch may be re-read");
+    }
+    for c in &d.checkpoints {
+        host.metrics.progressed(&c.source, c.partition);
+        host.health.progressed(&c.source, c.partition);
+    }
+    report_lag(host, source);
+    on_batch(&d.report);
+    merge(total, &d.report);
+}
+
+/// Deal `records` out to `lanes` lanes, keeping their order within each:
+/// by partition (consecutive partitions to consecutive lanes), or by
+/// source when its partitions are not independent.
+fn deal(
+    records: Vec<SourceRecord>,
+    lanes: usize,
+    independent: bool,
+) -> Vec<(usize, Vec<SourceRecord>)> {
+    if lanes <= 1 {
+        return vec![(0, records)];
+    }
+    let mut out: Vec<Vec<SourceRecord>> = (0..lanes).map(|_| Vec::new()).collect();
+    for r in records {
+        let mut lane = fnv1a(r.origin.source.as_bytes());
+        if independent {
+            lane = lane.wrapping_add(u64::from(r.origin.partition.unsigned_abs()));
+        }
+        out[(lane % lanes as u64) as usize].push(r);
+    }
+    out.into_iter()
+        .enumerate()
+        .filter(|(_, b)| !b.is_empty())
+        .collect()
+}
+
+/// FNV-1a: a hash that is the same in every process and run, so a source
+/// lands on the same lane each time.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// A batch whose write runs in a task of its own.
@@ -485,8 +579,10 @@ mod tests {
     /// checks that each commit comes after the store holds its batch.
     struct Batches {
         batches: std::collections::VecDeque<Vec<SourceRecord>>,
-        committed: Arc<std::sync::Mutex<Vec<i64>>>,
+        committed: Arc<std::sync::Mutex<Vec<(i32, i64)>>>,
         store: Arc<SqliteStore>,
+        /// Whether its partitions are independent (Kafka-like).
+        partitions: bool,
     }
 
     #[async_trait::async_trait]
@@ -503,12 +599,15 @@ mod tests {
                     "offset {} committed before it was durable",
                     c.offset
                 );
-                self.committed.lock().unwrap().push(c.offset);
+                self.committed.lock().unwrap().push((c.partition, c.offset));
             }
             Ok(())
         }
         fn lag(&self) -> Vec<PartitionLag> {
             Vec::new()
+        }
+        fn independent_partitions(&self) -> bool {
+            self.partitions
         }
     }
 
@@ -560,11 +659,13 @@ mod tests {
             batches: batches.into(),
             committed: committed.clone(),
             store: store.clone(),
+            partitions: true,
         };
         let (_tx, rx) = watch::channel(false);
         let total = app.consume(Box::new(source), rx, |_| {}).await.unwrap();
         assert_eq!((total.applied, total.duplicates), (5, 3));
-        assert_eq!(*committed.lock().unwrap(), [2, 4, 7, 8]);
+        let offsets: Vec<i64> = committed.lock().unwrap().iter().map(|c| c.1).collect();
+        assert_eq!(offsets, [2, 4, 7, 8]);
         let balance = |id: &str| {
             let k = refold_store::EntityKey::new("account", id);
             let store = store.clone();
@@ -577,6 +678,96 @@ mod tests {
             (balance("a").await, balance("b").await, balance("c").await),
             (15, 3, 3)
         );
+    }
+
+    /// With two lanes, each partition's offsets are committed in order and
+    /// only once durable, and an entity whose events arrive on partitions
+    /// of both lanes (its writes then race between the lanes) still gets
+    /// every event once.
+    #[tokio::test]
+    async fn two_lanes_keep_partition_order_and_an_entity_on_both_lanes_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = HostConfig::default();
+        config.engine.lanes = 2;
+        config.plugins.files =
+            vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bank/bank.wasm")];
+        let store = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
+        let app = App::with_storage(config, store.clone(), store.clone()).unwrap();
+        let mut offsets = [0usize; 4];
+        let mut at = |partition: usize, account: &str, id: &str, amount| {
+            let mut r = deposit(offsets[partition], account, id, amount);
+            r.origin.partition = partition as i32;
+            offsets[partition] += 1;
+            r
+        };
+        let mut batches = Vec::new();
+        let mut expected: HashMap<String, u64> = HashMap::new();
+        for round in 0..30u64 {
+            let mut batch = Vec::new();
+            for p in 0..4 {
+                let own = format!("p{p}");
+                batch.push(at(p, &own, &format!("{round}"), round + 1));
+                *expected.entry(own.clone()).or_default() += round + 1;
+                // "x" on partitions 0 and 1: two lanes write it.
+                if p < 2 {
+                    batch.push(at(p, "x", &format!("{p}-{round}"), 1));
+                    *expected.entry("x".into()).or_default() += 1;
+                }
+                if round > 0 {
+                    // A re-delivery of the round before: a duplicate.
+                    batch.push(at(p, &own, &format!("{}", round - 1), round));
+                }
+            }
+            batches.push(batch);
+        }
+        let committed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let source = Batches {
+            batches: batches.into(),
+            committed: committed.clone(),
+            store: store.clone(),
+            partitions: true,
+        };
+        let (_tx, rx) = watch::channel(false);
+        let total = app.consume(Box::new(source), rx, |_| {}).await.unwrap();
+        assert_eq!(total.applied, 30 * 6);
+        assert_eq!(total.duplicates, 29 * 4);
+        let committed = committed.lock().unwrap().clone();
+        for p in 0..4i32 {
+            let of_p: Vec<i64> = committed
+                .iter()
+                .filter(|(q, _)| *q == p)
+                .map(|(_, o)| *o)
+                .collect();
+            assert!(of_p.windows(2).all(|w| w[0] < w[1]), "{p}: {of_p:?}");
+            assert_eq!(of_p.last().copied(), Some(offsets[p as usize] as i64));
+        }
+        for (account, balance) in expected {
+            let k = refold_store::EntityKey::new("account", &account);
+            let r = store.load(std::slice::from_ref(&k)).await.unwrap();
+            assert_eq!(
+                r[&k].state.as_ref().unwrap()["balance"].as_u64(),
+                Some(balance),
+                "{account}"
+            );
+        }
+    }
+
+    #[test]
+    fn partitions_are_dealt_round_robin_and_files_of_one_source_stay_together() {
+        let rec = |source: &str, partition: i32| {
+            let mut r = deposit(0, "a", "1", 1);
+            r.origin.source = source.into();
+            r.origin.partition = partition;
+            r
+        };
+        let records: Vec<SourceRecord> = (0..12).map(|p| rec("t", p)).collect();
+        let dealt = deal(records.clone(), 3, true);
+        assert_eq!(dealt.len(), 3);
+        assert!(dealt.iter().all(|(_, b)| b.len() == 4));
+        let dealt = deal(records, 3, false);
+        assert_eq!(dealt.len(), 1, "one source: one lane");
+        assert_eq!(dealt[0].1.len(), 12);
+        assert_eq!(deal(vec![rec("t", 5)], 1, true)[0].0, 0);
     }
 
     fn metric(text: &str, name: &str) -> f64 {

@@ -135,6 +135,11 @@ pub struct EngineConfig {
     /// batches so that the steady state reads nothing per entity (least
     /// recently used out first; 0 turns it off).
     pub state_cache_bytes: usize,
+    /// Lanes the consume loop runs partitions on (0: one per core). Each
+    /// lane has its own sandboxes and an equal share of the state cache;
+    /// a partition (for files: a source, whose files follow each other)
+    /// always goes to the same lane, so its order is kept.
+    pub lanes: usize,
     /// Free space below which `/healthz` warns (503, with the reason)
     /// while ingest goes on, in bytes; 0 turns the check off.
     pub min_free_disk_bytes: u64,
@@ -151,7 +156,20 @@ impl Default for EngineConfig {
             max_batch_projection_ops: 200_000,
             max_batch_projection_bytes: 64 << 20,
             state_cache_bytes: 256 << 20,
+            lanes: 0,
             min_free_disk_bytes: 256 << 20,
         }
+    }
+}
+
+impl EngineConfig {
+    /// The lanes to run: `lanes`, or one per core.
+    pub fn lane_count(&self) -> usize {
+        if self.lanes > 0 {
+            return self.lanes;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     }
 }

@@ -344,17 +344,19 @@ impl Metrics {
             .inc();
     }
 
-    /// What the owned-state cache did in a batch (entities found, not
-    /// found, dropped for room), and what it holds.
-    pub fn state_cache(&self, lookups: (u64, u64, u64), entries: usize, bytes: usize) {
+    /// What an owned-state cache did in a batch (entities found, not
+    /// found, dropped for room), and by how much what it holds changed.
+    /// Changes, not totals: each lane has a cache of its own and the gauges
+    /// are their sum.
+    pub fn state_cache(&self, lookups: (u64, u64, u64), entries_change: i64, bytes_change: i64) {
         let (hits, misses, evictions) = lookups;
         self.cache_lookups.with_label_values(&["hit"]).inc_by(hits);
         self.cache_lookups
             .with_label_values(&["miss"])
             .inc_by(misses);
         self.cache_evictions.inc_by(evictions);
-        self.cache_entries.set(entries as i64);
-        self.cache_bytes.set(bytes as i64);
+        self.cache_entries.add(entries_change);
+        self.cache_bytes.add(bytes_change);
     }
 
     /// Prometheus text format.

@@ -17,4 +17,11 @@ pub trait EventSource: Send {
     async fn commit(&mut self, checkpoints: &[Checkpoint]) -> anyhow::Result<()>;
     /// Current lag per partition.
     fn lag(&self) -> Vec<PartitionLag>;
+    /// Whether records of different partitions of one source may be
+    /// processed independently of each other (Kafka partitions: yes; the
+    /// files of one JSONL source, a rotated file and its successor, follow
+    /// each other: no).
+    fn independent_partitions(&self) -> bool {
+        true
+    }
 }

@@ -700,6 +700,13 @@ impl EventSource for JsonlSource {
         }
         out
     }
+
+    /// A rotated file's rest and its successor are partitions of one
+    /// stream: an entity's events in both keep their order only when both
+    /// go through one lane.
+    fn independent_partitions(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -132,6 +132,8 @@ pub struct Pipeline {
     sandboxes: HashMap<String, Sandbox>,
     /// Records of the entities this pipeline wrote, between batches.
     cache: cache::StateCache,
+    /// Entries and bytes of the cache as last added to the gauges.
+    cache_reported: (i64, i64),
     /// The events of the batch being written, and its entities.
     in_flight: HashMap<EventIdentity, Option<String>>,
     in_flight_keys: HashSet<EntityKey>,
@@ -163,6 +165,16 @@ impl Pipeline {
         )
     }
 
+    /// A pipeline of one of `lanes` lanes: the host's settings, with an
+    /// equal share of the state cache's budget.
+    pub fn for_lane(host: &Host, lanes: usize) -> Self {
+        let mut p = Pipeline::for_host(host);
+        let share = host.config.engine.state_cache_bytes / lanes.max(1);
+        p.cache = cache::StateCache::new(share);
+        p.config.state_cache_bytes = share;
+        p
+    }
+
     /// A pipeline over `storage` with the plugins of `registry`.
     pub fn new(
         storage: Arc<dyn Storage>,
@@ -175,6 +187,7 @@ impl Pipeline {
             registry,
             sandboxes: HashMap::new(),
             cache: cache::StateCache::new(config.state_cache_bytes),
+            cache_reported: (0, 0),
             in_flight: HashMap::new(),
             in_flight_keys: HashSet::new(),
             in_flight_brought: Vec::new(),
@@ -337,12 +350,7 @@ impl Pipeline {
             let ids = new_ids.remove(&u.key).unwrap_or_default();
             self.cache.committed(u, ids, known_ids.remove(&u.key));
         }
-        let s = self.cache.take_stats();
-        self.metrics.state_cache(
-            (s.hits, s.misses, s.evictions),
-            self.cache.len(),
-            self.cache.bytes(),
-        );
+        self.report_cache();
         Ok(Box::new(Prepared {
             commit,
             report,
@@ -380,8 +388,22 @@ impl Pipeline {
         let brought = std::mem::take(&mut self.in_flight_brought);
         if !ok {
             self.cache.clear();
+            self.report_cache();
             self.behind.extend(brought);
         }
+    }
+
+    /// What the cache did since the last report, and how much it holds
+    /// now, to metrics.
+    fn report_cache(&mut self) {
+        let s = self.cache.take_stats();
+        let now = (self.cache.len() as i64, self.cache.bytes() as i64);
+        self.metrics.state_cache(
+            (s.hits, s.misses, s.evictions),
+            now.0 - self.cache_reported.0,
+            now.1 - self.cache_reported.1,
+        );
+        self.cache_reported = now;
     }
 
     /// The storage this pipeline commits to.
@@ -412,6 +434,14 @@ impl Pipeline {
     /// consume loop then runs a batch even when the source is idle).
     pub fn has_deferred(&self) -> bool {
         !self.behind.is_empty()
+    }
+}
+
+impl Drop for Pipeline {
+    /// What this pipeline's cache held leaves the gauges with it.
+    fn drop(&mut self) {
+        let (entries, bytes) = self.cache_reported;
+        self.metrics.state_cache((0, 0, 0), -entries, -bytes);
     }
 }
 
