@@ -85,7 +85,15 @@ impl App {
         }
         drop(done_tx);
         let mut total = BatchReport::default();
-        let mut reader = Reader::new(host.config.source.batch_size);
+        // Each lane gets about a batch per read: dealt out by partition, a
+        // read of one batch would give each of N lanes a batch 1/N the size
+        // (and N times the per-batch work per event).
+        let read_size = if independent {
+            host.config.source.batch_size.saturating_mul(lanes)
+        } else {
+            host.config.source.batch_size
+        };
+        let mut reader = Reader::new(read_size);
         let mut disk_checked: Option<Instant> = None;
         'read: loop {
             host.health.beat();

@@ -26,7 +26,8 @@ pub struct SourceConfig {
     pub paths: Vec<PathBuf>,
     /// Keep reading files as they grow.
     pub follow: bool,
-    /// Largest batch, in records.
+    /// Largest batch, in records (per lane: a read of a source whose
+    /// partitions are independent takes up to this many per lane).
     pub batch_size: usize,
     /// Longest wait for a batch to fill, in milliseconds.
     pub linger_ms: u64,
