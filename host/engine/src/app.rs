@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use refold_source::{EventSource, SourceRecord, checkpoints_of};
 use refold_store::{Checkpoint, PluginStore, Storage, StoreError};
-use refold_types::clock;
+use refold_types::{clock, stable_hash};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::HostConfig;
@@ -411,7 +411,7 @@ fn deal(
     }
     let mut out: Vec<Vec<SourceRecord>> = (0..lanes).map(|_| Vec::new()).collect();
     for r in records {
-        let mut lane = fnv1a(r.origin.source.as_bytes());
+        let mut lane = stable_hash(r.origin.source.bytes());
         if independent {
             lane = lane.wrapping_add(u64::from(r.origin.partition.unsigned_abs()));
         }
@@ -421,14 +421,6 @@ fn deal(
         .enumerate()
         .filter(|(_, b)| !b.is_empty())
         .collect()
-}
-
-/// FNV-1a: a hash that is the same in every process and run, so a source
-/// lands on the same lane each time.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// A batch whose write runs in a task of its own.

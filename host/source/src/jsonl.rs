@@ -98,17 +98,13 @@ impl FileId {
     /// hasher, which does not promise that); 0 is left to checkpoints
     /// written before incarnations were tracked.
     fn tag(&self) -> i32 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let bytes = self
-            .dev
-            .to_le_bytes()
-            .into_iter()
-            .chain(self.ino.to_le_bytes())
-            .chain(self.born_ns.to_le_bytes());
-        for b in bytes {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        let h = refold_types::stable_hash(
+            self.dev
+                .to_le_bytes()
+                .into_iter()
+                .chain(self.ino.to_le_bytes())
+                .chain(self.born_ns.to_le_bytes()),
+        );
         let t = ((h ^ (h >> 32)) & 0x7fff_ffff) as i32;
         if t == 0 { 1 } else { t }
     }

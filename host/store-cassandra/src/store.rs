@@ -299,12 +299,7 @@ impl CassandraStore {
 
 /// Stable shard of a string (FNV-1a).
 pub(crate) fn shard_of(s: &str, shards: i32) -> i32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.as_bytes() {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % shards as u64) as i32
+    (refold_types::stable_hash(s.bytes()) % shards as u64) as i32
 }
 
 #[cfg(test)]

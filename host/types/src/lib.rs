@@ -9,7 +9,7 @@ pub mod event;
 pub mod generation;
 pub mod record;
 
-pub use digest::digest_of;
+pub use digest::{digest_of, stable_hash};
 pub use event::{EntityKey, Envelope, RawJson, Rejection};
 pub use generation::Generation;
 pub use record::{Checkpoint, EventIdentity, Origin, PluginRef, ProjectionWrite, StoredEvent};
