@@ -529,24 +529,15 @@ fn sigkill_at_random_points_loses_nothing_and_applies_nothing_twice() {
     let (lines, expected) = generated_bank(20_000, 150, 11);
     let file = c.write_lines("events.jsonl", &lines);
     produce(c.path(), &c.topic, &file, false);
-    // Small buckets: entities move to new partitions while hosts die.
-    // A static group member: a restarted host takes its partitions back at once.
-    let cfg = c.config(
-        "host",
-        100,
-        "properties = { \"group.instance.id\" = \"crash-host\" }",
-        "bucket_size = 40",
-    );
+    let cfg = restarting_member(&c, "crash-host", 100);
     let mut rng = 0x5eed_u64;
     let mut committed_before_kills = 0;
     for round in 0..4 {
         let mut host = Host::start(&cfg, c.path(), &[]);
         // Die after a random number of batches (there are ~200), at a random
         // point of the next one: folding, storing, or committing offsets.
-        rng = rng
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let after = 5 + (rng >> 33) as usize % 35;
+        let r = next_random(&mut rng);
+        let after = 5 + (r >> 33) as usize % 35;
         poll(Duration::from_secs(60), || {
             (batches(&host) >= after).then_some(())
         })
@@ -556,7 +547,7 @@ fn sigkill_at_random_points_loses_nothing_and_applies_nothing_twice() {
                 tail(&host.log_text(), 40)
             )
         });
-        std::thread::sleep(Duration::from_millis((rng >> 20) % 300));
+        std::thread::sleep(Duration::from_millis((r >> 20) % 300));
         host.kill();
         let batches = batches(&host);
         committed_before_kills += batches;
@@ -645,6 +636,27 @@ fn a_rebalance_moves_partitions_without_loss_or_double_apply() {
     );
 }
 
+/// The config of a host that is killed and restarted: a static group
+/// member (a restarted host takes its partitions back at once) with small
+/// buckets (entities move to new partitions while hosts die).
+fn restarting_member(c: &Cluster, member: &str, batch: usize) -> PathBuf {
+    c.config(
+        "host",
+        batch,
+        &format!("properties = {{ \"group.instance.id\" = \"{member}\" }}"),
+        "bucket_size = 40",
+    )
+}
+
+/// The next value of a seeded linear congruential generator (the kill
+/// tests' random moments, the same in every run).
+fn next_random(state: &mut u64) -> u64 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *state
+}
+
 /// Batches a host has committed so far (its log says each one).
 fn batches(host: &Host) -> usize {
     host.log_text().matches("batch committed").count()
@@ -669,26 +681,19 @@ fn twenty_sigkills_at_random_moments_lose_nothing_and_apply_nothing_twice() {
     let (lines, expected) = generated_bank(12_000, 120, 41);
     let file = c.write_lines("events.jsonl", &lines);
     produce(c.path(), &c.topic, &file, false);
-    let cfg = c.config(
-        "host",
-        60,
-        "properties = { \"group.instance.id\" = \"kills-host\" }",
-        "bucket_size = 40",
-    );
+    let cfg = restarting_member(&c, "kills-host", 60);
     let started = Instant::now();
     let mut rng = 0xc0ffee_u64;
     let mut killed_mid_stream = 0;
     for round in 0..20 {
         let mut host = Host::start(&cfg, c.path(), &[]);
-        rng = rng
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        let r = next_random(&mut rng);
         // Some rounds die before their first batch, most after a few.
-        let after = (rng >> 33) as usize % 6;
+        let after = (r >> 33) as usize % 6;
         poll(Duration::from_secs(30), || {
             (batches(&host) >= after).then_some(())
         });
-        std::thread::sleep(Duration::from_millis((rng >> 20) % 250));
+        std::thread::sleep(Duration::from_millis((r >> 20) % 250));
         host.kill();
         let batches = batches(&host);
         if batches > 0 {
@@ -795,12 +800,7 @@ fn per_entity_ids_with_re_deliveries_across_a_rebalance_and_a_tiny_cache() {
     check_bank(&b, &lines, &expected, Duration::from_secs(150));
     let (_, dl) = b.get("/v1/dead-letters");
     assert_eq!(dl["count"], 0, "{dl}");
-    let m = http()
-        .get(format!("{}/metrics", a.base))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = a.metrics();
     let evicted = m
         .lines()
         .find_map(|l| l.strip_prefix("refold_state_cache_evictions_total "))

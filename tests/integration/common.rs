@@ -161,6 +161,15 @@ impl Host {
         (status, r.json().unwrap_or(Value::Null))
     }
 
+    /// Its `/metrics`, as text.
+    pub fn metrics(&self) -> String {
+        http()
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .and_then(|r| r.text())
+            .expect("GET /metrics")
+    }
+
     /// Kill the process hard (SIGKILL).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

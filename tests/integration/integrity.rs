@@ -55,10 +55,7 @@ fn per_entity_ids_with_redeliveries_lose_nothing_across_sigkills() {
         );
         assert_eq!(got["position"], n, "{id}: every event applied once: {got}");
     }
-    let text = reqwest::blocking::get(format!("{}/metrics", host.base))
-        .unwrap()
-        .text()
-        .unwrap();
+    let text = host.metrics();
     assert!(
         !text.contains("refold_dead_letters_total{"),
         "no dead letters: {}",

@@ -260,12 +260,7 @@ fn forward_swaps_under_load_lose_nothing_and_apply_nothing_twice() {
         s["plugin"]["digest"] == v1 || s["plugin"]["digest"] == v2,
         "{s}"
     );
-    let m = http()
-        .get(format!("{}/metrics", host.base))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = host.metrics();
     assert!(
         m.contains("refold_plugin_swaps_total{entity_type=\"account\",mode=\"forward\"}"),
         "{m}"

@@ -611,6 +611,26 @@ mod tests {
         }
     }
 
+    /// An app with the bank plugin over a fresh SQLite store, on `lanes`
+    /// lanes (0: the default).
+    fn bank_app(lanes: usize) -> (tempfile::TempDir, Arc<SqliteStore>, App) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = HostConfig::default();
+        config.engine.lanes = lanes;
+        config.plugins.files =
+            vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bank/bank.wasm")];
+        let store = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
+        let app = App::with_storage(config, store.clone(), store.clone()).unwrap();
+        (dir, store, app)
+    }
+
+    /// An account's balance as stored.
+    async fn balance(store: &SqliteStore, account: &str) -> Option<u64> {
+        let k = refold_store::EntityKey::new("account", account);
+        let r = store.load(std::slice::from_ref(&k)).await.unwrap();
+        r.get(&k)?.state.as_ref()?["balance"].as_u64()
+    }
+
     fn deposit(i: usize, account: &str, id: &str, amount: u64) -> SourceRecord {
         SourceRecord {
             origin: Origin {
@@ -636,12 +656,7 @@ mod tests {
     /// batch is durable.
     #[tokio::test]
     async fn overlapped_batches_are_exact_and_commit_offsets_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = HostConfig::default();
-        config.plugins.files =
-            vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bank/bank.wasm")];
-        let store = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
-        let app = App::with_storage(config, store.clone(), store.clone()).unwrap();
+        let (_dir, store, app) = bank_app(0);
         let mut offset = 0;
         let mut next = |account: &str, id: &str, amount| {
             offset += 1;
@@ -666,17 +681,13 @@ mod tests {
         assert_eq!((total.applied, total.duplicates), (5, 3));
         let offsets: Vec<i64> = committed.lock().unwrap().iter().map(|c| c.1).collect();
         assert_eq!(offsets, [2, 4, 7, 8]);
-        let balance = |id: &str| {
-            let k = refold_store::EntityKey::new("account", id);
-            let store = store.clone();
-            async move {
-                let r = store.load(std::slice::from_ref(&k)).await.unwrap();
-                r[&k].state.as_ref().unwrap()["balance"].as_u64().unwrap()
-            }
-        };
         assert_eq!(
-            (balance("a").await, balance("b").await, balance("c").await),
-            (15, 3, 3)
+            (
+                balance(&store, "a").await,
+                balance(&store, "b").await,
+                balance(&store, "c").await
+            ),
+            (Some(15), Some(3), Some(3))
         );
     }
 
@@ -686,13 +697,7 @@ mod tests {
     /// every event once.
     #[tokio::test]
     async fn two_lanes_keep_partition_order_and_an_entity_on_both_lanes_exact() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = HostConfig::default();
-        config.engine.lanes = 2;
-        config.plugins.files =
-            vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bank/bank.wasm")];
-        let store = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
-        let app = App::with_storage(config, store.clone(), store.clone()).unwrap();
+        let (_dir, store, app) = bank_app(2);
         let mut offsets = [0usize; 4];
         let mut at = |partition: usize, account: &str, id: &str, amount| {
             let mut r = deposit(offsets[partition], account, id, amount);
@@ -741,14 +746,8 @@ mod tests {
             assert!(of_p.windows(2).all(|w| w[0] < w[1]), "{p}: {of_p:?}");
             assert_eq!(of_p.last().copied(), Some(offsets[p as usize] as i64));
         }
-        for (account, balance) in expected {
-            let k = refold_store::EntityKey::new("account", &account);
-            let r = store.load(std::slice::from_ref(&k)).await.unwrap();
-            assert_eq!(
-                r[&k].state.as_ref().unwrap()["balance"].as_u64(),
-                Some(balance),
-                "{account}"
-            );
+        for (account, want) in expected {
+            assert_eq!(balance(&store, &account).await, Some(want), "{account}");
         }
     }
 
@@ -778,12 +777,7 @@ mod tests {
 
     #[tokio::test]
     async fn committed_events_and_produce_to_commit_are_counted_after_the_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = HostConfig::default();
-        config.plugins.files =
-            vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bank/bank.wasm")];
-        let store = Arc::new(SqliteStore::open(&dir.path().join("r.db")).unwrap());
-        let app = App::with_storage(config, store.clone(), store).unwrap();
+        let (_dir, _store, app) = bank_app(0);
         let stamp = clock::unix_ms() - 20;
         let stamps = [Some(stamp), Some(stamp), None];
         let event = |i: usize| SourceRecord {

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use futures::{StreamExt as _, stream};
 use refold_store::{EntityRecord, Origin, Storage, StoreError, StoredEvent};
+use refold_types::Generation;
 use refold_types::event::{EntityKey, Envelope};
 
 use super::cache::{FILL_IDS_UPTO, StateCache};
@@ -83,12 +84,13 @@ pub(crate) async fn load(
     mut groups: Groups,
     cache: &mut StateCache,
 ) -> Result<Loaded, StoreError> {
-    let active = |t: &str| generations.get(t).cloned().unwrap_or_default();
+    let base = Generation::default();
+    let active = |t: &str| generations.get(t).unwrap_or(&base);
     let mut records = HashMap::with_capacity(groups.order.len());
     let mut cached_ids = HashMap::new();
     let mut misses = Vec::new();
     for key in &groups.order {
-        match cache.take(key, &active(&key.entity_type)) {
+        match cache.take(key, active(&key.entity_type)) {
             Some((r, ids)) => {
                 records.insert(key.clone(), r);
                 if let Some(ids) = ids {
@@ -115,7 +117,7 @@ pub(crate) async fn load(
     };
     for key in &groups.order {
         let record = records.remove(key).unwrap_or_else(|| EntityRecord {
-            generation: active(&key.entity_type),
+            generation: active(&key.entity_type).clone(),
             ..EntityRecord::new(key.clone())
         });
         let events = position(&record, groups.events.remove(key).unwrap_or_default());

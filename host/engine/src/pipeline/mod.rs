@@ -612,6 +612,7 @@ mod tests {
         let r = p.process(&[opened(0, "a"), opened(1, "b")]).await.unwrap();
         assert_eq!((r.applied, r.deferred), (1, 1));
     }
+
     /// Cached records only save reads: an entity another writer moved on
     /// (another host after a rebalance, a re-submitted dead letter) fences
     /// the batch that used its stale entry, the entry is dropped, and the
