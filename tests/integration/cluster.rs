@@ -769,8 +769,9 @@ fn a_paused_host_that_resumes_after_its_partitions_moved_changes_nothing() {
 
 /// Event ids that count per entity ("1", "2", … in every account), with
 /// re-deliveries of earlier events, consumed by a host that a second one
-/// joins mid-stream (a rebalance) and whose owned-state cache is far too
-/// small for the input: every state exact, every event once.
+/// joins mid-stream (a rebalance), each on three lanes whose owned-state
+/// caches are far too small for the input: every state exact, every event
+/// once.
 #[test]
 fn per_entity_ids_with_re_deliveries_across_a_rebalance_and_a_tiny_cache() {
     let _g = shared();
@@ -778,7 +779,7 @@ fn per_entity_ids_with_re_deliveries_across_a_rebalance_and_a_tiny_cache() {
     let (lines, expected) = crate::embedded::generated_bank_local_ids(12_000, 150, 71);
     let file = c.write_lines("events.jsonl", &lines);
     let cfg = c.config("host", 50, "", "");
-    with_engine(&cfg, "state_cache_bytes = 4096");
+    with_engine(&cfg, "state_cache_bytes = 4096\nlanes = 3");
     let a = Host::start(&cfg, c.path(), &[]);
     produce(c.path(), &c.topic, &file, false);
     poll(Duration::from_secs(60), || {
