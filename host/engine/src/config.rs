@@ -135,8 +135,9 @@ pub struct EngineConfig {
     /// batches so that the steady state reads nothing per entity (least
     /// recently used out first; 0 turns it off).
     pub state_cache_bytes: usize,
-    /// Lanes the consume loop runs partitions on (0: one per core). Each
-    /// lane has its own sandboxes and an equal share of the state cache;
+    /// Lanes the consume loop runs partitions on (0: one per core; at most
+    /// [`MAX_LANES`]). Each lane has its own sandboxes, one queued batch
+    /// and an equal share of the state cache;
     /// a partition (for files: a source, whose files follow each other)
     /// always goes to the same lane, so its order is kept.
     pub lanes: usize,
@@ -162,14 +163,35 @@ impl Default for EngineConfig {
     }
 }
 
+/// Most lanes one host runs: each costs a pipeline with its sandboxes and a
+/// queued batch, so a mistyped `lanes` must not multiply them without end.
+pub const MAX_LANES: usize = 64;
+
 impl EngineConfig {
-    /// The lanes to run: `lanes`, or one per core.
+    /// The lanes to run: `lanes`, or one per core; at most [`MAX_LANES`].
     pub fn lane_count(&self) -> usize {
-        if self.lanes > 0 {
-            return self.lanes;
-        }
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        let n = if self.lanes > 0 {
+            self.lanes
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        };
+        n.min(MAX_LANES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_default_to_the_cores_and_are_bounded() {
+        let mut e = EngineConfig::default();
+        assert!(e.lane_count() >= 1);
+        e.lanes = 3;
+        assert_eq!(e.lane_count(), 3);
+        e.lanes = 100_000;
+        assert_eq!(e.lane_count(), MAX_LANES);
     }
 }
