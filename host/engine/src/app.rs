@@ -113,12 +113,23 @@ impl App {
                 Read::Again => continue,
                 Read::End => break,
             };
+            // Read after the batch: records of partitions revoked during
+            // the read were dropped by the source, so what lanes are told
+            // to forget is never followed by a record of it from this read.
+            let revoked = source.revoked();
+            if !revoked.is_empty() {
+                for inbox in &inboxes {
+                    if inbox.send(Work::Forget(revoked.clone())).await.is_err() {
+                        break 'read;
+                    }
+                }
+            }
             if records.is_empty() {
                 continue;
             }
             count_consumed(host, &records);
             for (lane, batch) in deal(records, lanes, independent) {
-                if inboxes[lane].send(batch).await.is_err() {
+                if inboxes[lane].send(Work::Batch(batch)).await.is_err() {
                     break 'read;
                 }
             }
@@ -169,7 +180,7 @@ impl Lane {
     /// shutdown); when no batch comes within the linger time, the write in
     /// flight is let land (and entities deferred by earlier batches are
     /// folded).
-    async fn run(mut self, mut inbox: mpsc::Receiver<Vec<SourceRecord>>) -> anyhow::Result<()> {
+    async fn run(mut self, mut inbox: mpsc::Receiver<Work>) -> anyhow::Result<()> {
         let idle = Duration::from_millis(self.app.host.config.source.linger_ms.max(1));
         loop {
             if *self.shutdown.borrow() {
@@ -179,12 +190,29 @@ impl Lane {
             let next = if waiting {
                 tokio::select! {
                     r = inbox.recv() => r,
-                    _ = tokio::time::sleep(idle) => Some(Vec::new()),
+                    _ = tokio::time::sleep(idle) => Some(Work::Batch(Vec::new())),
                 }
             } else {
                 inbox.recv().await
             };
-            let Some(records) = next else { break };
+            let records = match next {
+                None => break,
+                Some(Work::Batch(records)) => records,
+                Some(Work::Forget(partitions)) => {
+                    // The write in flight first: its entities are cached
+                    // as it settles.
+                    if self.settle().await? == Settled::Shutdown {
+                        return Ok(());
+                    }
+                    let n = self.pipeline.forget_partitions(&partitions);
+                    tracing::debug!(
+                        entities = n,
+                        ?partitions,
+                        "dropped the cached entities of revoked partitions"
+                    );
+                    continue;
+                }
+            };
             if *self.shutdown.borrow() {
                 break;
             }
@@ -423,6 +451,14 @@ fn deal(
         .collect()
 }
 
+/// What the reader hands a lane.
+enum Work {
+    /// Records of the lane's partitions, in order.
+    Batch(Vec<SourceRecord>),
+    /// Partitions a rebalance took away: drop what is cached of them.
+    Forget(Vec<(String, i32)>),
+}
+
 /// A batch whose write runs in a task of its own.
 struct Pending {
     write: tokio::task::JoinHandle<Result<(), StoreError>>,
@@ -648,6 +684,83 @@ mod tests {
             .into_bytes(),
             produced_at_ms: None,
         }
+    }
+
+    /// Batches with a pause before each (so that each lane has settled
+    /// the one before), then the end; says a partition was revoked after
+    /// the first, and samples the state cache's entry gauge before each
+    /// later batch.
+    struct Revoking {
+        batches: std::collections::VecDeque<Vec<SourceRecord>>,
+        reads: usize,
+        metrics: Arc<crate::metrics::Metrics>,
+        cached: Arc<std::sync::Mutex<Vec<i64>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl EventSource for Revoking {
+        async fn next_batch(&mut self, _max: usize) -> anyhow::Result<Option<Vec<SourceRecord>>> {
+            self.reads += 1;
+            if self.reads > 1 {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let text = self.metrics.render();
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with("refold_state_cache_entries "))
+                    .unwrap();
+                let n = line.rsplit(' ').next().unwrap().parse().unwrap();
+                self.cached.lock().unwrap().push(n);
+            }
+            Ok(self.batches.pop_front())
+        }
+        async fn commit(&mut self, _c: &[Checkpoint]) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn lag(&self) -> Vec<PartitionLag> {
+            Vec::new()
+        }
+        fn revoked(&mut self) -> Vec<(String, i32)> {
+            if self.reads == 2 {
+                vec![("t".into(), 0)]
+            } else {
+                Vec::new()
+            }
+        }
+    }
+
+    /// The entities of a revoked partition leave the state cache, those of
+    /// the others stay; a revoked partition that comes back is read from
+    /// the store again, exactly.
+    #[tokio::test]
+    async fn a_revoked_partitions_entities_leave_the_cache() {
+        let (_dir, store, app) = bank_app(1);
+        let on = |partition: i32, offset: usize, account: &str, id: &str| {
+            let mut r = deposit(offset, account, id, 10);
+            r.origin.partition = partition;
+            r
+        };
+        let batches = vec![
+            vec![on(0, 0, "a", "1"), on(0, 1, "c", "1"), on(1, 0, "b", "1")],
+            // p0 is revoked before this batch is dealt.
+            vec![on(1, 1, "b", "2")],
+            // And comes back, with a re-delivery.
+            vec![on(0, 1, "c", "1"), on(0, 2, "a", "2")],
+        ];
+        let cached = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let source = Revoking {
+            batches: batches.into(),
+            reads: 0,
+            metrics: app.host.metrics.clone(),
+            cached: cached.clone(),
+        };
+        let (_tx, rx) = watch::channel(false);
+        let total = app.consume(Box::new(source), rx, |_| {}).await.unwrap();
+        assert_eq!((total.applied, total.duplicates), (5, 1));
+        // Before the 2nd batch: a, b, c; before the 3rd: b; at the end b
+        // and a (c's re-delivery is found in the store and changes nothing).
+        assert_eq!(*cached.lock().unwrap(), [3, 1, 2]);
+        assert_eq!(balance(&store, "a").await, Some(20));
+        assert_eq!(balance(&store, "c").await, Some(10));
     }
 
     /// With a batch folded while the one before is written, a re-delivery

@@ -24,4 +24,10 @@ pub trait EventSource: Send {
     fn independent_partitions(&self) -> bool {
         true
     }
+    /// The partitions taken away from this reader (by a rebalance) since
+    /// the last call, for the caller to drop what it holds of them. A
+    /// source whose partitions never move returns none.
+    fn revoked(&mut self) -> Vec<(String, i32)> {
+        Vec::new()
+    }
 }

@@ -55,6 +55,8 @@ struct Shared {
     /// Assigned partitions and the epoch of their assignment.
     assigned: Mutex<HashMap<Tp, u64>>,
     next_epoch: AtomicU64,
+    /// Revoked since the source last handed them out.
+    revoked: Mutex<Vec<Tp>>,
     /// From the statistics: (high watermark, committed offset, app offset).
     offsets: Mutex<HashMap<Tp, (i64, i64, i64)>>,
 }
@@ -117,11 +119,18 @@ impl ConsumerContext for Ctx {
                     .assigned
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
+                let mut gone = self
+                    .shared
+                    .revoked
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 let revoked: Vec<String> = tpl
                     .elements()
                     .iter()
                     .map(|e| {
-                        assigned.remove(&(e.topic().to_string(), e.partition()));
+                        let tp = (e.topic().to_string(), e.partition());
+                        assigned.remove(&tp);
+                        gone.push(tp);
                         format!("{}#{}", e.topic(), e.partition())
                     })
                     .collect();
@@ -368,6 +377,19 @@ impl EventSource for KafkaSource {
             .collect();
         out.sort_by(|a, b| (&a.source, a.partition).cmp(&(&b.source, b.partition)));
         out
+    }
+
+    fn revoked(&mut self) -> Vec<(String, i32)> {
+        let mut revoked = std::mem::take(
+            &mut *self
+                .shared
+                .revoked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        revoked.sort();
+        revoked.dedup();
+        revoked
     }
 }
 

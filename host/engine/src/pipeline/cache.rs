@@ -20,6 +20,12 @@
 //! to have its ids read on first touch). An id whose hash is absent is new;
 //! one whose hash is present (a re-delivery, or a collision) is asked of
 //! the store like before, so a collision costs a read, never an event.
+//!
+//! Each entry remembers the source partition its last events came from, so
+//! that the entries of partitions a rebalance took away are dropped
+//! ([`forget_partitions`](StateCache::forget_partitions)): their new owner
+//! writes them from now on, and what this host holds of them would only
+//! cost a lost fence (and memory) should the partitions come back.
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
@@ -28,8 +34,8 @@ use lru::LruCache;
 use serde_json::Value;
 
 use refold_store::{EntityRecord, EntityUpdate};
-use refold_types::Generation;
 use refold_types::event::EntityKey;
+use refold_types::{Generation, stable_hash};
 
 /// Stored events an entity may have for its ids to be read on its first
 /// touch (one history read); beyond it its re-deliveries are asked of the
@@ -49,7 +55,17 @@ struct Entry {
     /// Hashes of the ids of every event stored for the entity; `None` when
     /// the cache does not know all of them.
     ids: Option<HashSet<u64>>,
+    /// [`partition_tag`] of the source partition of the entity's last
+    /// events (`None`: none seen by this cache, e.g. a retried entity).
+    part: Option<u64>,
     bytes: usize,
+}
+
+/// A source partition as an entry remembers it: a hash, since an entry
+/// tagged wrongly by a collision is only dropped early or kept longer
+/// (the cache saves reads, it never decides a write).
+pub(crate) fn partition_tag(source: &str, partition: i32) -> u64 {
+    stable_hash(source.bytes().chain(partition.to_le_bytes()))
 }
 
 /// What the cache did since the last look (for metrics).
@@ -125,23 +141,30 @@ impl StateCache {
 
     /// The id hashes of a cached entity when complete (for an entry about to
     /// be replaced after a commit).
-    fn take_ids(&mut self, key: &EntityKey) -> Option<HashSet<u64>> {
-        let e = self.entries.pop(key)?;
+    fn take_ids(&mut self, key: &EntityKey) -> (Option<HashSet<u64>>, Option<u64>) {
+        let Some(e) = self.entries.pop(key) else {
+            return (None, None);
+        };
         self.used -= e.bytes;
-        e.ids
+        (e.ids, e.part)
     }
 
     /// After a commit is durable: the entity's new record, with the ids of
     /// the events the commit stored for it. `known` are the entity's ids
     /// before the commit when they are all known: read on a first touch, or
-    /// those of the entry [`take`](Self::take) gave.
+    /// those of the entry [`take`](Self::take) gave. `part` is the
+    /// [`partition_tag`] of the partition the commit's events came from
+    /// (`None`: it stored none, the entry keeps the one it had).
     pub(crate) fn committed(
         &mut self,
         update: &EntityUpdate,
         new_ids: impl IntoIterator<Item = u64>,
         known: Option<HashSet<u64>>,
+        part: Option<u64>,
     ) {
-        let before = self.take_ids(&update.key).or(known);
+        let (held, held_part) = self.take_ids(&update.key);
+        let before = held.or(known);
+        let part = part.or(held_part);
         if update.quarantined || self.budget == 0 {
             return;
         }
@@ -168,8 +191,15 @@ impl StateCache {
             + record.state.as_ref().map_or(0, value_bytes)
             + ids.as_ref().map_or(0, |i| 64 + i.capacity() * 16);
         self.used += bytes;
-        self.entries
-            .put(update.key.clone(), Entry { record, ids, bytes });
+        self.entries.put(
+            update.key.clone(),
+            Entry {
+                record,
+                ids,
+                part,
+                bytes,
+            },
+        );
         while self.used > self.budget {
             let Some((_, e)) = self.entries.pop_lru() else {
                 break;
@@ -192,6 +222,24 @@ impl StateCache {
         self.entries
             .peek(key)
             .is_some_and(|e| e.record.position >= e.record.head)
+    }
+
+    /// Drop the entries whose last events came from one of these
+    /// partitions ([`partition_tag`]s), and those that never saw a
+    /// partition; returns how many went.
+    pub(crate) fn forget_partitions(&mut self, parts: &HashSet<u64>) -> usize {
+        let gone: Vec<EntityKey> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.part.is_none_or(|p| parts.contains(&p)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &gone {
+            if let Some(e) = self.entries.pop(k) {
+                self.used -= e.bytes;
+            }
+        }
+        gone.len()
     }
 
     /// Forget everything.
@@ -255,13 +303,13 @@ mod tests {
     fn a_committed_record_is_found_in_its_generation_only() {
         let mut c = StateCache::new(1 << 20);
         let u = update("a", 3);
-        c.committed(&u, [], Some(HashSet::new()));
+        c.committed(&u, [], Some(HashSet::new()), None);
         let (r, ids) = c.take(&u.key, &Generation::base()).unwrap();
         assert_eq!((r.head, r.state), (3, Some(json!({"balance": 3}))));
         assert_eq!(ids, Some(HashSet::new()));
         // Taken out until the batch puts it back.
         assert!(c.take(&u.key, &Generation::base()).is_none());
-        c.committed(&u, [], ids);
+        c.committed(&u, [], ids, None);
         assert!(c.take(&u.key, &Generation::from("account#x.1")).is_none());
         // The stale entry is gone.
         assert!(c.take(&u.key, &Generation::base()).is_none());
@@ -274,15 +322,15 @@ mod tests {
         let mut c = StateCache::new(1 << 20);
         let (a, b) = (update("a", 1), update("b", 1));
         let h = c.id_hash("e1");
-        c.committed(&a, [h], Some(HashSet::new()));
-        c.committed(&b, [h], None);
+        c.committed(&a, [h], Some(HashSet::new()), None);
+        c.committed(&b, [h], None, None);
         assert!(!c.certainly_new(&a.key, "e1"));
         assert!(c.certainly_new(&a.key, "e2"));
         // b's earlier ids are not known: every id is asked of the store.
         assert!(!c.certainly_new(&b.key, "e2"));
         // A later commit adds to what a cached entry knows.
         let h2 = c.id_hash("e2");
-        c.committed(&update("a", 2), [h2], None);
+        c.committed(&update("a", 2), [h2], None, None);
         assert!(!c.certainly_new(&a.key, "e2"));
         assert!(c.certainly_new(&a.key, "e3"));
         assert!(!c.certainly_new(&EntityKey::new("account", "z"), "e1"));
@@ -291,12 +339,12 @@ mod tests {
     #[test]
     fn quarantined_entities_are_not_kept() {
         let mut c = StateCache::new(1 << 20);
-        c.committed(&update("a", 1), [], Some(HashSet::new()));
+        c.committed(&update("a", 1), [], Some(HashSet::new()), None);
         let q = EntityUpdate {
             quarantined: true,
             ..update("a", 2)
         };
-        c.committed(&q, [], None);
+        c.committed(&q, [], None, None);
         assert_eq!((c.len(), c.bytes()), (0, 0));
     }
 
@@ -304,18 +352,18 @@ mod tests {
     fn the_budget_holds_and_the_least_recent_go_first() {
         let one = {
             let mut c = StateCache::new(usize::MAX);
-            c.committed(&update("0", 1), [], Some(HashSet::new()));
+            c.committed(&update("0", 1), [], Some(HashSet::new()), None);
             c.bytes()
         };
         let mut c = StateCache::new(one * 3);
         for i in 0..3 {
-            c.committed(&update(&i.to_string(), 1), [], Some(HashSet::new()));
+            c.committed(&update(&i.to_string(), 1), [], Some(HashSet::new()), None);
         }
         // A batch takes "0" and puts it back: "1" is now the least recent.
         let zero = EntityKey::new("account", "0");
         let (_, ids) = c.take(&zero, &Generation::base()).unwrap();
-        c.committed(&update("0", 2), [], ids);
-        c.committed(&update("3", 1), [], Some(HashSet::new()));
+        c.committed(&update("0", 2), [], ids, None);
+        c.committed(&update("3", 1), [], Some(HashSet::new()), None);
         assert_eq!(c.len(), 3);
         assert!(c.bytes() <= one * 3);
         assert!(!c.holds(&EntityKey::new("account", "1")));
@@ -323,15 +371,38 @@ mod tests {
         assert_eq!(c.take_stats().evictions, 1);
         // A zero budget keeps nothing.
         let mut none = StateCache::new(0);
-        none.committed(&update("a", 1), [], Some(HashSet::new()));
+        none.committed(&update("a", 1), [], Some(HashSet::new()), None);
         assert_eq!(none.len(), 0);
+    }
+
+    #[test]
+    fn the_entries_of_revoked_partitions_go_and_the_others_stay() {
+        let mut c = StateCache::new(1 << 20);
+        let (p0, p1) = (partition_tag("t", 0), partition_tag("t", 1));
+        assert_ne!(p0, partition_tag("u", 0));
+        c.committed(&update("a", 1), [], Some(HashSet::new()), Some(p0));
+        c.committed(&update("b", 1), [], Some(HashSet::new()), Some(p1));
+        // A later commit without events keeps the partition it had.
+        c.committed(&update("b", 2), [], None, None);
+        c.committed(&update("c", 1), [], Some(HashSet::new()), None);
+        let one = c.bytes() / 3;
+        assert_eq!(
+            c.forget_partitions(&[p0].into()),
+            2,
+            "a, and c of no partition"
+        );
+        assert_eq!((c.len(), c.bytes()), (1, one));
+        assert!(c.holds(&EntityKey::new("account", "b")));
+        assert_eq!(c.forget_partitions(&[p0].into()), 0);
+        assert_eq!(c.forget_partitions(&[p1].into()), 1);
+        assert_eq!((c.len(), c.bytes()), (0, 0));
     }
 
     #[test]
     fn clearing_forgets_entries_and_their_bytes() {
         let mut c = StateCache::new(1 << 20);
         let u = update("a", 1);
-        c.committed(&u, [], Some(HashSet::new()));
+        c.committed(&u, [], Some(HashSet::new()), None);
         c.clear();
         assert_eq!((c.len(), c.bytes()), (0, 0));
         assert!(!c.certainly_new(&u.key, "x"));

@@ -290,12 +290,17 @@ impl Pipeline {
         let mut loaded = group::load(&*self.storage, generations, groups, &mut self.cache).await?;
         let mut known_ids = std::mem::take(&mut loaded.known_ids);
         let mut new_ids: HashMap<EntityKey, Vec<u64>> = HashMap::new();
+        // The partition each entity's last new event came from.
+        let mut parts: HashMap<EntityKey, u64> = HashMap::new();
         let mut identities = HashMap::with_capacity(loaded.events.len());
         for e in &loaded.events {
             new_ids
                 .entry(e.key.clone())
                 .or_default()
                 .push(self.cache.id_hash(&e.id));
+            if let Some(o) = &e.origin {
+                parts.insert(e.key.clone(), cache::partition_tag(&o.source, o.partition));
+            }
             identities.insert((e.key.clone(), e.id.clone()), e.digest.clone());
         }
         let batch_keys: HashSet<EntityKey> =
@@ -348,7 +353,8 @@ impl Pipeline {
             .filter(|u| batch_keys.contains(&u.key))
         {
             let ids = new_ids.remove(&u.key).unwrap_or_default();
-            self.cache.committed(u, ids, known_ids.remove(&u.key));
+            let part = parts.get(&u.key).copied();
+            self.cache.committed(u, ids, known_ids.remove(&u.key), part);
         }
         self.report_cache();
         Ok(Box::new(Prepared {
@@ -391,6 +397,20 @@ impl Pipeline {
             self.report_cache();
             self.behind.extend(brought);
         }
+    }
+
+    /// A rebalance took these source partitions away: drop the cached
+    /// entities whose last events came from them (their new owner writes
+    /// them now). Call between batches, with no write in flight (its
+    /// entities would be cached again as it settles).
+    pub fn forget_partitions(&mut self, partitions: &[(String, i32)]) -> usize {
+        let tags: HashSet<u64> = partitions
+            .iter()
+            .map(|(s, p)| cache::partition_tag(s, *p))
+            .collect();
+        let n = self.cache.forget_partitions(&tags);
+        self.report_cache();
+        n
     }
 
     /// What the cache did since the last report, and how much it holds
