@@ -165,6 +165,24 @@ impl CassandraStore {
         Ok(out)
     }
 
+    async fn event_ids_inner(&self, key: &EntityKey, upto: u64) -> Result<Vec<String>> {
+        let Some((loc, _)) = self.locate(key).await? else {
+            return Ok(Vec::new());
+        };
+        let upto = upto.min(i64::MAX as u64) as i64;
+        let mut out = Vec::new();
+        for bucket in 0..=loc.bucket {
+            let rows: Vec<(String,)> = self
+                .rows(
+                    &self.st.read_event_ids,
+                    (&key.entity_type, &key.entity_id, bucket, upto),
+                )
+                .await?;
+            out.extend(rows.into_iter().map(|(id,)| id));
+        }
+        Ok(out)
+    }
+
     /// The ids of the entities of a type, in order, each once.
     pub(crate) async fn index_ids(&self, entity_type: &str) -> Result<BTreeSet<String>> {
         let mut ids = BTreeSet::new();
@@ -294,6 +312,11 @@ impl EventStore for CassandraStore {
         upto: Option<u64>,
     ) -> Result<Vec<StoredEvent>> {
         self.read("reading a history", || self.history_inner(key, after, upto))
+            .await
+    }
+
+    async fn event_ids(&self, key: &EntityKey, upto: u64) -> Result<Vec<String>> {
+        self.read("reading event ids", || self.event_ids_inner(key, upto))
             .await
     }
 

@@ -16,6 +16,8 @@ pub(crate) struct Statements {
     pub(crate) read_ids: PreparedStatement,
     /// Read into [`crate::rows::EventRow`].
     pub(crate) read_events: PreparedStatement,
+    /// The ids alone of the rows `read_events` reads.
+    pub(crate) read_event_ids: PreparedStatement,
     /// Bound by [`crate::rows::EventValues`].
     pub(crate) insert_event: PreparedStatement,
     /// Bound by [`crate::rows::IdValues`]. Conditional: an id the live
@@ -113,6 +115,8 @@ impl Statements {
                          WHERE entity_type = ? AND entity_id = ? AND bucket IN ? AND kind = 1 AND position = 0 AND event_id IN ?").await?,
             read_events: p("SELECT position, event_id, source, event_type, event_time, data, origin, record, digest FROM {ks}.entity_log
                             WHERE entity_type = ? AND entity_id = ? AND bucket = ? AND kind = 0 AND position > ? AND position <= ?").await?,
+            read_event_ids: p("SELECT event_id FROM {ks}.entity_log
+                            WHERE entity_type = ? AND entity_id = ? AND bucket = ? AND kind = 0 AND position <= ?").await?,
             insert_event: p("INSERT INTO {ks}.entity_log (entity_type, entity_id, bucket, kind, position, event_id, source, event_type, event_time, data, origin, record, digest)
                              VALUES (:entity_type, :entity_id, :bucket, 0, :position, :event_id, :source, :event_type, :event_time, :data, :origin, :record, :digest)").await?,
             insert_id: p("INSERT INTO {ks}.entity_log (entity_type, entity_id, bucket, kind, position, event_id, digest)

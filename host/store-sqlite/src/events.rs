@@ -43,6 +43,29 @@ impl EventStore for SqliteStore {
         .await
     }
 
+    async fn event_ids(&self, key: &EntityKey, upto: u64) -> Result<Vec<String>> {
+        let key = key.clone();
+        let upto = upto.min(i64::MAX as u64) as i64;
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT event_id FROM events
+                 WHERE entity_type = :entity_type AND entity_id = :entity_id
+                   AND position <= :upto
+                 ORDER BY position",
+            )?;
+            let ids = st.query_map(
+                named_params! {
+                    ":entity_type": key.entity_type,
+                    ":entity_id": key.entity_id,
+                    ":upto": upto,
+                },
+                |r| r.get::<_, String>(0),
+            )?;
+            ids.collect()
+        })
+        .await
+    }
+
     async fn history(
         &self,
         key: &EntityKey,

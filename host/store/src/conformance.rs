@@ -418,6 +418,22 @@ pub async fn history_is_ordered_and_bounded(s: &dyn Storage) {
             .unwrap()
             .is_empty()
     );
+    // `event_ids` is what `history` gives, ids only.
+    let ids_of = |h: Vec<StoredEvent>| h.into_iter().map(|e| e.id).collect::<Vec<_>>();
+    for upto in [0, 3, 5, 99] {
+        assert_eq!(
+            s.event_ids(&k, upto).await.unwrap(),
+            ids_of(s.history(&k, 0, Some(upto)).await.unwrap()),
+            "event ids upto {upto}"
+        );
+    }
+    assert_eq!(s.event_ids(&k, 99).await.unwrap().len(), 5);
+    assert!(
+        s.event_ids(&account("nobody"), 99)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let mut ids = s.entity_ids("account").await.unwrap();
     ids.sort();
     assert_eq!(ids, ["a1", "a2"]);

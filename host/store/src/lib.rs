@@ -188,6 +188,10 @@ pub trait EventStore: Send + Sync {
         after: u64,
         upto: Option<u64>,
     ) -> Result<Vec<StoredEvent>>;
+    /// The ids of an entity's events with `position <= upto`, in position
+    /// order: what [`history`](Self::history) would give, without the
+    /// events (a first touch learns what deduplication needs from it).
+    async fn event_ids(&self, key: &EntityKey, upto: u64) -> Result<Vec<String>>;
     /// Ids of all entities of a type that have events, in no promised order.
     async fn entity_ids(&self, entity_type: &str) -> Result<Vec<String>>;
 }

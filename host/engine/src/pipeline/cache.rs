@@ -38,9 +38,10 @@ use refold_types::event::EntityKey;
 use refold_types::{Generation, stable_hash};
 
 /// Stored events an entity may have for its ids to be read on its first
-/// touch (one history read); beyond it its re-deliveries are asked of the
-/// store each time. The read brings whole events (records up to
-/// `max_record_bytes`), so this and the reads in flight bound its memory.
+/// touch (one read of its event ids, not its events); beyond it its
+/// re-deliveries are asked of the store each time. An id is bounded only by
+/// `max_record_bytes`, so this and the reads in flight bound the memory of
+/// what a hostile input of huge ids could make a first touch hold.
 pub(crate) const FILL_IDS_UPTO: u64 = 128;
 
 /// Bytes an entry costs besides the text of its key, plugin and generation,

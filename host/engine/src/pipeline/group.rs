@@ -69,7 +69,7 @@ pub(crate) struct Loaded {
     pub(crate) known_ids: HashMap<EntityKey, HashSet<u64>>,
 }
 
-/// History reads in flight while entities are first touched.
+/// Id reads in flight while entities are first touched.
 const FIRST_TOUCH_READS: usize = 8;
 
 /// Load the records of `groups` and make each entity's [`Work`]: from the
@@ -140,7 +140,7 @@ pub(crate) async fn load(
 
 /// The id hashes of the entities met for the first time, so that their
 /// next events need no read to be known new: none for one the store does
-/// not hold, all of them (one history read each, concurrently) for one with
+/// not hold, all of them (one id read each, concurrently) for one with
 /// at most [`FILL_IDS_UPTO`] events; a bigger or quarantined one is left
 /// out and its ids are asked of the store each time.
 async fn first_touch_ids(
@@ -158,8 +158,8 @@ async fn first_touch_ids(
             }
             Some(r) if !r.quarantined && r.head <= FILL_IDS_UPTO => {
                 reads.push(async move {
-                    let h = storage.history(key, 0, Some(r.head)).await?;
-                    Ok::<_, StoreError>((key, h))
+                    let ids = storage.event_ids(key, r.head).await?;
+                    Ok::<_, StoreError>((key, ids))
                 });
             }
             Some(_) => {}
@@ -167,8 +167,8 @@ async fn first_touch_ids(
     }
     let mut read = stream::iter(reads).buffer_unordered(FIRST_TOUCH_READS);
     while let Some(r) = read.next().await {
-        let (key, history) = r?;
-        let ids = history.iter().map(|e| cache.id_hash(&e.id)).collect();
+        let (key, ids) = r?;
+        let ids = ids.iter().map(|id| cache.id_hash(id)).collect();
         known.insert(key.clone(), ids);
     }
     Ok(known)
