@@ -281,8 +281,14 @@ impl Lane {
             let produced_at = produced_at(&records);
             let (commit, report) = self.pipeline.submit(prepared);
             let storage = self.pipeline.storage().clone();
+            let metrics = self.app.host.metrics.clone();
             self.pending = Some(Pending {
-                write: tokio::spawn(async move { storage.commit(commit).await }),
+                write: tokio::spawn(async move {
+                    let started = Instant::now();
+                    let r = storage.commit(commit).await;
+                    metrics.observe_stage("write", started.elapsed());
+                    r
+                }),
                 records,
                 report,
                 produced_at,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder as _, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Encoder as _, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -30,6 +30,7 @@ pub struct Metrics {
     dead_letters: IntCounterVec,
     quarantined: IntCounterVec,
     fold_seconds: Histogram,
+    stage_seconds: HistogramVec,
     lag: IntGaugeVec,
     last_progress: GaugeVec,
     plugin_memory: IntGaugeVec,
@@ -140,6 +141,21 @@ impl Metrics {
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                         5.0
                     ])
+                )
+            ),
+            stage_seconds: reg!(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "refold_batch_stage_seconds",
+                        "Time a batch spends in a stage of the consume loop: prepare (validate, \
+                         deduplicate, load, fold) or write (the store commit)"
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0
+                    ]),
+                    &["stage"]
                 )
             ),
             lag: reg!(
@@ -302,6 +318,12 @@ impl Metrics {
     /// Fold time of a batch.
     pub fn observe_fold(&self, d: Duration) {
         self.fold_seconds.observe(d.as_secs_f64());
+    }
+    /// Time one batch spent in a stage of the consume loop (`prepare`, `write`).
+    pub fn observe_stage(&self, stage: &str, d: Duration) {
+        self.stage_seconds
+            .with_label_values(&[stage])
+            .observe(d.as_secs_f64());
     }
     /// Lag of a partition.
     pub fn set_lag(&self, source: &str, partition: i32, lag: i64) {

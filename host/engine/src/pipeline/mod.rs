@@ -210,7 +210,9 @@ impl Pipeline {
             }
         };
         let (commit, report) = self.submit(prepared);
+        let started = Instant::now();
         let result = self.storage.commit(commit).await;
+        self.metrics.observe_stage("write", started.elapsed());
         self.settled(result.is_ok());
         result.map(|()| report)
     }
@@ -223,6 +225,7 @@ impl Pipeline {
     /// entity of the write in flight that the cache no longer holds: settle
     /// that write, then prepare again.
     pub async fn prepare(&mut self, records: &[SourceRecord]) -> Result<Prepare, StoreError> {
+        let started = Instant::now();
         let plugins = self.registry.snapshot();
         let generations = self.registry.generations();
         let mut report = BatchReport {
@@ -267,6 +270,7 @@ impl Pipeline {
         {
             Ok(mut p) => {
                 p.brought = brought;
+                self.metrics.observe_stage("prepare", started.elapsed());
                 Ok(Prepare::Ready(p))
             }
             Err(e) => {
