@@ -192,9 +192,10 @@ impl CassandraStore {
     /// document: the batch's net effect), all at the intent's timestamp.
     async fn apply_effects(&self, e: &Effects) -> Result<()> {
         let ts = e.ts;
-        // Releases first, one microsecond earlier: a record released and
-        // quarantined again by the same commit stays.
-        let futs: Vec<_> = e
+        // Releases one microsecond earlier than the rest: a record released
+        // and quarantined again by the same commit stays, whichever of the
+        // two writes lands first (so all of them go at once).
+        let releases: Vec<_> = e
             .released
             .iter()
             .map(|k| {
@@ -204,8 +205,7 @@ impl CassandraStore {
                 )
             })
             .collect();
-        self.all(futs).await?;
-        let futs: Vec<_> = e
+        let quarantines: Vec<_> = e
             .quarantines
             .iter()
             .map(|q| {
@@ -213,7 +213,6 @@ impl CassandraStore {
                     .execute_unpaged(&self.st.quarantine_insert, QuarantineValues::of(q, ts))
             })
             .collect();
-        self.all(futs).await?;
         let mut last: HashMap<(&str, &str), &ProjOp> = HashMap::new();
         for op in &e.projections {
             last.insert((op.projection.as_str(), op.key.as_str()), op);
@@ -250,7 +249,9 @@ impl CassandraStore {
                 }
             })
             .collect();
-        self.all(futs).await
+        let (released, quarantined, documents) =
+            tokio::join!(self.all(releases), self.all(quarantines), self.all(futs));
+        released.and(quarantined).and(documents)
     }
 
     /// Apply (and delete) the intents left by commits that failed in this process.
@@ -367,7 +368,9 @@ impl CassandraStore {
             })
             .collect();
         self.all(futs).await?;
-        // 4. Checkpoints.
+        // 4. Checkpoints, while the intent is deleted: its effects are
+        // applied, and should the checkpoints fail, the commit carries it
+        // in memory all the same.
         let futs: Vec<_> = commit
             .checkpoints
             .iter()
@@ -383,7 +386,13 @@ impl CassandraStore {
                 )
             })
             .collect();
-        self.all(futs).await
+        match intent {
+            Some(i) => {
+                let (written, ()) = tokio::join!(self.all(futs), self.forget_intent(&i.id));
+                written
+            }
+            None => self.all(futs).await,
+        }
     }
 
     /// Clear the quarantine flag in the live bucket, fenced on its head so
@@ -492,12 +501,7 @@ impl Storage for CassandraStore {
             Some(intent)
         };
         match self.commit_inner(&commit, intent.as_ref()).await {
-            Ok(()) => {
-                if let Some(i) = &intent {
-                    self.forget_intent(&i.id).await;
-                }
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(e) => {
                 if let Some(i) = intent {
                     self.carry.lock().await.push(i);

@@ -15,7 +15,10 @@ pub struct CassandraConfig {
     /// Full replication map, overriding `replication_factor`, e.g.
     /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3}`.
     pub replication: Option<String>,
-    /// Largest number of concurrent writes.
+    /// Largest number of concurrent requests of one kind within a commit
+    /// (entity batches, documents, checkpoints) or a load. 256 by default:
+    /// against one node on 2 cores, 64 left the node idle between waves of
+    /// conditional batches (about 15 % fewer events/s), 512 gained nothing.
     pub concurrency: usize,
     /// Events per partition bucket of an entity's history.
     pub bucket_size: u64,
@@ -28,7 +31,7 @@ impl Default for CassandraConfig {
             keyspace: "refold".into(),
             replication_factor: 1,
             replication: None,
-            concurrency: 64,
+            concurrency: 256,
             bucket_size: 1000,
         }
     }
