@@ -611,6 +611,19 @@ fn a_rebalance_moves_partitions_without_loss_or_double_apply() {
             tail(&a.log_text(), 40)
         )
     });
+    // What A cached of them goes with them (its lanes are told by the
+    // source's rebalance callback).
+    poll(Duration::from_secs(10), || {
+        a.log_text()
+            .contains("dropped the cached entities of revoked partitions")
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "host A kept the cache of the partitions it gave up:\n{}",
+            tail(&a.log_text(), 40)
+        )
+    });
     std::thread::sleep(Duration::from_secs(2));
     // A dies without leaving the group: B takes over after the session timeout.
     a.kill();

@@ -205,7 +205,7 @@ impl Lane {
                         return Ok(());
                     }
                     let n = self.pipeline.forget_partitions(&partitions);
-                    tracing::debug!(
+                    tracing::info!(
                         entities = n,
                         ?partitions,
                         "dropped the cached entities of revoked partitions"
