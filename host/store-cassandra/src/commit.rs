@@ -29,6 +29,9 @@ use crate::store::{CassandraStore, DEAD_LETTER_SHARDS, INDEX_SHARDS, shard_of};
 
 /// Largest chunk of an intent row, in bytes.
 const INTENT_CHUNK: usize = 256 << 10;
+/// Checkpoint rows per batch: well under Cassandra's batch size warning
+/// (5 KiB by default) for any source name of reasonable length.
+const CHECKPOINTS_PER_BATCH: usize = 32;
 /// How often `release` re-reads a head that moved under it.
 const RELEASE_ATTEMPTS: usize = 20;
 
@@ -370,20 +373,29 @@ impl CassandraStore {
         self.all(futs).await?;
         // 4. Checkpoints, while the intent is deleted: its effects are
         // applied, and should the checkpoints fail, the commit carries it
-        // in memory all the same.
-        let futs: Vec<_> = commit
-            .checkpoints
-            .iter()
-            .map(|c| {
-                self.session.execute_unpaged(
-                    &self.st.checkpoint_upsert,
-                    CheckpointValues {
-                        source: &c.source,
-                        part: c.partition,
-                        next_offset: c.offset,
-                        ts,
-                    },
-                )
+        // in memory all the same. A source's checkpoints share one
+        // partition, so they go as single-partition batches.
+        let mut by_source: BTreeMap<&str, Vec<CheckpointValues<'_>>> = BTreeMap::new();
+        for c in &commit.checkpoints {
+            by_source
+                .entry(c.source.as_str())
+                .or_default()
+                .push(CheckpointValues {
+                    source: &c.source,
+                    part: c.partition,
+                    next_offset: c.offset,
+                    ts,
+                });
+        }
+        let futs: Vec<_> = by_source
+            .values()
+            .flat_map(|rows| rows.chunks(CHECKPOINTS_PER_BATCH))
+            .map(|rows| {
+                let mut batch = Batch::new(BatchType::Unlogged);
+                for _ in rows {
+                    batch.append_statement(self.st.checkpoint_upsert.clone());
+                }
+                async move { self.session.batch(&batch, rows).await }
             })
             .collect();
         match intent {

@@ -810,6 +810,18 @@ pub async fn checkpoints_move_as_committed(s: &dyn Storage) {
         [checkpoint("f", 0, 20), checkpoint("f", 1, 3)],
         "a fenced commit moves no checkpoint"
     );
+
+    // A source of many partitions, all moved by one commit.
+    let many: Vec<Checkpoint> = (0..100)
+        .map(|p| checkpoint("wide", p, 1000 + i64::from(p)))
+        .collect();
+    s.commit(Commit {
+        checkpoints: many.clone(),
+        ..Commit::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(sorted(s.checkpoints("wide").await.unwrap()), many);
 }
 
 /// `snapshot_before` answers the latest snapshot at or before a position,
