@@ -280,15 +280,8 @@ impl Lane {
             }
             let produced_at = produced_at(&records);
             let (commit, report) = self.pipeline.submit(prepared);
-            let storage = self.pipeline.storage().clone();
-            let metrics = self.app.host.metrics.clone();
             self.pending = Some(Pending {
-                write: tokio::spawn(async move {
-                    let started = Instant::now();
-                    let r = storage.commit(commit).await;
-                    metrics.observe_stage("write", started.elapsed());
-                    r
-                }),
+                write: tokio::spawn(self.pipeline.write(commit)),
                 records,
                 report,
                 produced_at,
@@ -653,6 +646,26 @@ mod tests {
         }
     }
 
+    /// Consume `batches` from a Kafka-like [`Batches`] source to the end:
+    /// the total, and the (partition, offset) commits in the order made.
+    async fn consume_batches(
+        app: &App,
+        store: &Arc<SqliteStore>,
+        batches: Vec<Vec<SourceRecord>>,
+    ) -> (BatchReport, Vec<(i32, i64)>) {
+        let committed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let source = Batches {
+            batches: batches.into(),
+            committed: committed.clone(),
+            store: store.clone(),
+            partitions: true,
+        };
+        let (_tx, rx) = watch::channel(false);
+        let total = app.consume(Box::new(source), rx, |_| {}).await.unwrap();
+        let committed = committed.lock().unwrap().clone();
+        (total, committed)
+    }
+
     /// An app with the bank plugin over a fresh SQLite store, on `lanes`
     /// lanes (0: the default).
     fn bank_app(lanes: usize) -> (tempfile::TempDir, Arc<SqliteStore>, App) {
@@ -788,17 +801,9 @@ mod tests {
             vec![next("a", "2", 5), next("b", "2", 2), next("c", "1", 3)],
             vec![next("c", "1", 3)],
         ];
-        let committed = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let source = Batches {
-            batches: batches.into(),
-            committed: committed.clone(),
-            store: store.clone(),
-            partitions: true,
-        };
-        let (_tx, rx) = watch::channel(false);
-        let total = app.consume(Box::new(source), rx, |_| {}).await.unwrap();
+        let (total, committed) = consume_batches(&app, &store, batches).await;
         assert_eq!((total.applied, total.duplicates), (5, 3));
-        let offsets: Vec<i64> = committed.lock().unwrap().iter().map(|c| c.1).collect();
+        let offsets: Vec<i64> = committed.iter().map(|c| c.1).collect();
         assert_eq!(offsets, [2, 4, 7, 8]);
         assert_eq!(
             (
@@ -844,18 +849,9 @@ mod tests {
             }
             batches.push(batch);
         }
-        let committed = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let source = Batches {
-            batches: batches.into(),
-            committed: committed.clone(),
-            store: store.clone(),
-            partitions: true,
-        };
-        let (_tx, rx) = watch::channel(false);
-        let total = app.consume(Box::new(source), rx, |_| {}).await.unwrap();
+        let (total, committed) = consume_batches(&app, &store, batches).await;
         assert_eq!(total.applied, 30 * 6);
         assert_eq!(total.duplicates, 29 * 4);
-        let committed = committed.lock().unwrap().clone();
         for p in 0..4i32 {
             let of_p: Vec<i64> = committed
                 .iter()

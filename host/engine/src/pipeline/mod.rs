@@ -210,9 +210,7 @@ impl Pipeline {
             }
         };
         let (commit, report) = self.submit(prepared);
-        let started = Instant::now();
-        let result = self.storage.commit(commit).await;
-        self.metrics.observe_stage("write", started.elapsed());
+        let result = self.write(commit).await;
         self.settled(result.is_ok());
         result.map(|()| report)
     }
@@ -430,9 +428,20 @@ impl Pipeline {
         self.cache_reported = now;
     }
 
-    /// The storage this pipeline commits to.
-    pub fn storage(&self) -> &Arc<dyn Storage> {
-        &self.storage
+    /// The write of a [`submit`](Self::submit)ted batch, timed, as a
+    /// future of its own (the consume loop runs it beside the next
+    /// batch's prepare).
+    pub fn write(
+        &self,
+        commit: Commit,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        let (storage, metrics) = (self.storage.clone(), self.metrics.clone());
+        async move {
+            let started = Instant::now();
+            let result = storage.commit(commit).await;
+            metrics.observe_stage("write", started.elapsed());
+            result
+        }
     }
 
     /// Keep the deferred entities for the next batches (up to
