@@ -424,6 +424,27 @@ mod tests {
     }
 
     #[test]
+    fn batch_stages_are_timed_apart() {
+        let m = Metrics::new();
+        m.observe_stage("prepare", Duration::from_millis(3));
+        m.observe_stage("write", Duration::from_millis(40));
+        m.observe_stage("write", Duration::from_millis(60));
+        let text = m.render();
+        assert_eq!(
+            line(&text, "refold_batch_stage_seconds_count{stage=\"prepare\"}"),
+            "refold_batch_stage_seconds_count{stage=\"prepare\"} 1"
+        );
+        assert_eq!(
+            line(&text, "refold_batch_stage_seconds_count{stage=\"write\"}"),
+            "refold_batch_stage_seconds_count{stage=\"write\"} 2"
+        );
+        assert!(
+            text.contains("refold_batch_stage_seconds_bucket{stage=\"write\",le=\"0.05\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn committed_counts_events() {
         let m = Metrics::new();
         m.committed(3);
