@@ -10,7 +10,9 @@ use figment::Figment;
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-pub use refold_engine::config::{EngineConfig, HostConfig, PluginsConfig, StoreConfig, StoreKind};
+pub use refold_engine::config::{
+    ChangesConfig, EngineConfig, HostConfig, PluginsConfig, StoreConfig, StoreKind,
+};
 pub use refold_source::config::{KafkaConfig, SourceConfig, SourceKind};
 pub use refold_store_cassandra::CassandraConfig;
 
@@ -34,6 +36,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Pipeline tuning.
     pub engine: EngineConfig,
+    /// The change feed and its sinks.
+    pub changes: ChangesConfig,
 }
 
 /// `[http]`
@@ -97,6 +101,7 @@ impl Config {
             cassandra: self.cassandra.clone(),
             plugins: self.plugins.clone(),
             engine: self.engine.clone(),
+            changes: self.changes.clone(),
         }
     }
 

@@ -59,6 +59,14 @@ fn main() -> std::process::ExitCode {
                     .await
                     .map(|_| true)
             }
+            Command::Listen {
+                endpoint,
+                after,
+                follow,
+                max,
+            } => refold::cli::listen::run(&endpoint, after, follow, max)
+                .await
+                .map(|_| true),
             Command::Produce {
                 brokers,
                 topic,

@@ -26,6 +26,55 @@ pub struct HostConfig {
     pub plugins: PluginsConfig,
     /// Pipeline tuning.
     pub engine: EngineConfig,
+    /// The change feed and its sinks.
+    pub changes: ChangesConfig,
+}
+
+/// `[changes]`: the change records committed batches make (one per entity
+/// whose position advanced, a CloudEvent), and where they go besides the
+/// store's feed (`GET /v1/changes`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChangesConfig {
+    /// Make change records at all.
+    pub enabled: bool,
+    /// Include each entity's state before the change (`data.previous`).
+    pub previous: bool,
+    /// Include the ids of the events applied (`data.event_ids`).
+    pub event_ids: bool,
+    /// Records older than this many hours are pruned from the feed (the
+    /// newest is always kept). 0 keeps them forever.
+    pub retention_hours: u64,
+    /// Also append every record, in feed order, to this JSONL file. The
+    /// file is its own cursor: after a restart (or a crash mid-line) it is
+    /// continued after its last complete record.
+    pub jsonl: Option<PathBuf>,
+    /// Longest wait of a long poll (`GET /v1/changes?wait=`), in seconds.
+    pub max_wait_seconds: u64,
+}
+
+impl Default for ChangesConfig {
+    fn default() -> Self {
+        ChangesConfig {
+            enabled: true,
+            previous: false,
+            event_ids: false,
+            retention_hours: 168,
+            jsonl: None,
+            max_wait_seconds: 30,
+        }
+    }
+}
+
+impl ChangesConfig {
+    /// What a pipeline puts in the records it makes.
+    pub fn detail(&self) -> crate::pipeline::ChangeDetail {
+        crate::pipeline::ChangeDetail {
+            emit: self.enabled,
+            previous: self.previous,
+            event_ids: self.event_ids,
+        }
+    }
 }
 
 /// Kinds of store.

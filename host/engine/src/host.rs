@@ -34,6 +34,9 @@ pub struct Host {
     pub metrics: Arc<Metrics>,
     /// Liveness.
     pub health: Arc<Health>,
+    /// Woken after every commit that added change records (the change
+    /// feed's long polls wait on it).
+    pub changes: Arc<tokio::sync::Notify>,
 }
 
 impl Host {
@@ -73,6 +76,7 @@ impl Host {
             registry: Arc::new(Registry::new()),
             engine: Engine::new()?,
             metrics: Arc::new(Metrics::new()),
+            changes: Arc::new(tokio::sync::Notify::new()),
         };
         for f in host.config.plugins.files.clone() {
             let p = host.load_plugin_file(&f)?;

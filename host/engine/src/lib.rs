@@ -6,6 +6,7 @@
 //! translates.
 
 pub mod app;
+pub mod changes;
 pub mod config;
 pub mod generation;
 pub mod health;

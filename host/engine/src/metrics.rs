@@ -28,6 +28,7 @@ pub struct Metrics {
     deferred: IntCounter,
     produce_to_commit: Histogram,
     dead_letters: IntCounterVec,
+    change_records: IntCounterVec,
     quarantined: IntCounterVec,
     fold_seconds: Histogram,
     stage_seconds: HistogramVec,
@@ -111,6 +112,16 @@ impl Metrics {
                         "Record timestamp (Kafka: producer create time) to its batch committed in the store"
                     )
                     .buckets(PRODUCE_TO_COMMIT_BUCKETS.to_vec())
+                )
+            ),
+            change_records: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "refold_change_records_total",
+                        "Change records committed to the change feed, by CloudEvents type"
+                    ),
+                    &["type"]
                 )
             ),
             dead_letters: reg!(
@@ -308,6 +319,10 @@ impl Metrics {
     /// A dead letter.
     pub fn dead_lettered(&self, reason: &str) {
         self.dead_letters.with_label_values(&[reason]).inc();
+    }
+    /// Change records committed, of one type.
+    pub fn change_records(&self, kind: &str, n: u64) {
+        self.change_records.with_label_values(&[kind]).inc_by(n);
     }
     /// A quarantine.
     pub fn quarantined(&self, entity_type: &str, version: &str) {

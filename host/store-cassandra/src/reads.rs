@@ -13,7 +13,8 @@ use serde_json::Value;
 
 use refold_store::{
     Checkpoint, DeadLetter, EntityKey, EntityRecord, EventIdentity, EventStore, Paged,
-    QuarantineRecord, Result, StateStore, StoreError, StoredEvent, decode_cursor, encode_cursor,
+    QuarantineRecord, Result, StateStore, StoreError, StoredChange, StoredEvent, decode_cursor,
+    encode_cursor,
 };
 
 use crate::rows::{
@@ -507,4 +508,26 @@ impl StateStore for CassandraStore {
         })
         .await
     }
+
+    // A cluster has no single commit order to number records by; its
+    // change stream is meant to be a Kafka topic fed from an outbox, which
+    // this store does not write yet. Asked for a feed, it says so rather
+    // than answer an empty one that would look like "nothing changed".
+    async fn changes_after(&self, _after: u64, _limit: usize) -> Result<Vec<StoredChange>> {
+        Err(no_change_feed())
+    }
+
+    async fn changes_head(&self) -> Result<u64> {
+        Err(no_change_feed())
+    }
+
+    async fn prune_changes(&self, _before_ms: i64) -> Result<u64> {
+        Ok(0)
+    }
+}
+
+fn no_change_feed() -> StoreError {
+    StoreError::Unsupported(
+        "the Cassandra store keeps no change feed: change records are served by the embedded (SQLite) store only".into(),
+    )
 }

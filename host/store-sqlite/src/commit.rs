@@ -47,7 +47,32 @@ fn write_all(tx: &Transaction<'_>, commit: &Commit) -> Result<(), Refused> {
     write_quarantines(tx, commit)?;
     write_projections(tx, commit)?;
     write_dead_letters(tx, commit)?;
+    write_changes(tx, commit)?;
     write_checkpoints(tx, commit)?;
+    Ok(())
+}
+
+/// The change records, in the transaction of the states they describe. A
+/// record whose id is in the feed already (the same commit attempted
+/// twice, which the fence normally refuses first) is not added again.
+fn write_changes(tx: &Transaction<'_>, commit: &Commit) -> rusqlite::Result<()> {
+    if commit.changes.is_empty() {
+        return Ok(());
+    }
+    let now = refold_types::clock::unix_ms();
+    let mut st = tx.prepare_cached(
+        "INSERT OR IGNORE INTO changes (id, entity_type, entity_id, event, recorded_ms)
+         VALUES (:id, :entity_type, :entity_id, :event, :recorded_ms)",
+    )?;
+    for c in &commit.changes {
+        st.execute(named_params! {
+            ":id": c.id(),
+            ":entity_type": c.key.entity_type,
+            ":entity_id": c.key.entity_id,
+            ":event": c.to_cloudevent().to_string(),
+            ":recorded_ms": now,
+        })?;
+    }
     Ok(())
 }
 

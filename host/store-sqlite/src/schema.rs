@@ -109,6 +109,14 @@ CREATE TABLE IF NOT EXISTS snapshots (
     state       TEXT NOT NULL,
     PRIMARY KEY (entity_type, entity_id, digest, position)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT NOT NULL UNIQUE,
+    entity_type TEXT NOT NULL,
+    entity_id   TEXT NOT NULL,
+    event       TEXT NOT NULL,
+    recorded_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     source    TEXT NOT NULL,
     partition INTEGER NOT NULL,

@@ -45,6 +45,9 @@ pub enum StoreError {
     /// A listing cursor the store did not issue.
     #[error(transparent)]
     BadCursor(#[from] BadCursor),
+    /// This backend does not offer what was asked.
+    #[error("not supported by this store: {0}")]
+    Unsupported(String),
     /// Anything else.
     #[error(transparent)]
     Other(anyhow::Error),

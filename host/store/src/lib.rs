@@ -9,11 +9,13 @@
 //! SQLite in one transaction, Cassandra in one single-partition batch per
 //! entity (raw events + state together), fenced by position.
 
+pub mod change;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod plugins;
 
 pub mod error;
+pub use change::{ChangeKind, ChangeRecord, StoredChange};
 pub use error::{BadCursor, Result, StoreError, decode_cursor, encode_cursor};
 pub use plugins::{
     Activation, ActivationMode, PluginStore, PluginVersion, RebuildRecord, RebuildState,
@@ -149,6 +151,9 @@ pub struct Commit {
     /// Entities whose quarantine is lifted by this commit (their records are
     /// removed; their `EntityUpdate` carries the new flag).
     pub released: Vec<EntityKey>,
+    /// Change records of this commit, at most one per entity, stored with
+    /// it (all of them or none) in the store's change feed.
+    pub changes: Vec<ChangeRecord>,
     /// The committer is the only writer of these entities' states (a
     /// rebuild filling its own new generation, which nothing else writes
     /// until it is active): a backend may skip the fence on state-only
@@ -287,6 +292,17 @@ pub trait StateStore: Send + Sync {
         digest: &str,
         snapshots: &[(u64, Value)],
     ) -> Result<()>;
+    /// Change records after `after` (0: from the oldest kept), at most
+    /// `limit`, in feed order: commit order, and within a commit the order
+    /// of [`Commit::changes`]. A record is in the feed once, however often
+    /// its commit was attempted.
+    async fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<StoredChange>>;
+    /// The cursor of the newest record in the feed (0 when empty).
+    async fn changes_head(&self) -> Result<u64>;
+    /// Forget records older than `before_ms` (Unix milliseconds of their
+    /// commit), keeping the newest one whatever its age so that the feed's
+    /// cursor never goes back. Returns how many were removed.
+    async fn prune_changes(&self, before_ms: i64) -> Result<u64>;
 }
 
 /// A complete backend: both stores, the plugin registry, plus the atomic

@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod inspect;
+pub mod listen;
 
 pub(crate) mod out;
 pub mod plugin;
@@ -76,6 +77,21 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         action: QuarantineAction,
+    },
+    /// Print a host's change records (CloudEvents) as JSONL, from its change feed.
+    Listen {
+        /// Which host.
+        #[command(flatten)]
+        endpoint: plugin::Endpoint,
+        /// Start after this feed cursor (the `refoldcursor` of the last record seen).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Keep waiting for new records instead of stopping at the end of the feed.
+        #[arg(long, short)]
+        follow: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        max: Option<u64>,
     },
     /// Load a JSONL file of CloudEvents into a Kafka topic, keyed by entity id.
     Produce {

@@ -54,6 +54,19 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
             }
         });
     }
+    // The change feed: old records pruned, and the optional file sink.
+    tokio::spawn(refold_engine::changes::run_pruning(
+        app.host.clone(),
+        stop_rx.clone(),
+    ));
+    if let Some(path) = config.changes.jsonl.clone() {
+        let (host, stop) = (app.host.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = refold_engine::changes::run_jsonl_sink(host, path, stop).await {
+                tracing::error!(error = %format!("{e:#}"), "the JSONL change sink stopped");
+            }
+        });
+    }
     if let Some(dir) = &config.plugins.dir {
         refold_engine::manager::watch::watch_dir(app.plugins.clone(), dir.clone(), stop_rx.clone())
             .await?;

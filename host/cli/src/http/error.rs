@@ -76,6 +76,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(_) => StatusCode::NOT_FOUND,
             StoreError::BadCursor(_) => StatusCode::BAD_REQUEST,
             StoreError::Fenced(_) => StatusCode::CONFLICT,
+            StoreError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
             StoreError::Corrupt(_) | StoreError::Other(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())

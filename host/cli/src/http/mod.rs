@@ -50,6 +50,14 @@ pub fn router(api: Api) -> Router {
             api.clone(),
             auth::require_read_token,
         ));
+    // The change feed's long polls wait for commits: they hold no query
+    // slot, or a few listeners would starve every other reader.
+    let feed = Router::new()
+        .route("/v1/changes", get(query::changes))
+        .route_layer(middleware::from_fn_with_state(
+            api.clone(),
+            auth::require_read_token,
+        ));
     // The upload takes components up to `plugins.max_upload_bytes` rather
     // than axum's default of 2 MiB; `upload` answers past it.
     let max_upload = DefaultBodyLimit::max(api.host().config.plugins.max_upload_bytes);
@@ -83,6 +91,7 @@ pub fn router(api: Api) -> Router {
         .route("/healthz", get(query::healthz))
         .route("/metrics", get(query::metrics))
         .merge(queries)
+        .merge(feed)
         .merge(admin)
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)

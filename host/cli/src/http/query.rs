@@ -115,3 +115,73 @@ pub async fn quarantine(
         .await?;
     page(fetched, limit, api.guards.max_page_bytes)
 }
+
+/// `GET /v1/changes` parameters.
+#[derive(Debug, Default, Deserialize)]
+pub struct ChangesQuery {
+    /// The `next` of the previous answer (0 or absent: from the oldest
+    /// record kept).
+    pub after: Option<u64>,
+    /// Records wanted, capped to `http.max_page_items`.
+    pub limit: Option<usize>,
+    /// Seconds to wait for a record when there is none after `after`
+    /// (capped to `changes.max_wait_seconds`; 0: answer at once).
+    pub wait: Option<u64>,
+}
+
+/// One record of the change feed.
+#[derive(Debug, Serialize)]
+pub struct ChangeItem {
+    /// Its place in the feed: pass the last one as `after`.
+    pub cursor: u64,
+    /// The record, a structured CloudEvent.
+    pub event: serde_json::Value,
+}
+
+/// `GET /v1/changes?after=CURSOR&limit=N&wait=S`: change records in commit
+/// order, `{"changes": [{"cursor", "event"}], "next": cursor}`. With
+/// `wait`, a request that finds nothing waits for the next commit that
+/// adds records (a long poll); it holds no query slot meanwhile. The
+/// cursor is the store's, so it stays valid across restarts.
+pub async fn changes(
+    State(api): State<Api>,
+    q: Result<Query<ChangesQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q?;
+    let limit = q
+        .limit
+        .unwrap_or(api.guards.max_page_items)
+        .clamp(1, api.guards.max_page_items);
+    let after = q.after.unwrap_or(0);
+    let max_wait = api.host().config.changes.max_wait_seconds;
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_secs(q.wait.unwrap_or(0).min(max_wait));
+    let host = api.host();
+    let found = loop {
+        // Registered before the read: a commit landing between the read
+        // and the wait still wakes this request.
+        let woken = host.changes.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let found = host.storage.changes_after(after, limit).await?;
+        if !found.is_empty() || tokio::time::Instant::now() >= deadline {
+            break found;
+        }
+        let _ = tokio::time::timeout_at(deadline, woken).await;
+    };
+    let mut items = Vec::with_capacity(found.len());
+    let mut bytes = 0usize;
+    for c in found {
+        let size = c.event.to_string().len();
+        if !items.is_empty() && bytes + size > api.guards.max_page_bytes {
+            break;
+        }
+        bytes += size;
+        items.push(ChangeItem {
+            cursor: c.cursor,
+            event: c.event,
+        });
+    }
+    let next = items.last().map(|i| i.cursor).unwrap_or(after);
+    Ok(Json(serde_json::json!({"changes": items, "next": next})).into_response())
+}

@@ -441,3 +441,67 @@ async fn the_limits_are_what_is_configured() {
     let (s, _) = get(&r, "/v1/admin/limits", None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 }
+
+/// The change feed: records in order from a cursor, the read token asked
+/// for when one is set, and a long poll that answers as soon as a commit
+/// adds a record (without holding the query slots other readers need).
+#[tokio::test]
+async fn the_change_feed_pages_by_cursor_and_long_polls() {
+    let app = app(None);
+    let http = HttpConfig {
+        read_token: Some(READER.into()),
+        max_concurrent_queries: 1,
+        ..HttpConfig::default()
+    };
+    let r = server(&app, http, admin_token());
+    let (s, _) = get(&r, "/v1/changes", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, v) = get(&r, "/v1/changes", Some(READER)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({"changes": [], "next": 0}));
+
+    consume_batch(&app).await;
+    let (_, v) = get(&r, "/v1/changes?after=0", Some(READER)).await;
+    let changes = v["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "one entity, one batch: {v}");
+    let e = &changes[0]["event"];
+    assert_eq!(e["type"], "refold.state.changed");
+    assert_eq!(e["subject"], "acc-1");
+    assert_eq!(
+        (&e["firstposition"], &e["lastposition"]),
+        (&json!(1), &json!(3))
+    );
+    assert_eq!(e["data"]["state"]["balance"], 150);
+    let next = v["next"].as_u64().unwrap();
+    assert_eq!(next, changes[0]["cursor"].as_u64().unwrap());
+
+    // Nothing after `next`: a long poll waits; two more poll at once while
+    // the only query slot stays free for an ordinary read.
+    let poll = |r: Router| async move {
+        get(
+            &r,
+            &format!("/v1/changes?after={next}&wait=20"),
+            Some(READER),
+        )
+        .await
+    };
+    let waiting: Vec<_> = (0..3).map(|_| tokio::spawn(poll(r.clone()))).collect();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (s, _) = get(&r, "/v1/entities/account/acc-1", Some(READER)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(waiting.iter().all(|w| !w.is_finished()));
+    let started = std::time::Instant::now();
+    Pipeline::for_host(&app.host)
+        .process(&[event(6, "e4", "account.deposited", json!({"amount": 1}))])
+        .await
+        .unwrap();
+    for w in waiting {
+        let (s, v) = w.await.unwrap();
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["changes"][0]["event"]["lastposition"], 4, "{v}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    // A bad cursor is the client's error.
+    let (s, _) = get(&r, "/v1/changes?after=minus", Some(READER)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}

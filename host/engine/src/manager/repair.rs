@@ -51,9 +51,12 @@ impl PluginManager {
         let held = self.host.storage.history(key, rec.position, None).await?;
         let held_events = held.len();
         let p = plugin.clone();
-        let d = tokio::task::spawn_blocking(move || entity::retry(&mut Sandbox::new(p), rec, held))
-            .await
-            .map_err(|e| anyhow::anyhow!("retry task: {e}"))?;
+        let detail = self.host.config.changes.detail();
+        let mut d = tokio::task::spawn_blocking(move || {
+            entity::retry(&mut Sandbox::new(p), rec, held, detail)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("retry task: {e}"))?;
         let q = d.quarantine();
         let mut commit = Commit {
             released: vec![key.clone()],
@@ -65,9 +68,16 @@ impl PluginManager {
             commit.projections.extend(o.projections.iter().cloned());
         }
         let update: EntityUpdate = d.update.clone();
+        // The events a retry applies are news like any batch's.
+        commit.changes.extend(d.change.take());
         commit.entities.push(d.update);
         commit.quarantines.extend(q.clone());
+        let counts = crate::pipeline::change_counts(&commit.changes);
         self.host.storage.commit(commit).await?;
+        for (kind, n) in counts {
+            self.host.metrics.change_records(kind, n);
+            self.host.changes.notify_waiters();
+        }
         Ok(Retried {
             entity_type: key.entity_type.clone(),
             entity_id: key.entity_id.clone(),

@@ -291,11 +291,26 @@ async fn a_rebuild_refolds_every_entity_into_a_new_generation_then_cuts_over_at_
         .unwrap()
         .unwrap();
     assert_eq!(doc["tier"], "gold");
+    // The rebuild refolded five events of history and recorded none.
+    let before = m.host.storage.changes_head().await.unwrap();
+    assert_eq!(m.host.storage.changes_after(0, 100).await.unwrap().len(), 2);
     // The live record moves to the new generation when a batch meets it.
     ingest(&m, &[deposit(5, "a", 1)]).await;
     let live = record_of(&m, &account("a")).await;
     assert_eq!(live.generation, status.generation);
-    assert_eq!(live.state.unwrap()["balance"], 200_001);
+    assert_eq!(live.state.clone().unwrap()["balance"], 200_001);
+    // The move's catch-up is not news: one record, for the new event only,
+    // tagged with the new generation and digest.
+    let after = m.host.storage.changes_after(before, 100).await.unwrap();
+    assert_eq!(after.len(), 1, "{after:?}");
+    let e = &after[0].event;
+    assert_eq!(
+        (&e["firstposition"], &e["lastposition"]),
+        (&json!(3), &json!(3))
+    );
+    assert_eq!(e["generation"], json!(status.generation.as_str()));
+    assert_eq!(e["plugindigest"], json!(installed.version.digest));
+    assert_eq!(e["data"]["state"], live.state.unwrap());
 
     let listed = m.rebuild_list().await.unwrap();
     assert_eq!(listed.len(), 1);
@@ -434,6 +449,16 @@ async fn a_retry_refolds_the_held_events_with_the_active_version_and_a_fixture_s
     assert!(!rec.quarantined);
     assert_eq!(rec.position, 3);
     assert_eq!(m.host.storage.quarantine(&key).await.unwrap(), None);
+    // Quarantined at its first event, the entity advanced nothing until
+    // the retry; the retry's record covers every event it applied.
+    let feed = m.host.storage.changes_after(0, 10).await.unwrap();
+    assert_eq!(feed.len(), 1, "{feed:?}");
+    let e = &feed[0].event;
+    assert_eq!(
+        (&e["firstposition"], &e["lastposition"]),
+        (&json!(1), &json!(3))
+    );
+    assert_eq!(e["data"]["state"], retried.state);
     let doc = m
         .host
         .storage

@@ -36,6 +36,9 @@ pub(crate) fn collect(
         if let Some(q) = d.quarantine() {
             commit.quarantines.push(q);
         }
+        if let Some(c) = d.change.take() {
+            commit.changes.push(c);
+        }
         commit.entities.push(d.update);
     }
 }
@@ -45,7 +48,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::pipeline::entity::{Work, fold_one};
+    use crate::pipeline::entity::{ChangeDetail, Work, fold_one};
     use crate::pipeline::testing::bank_host;
     use refold_store::{EntityRecord, StoredEvent};
     use refold_types::RawJson;
@@ -84,6 +87,12 @@ mod tests {
                     record,
                     gap: Vec::new(),
                     events,
+                    reported: 0,
+                },
+                ChangeDetail {
+                    emit: true,
+                    previous: true,
+                    event_ids: true,
                 },
             )
         };
@@ -117,5 +126,14 @@ mod tests {
         assert_eq!(commit.quarantines[0].key, c);
         assert_eq!(commit.quarantines[0].kind, "plugin_error");
         assert_eq!(commit.projections.len(), 1);
+        // One change record: the entity whose position advanced; the held
+        // and the quarantined ones advanced nothing.
+        assert_eq!(commit.changes.len(), 1);
+        let ch = &commit.changes[0];
+        assert_eq!(ch.key, a);
+        assert_eq!((ch.first_position, ch.last_position), (1, 1));
+        assert_eq!(ch.previous, Some(serde_json::Value::Null));
+        assert_eq!(ch.event_ids.as_deref(), Some(&["e1".to_string()][..]));
+        assert_eq!(ch.state, commit.entities[0].state);
     }
 }

@@ -12,7 +12,9 @@ use serde_json::Value;
 
 use refold_runtime::fold::{self, FoldOutcome};
 use refold_runtime::{CallError, Plugin, Sandbox};
-use refold_store::{EntityRecord, EntityUpdate, QuarantineRecord, StoredEvent};
+use refold_store::{
+    ChangeKind, ChangeRecord, EntityRecord, EntityUpdate, QuarantineRecord, StoredEvent,
+};
 use refold_types::Generation;
 use refold_types::clock::now_rfc3339;
 use refold_types::event::EntityKey;
@@ -27,11 +29,29 @@ pub(crate) struct Work {
     pub(crate) gap: Vec<StoredEvent>,
     /// The batch's new events, positioned after the record's head.
     pub(crate) events: Vec<StoredEvent>,
+    /// The live position change records were made up to: the record's own
+    /// position, or the live one it had before a generation move (the gap
+    /// a moved state catches up on was reported by the generation left,
+    /// and a replay must not re-fire it).
+    pub(crate) reported: u64,
+}
+
+/// Which change records a fold makes, and what they carry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChangeDetail {
+    /// Make a record when the entity's position advances.
+    pub emit: bool,
+    /// Include the state before the change.
+    pub previous: bool,
+    /// Include the ids of the events applied.
+    pub event_ids: bool,
 }
 
 /// What folding did to one entity.
 pub(crate) struct Done {
     pub(crate) update: EntityUpdate,
+    /// The change record, when the position advanced and records are made.
+    pub(crate) change: Option<ChangeRecord>,
     pub(crate) outcome: Option<FoldOutcome>,
     pub(crate) failed_event: Option<(StoredEvent, CallError)>,
     pub(crate) plugin: Arc<Plugin>,
@@ -70,11 +90,13 @@ pub(crate) fn fold_one(
     sandboxes: &mut HashMap<String, Sandbox>,
     plugins: &Active,
     w: Work,
+    detail: ChangeDetail,
 ) -> Done {
     let Work {
         record,
         gap,
         events,
+        reported,
     } = w;
     let fence = Fence {
         head: events.last().map(|e| e.position).unwrap_or(record.head),
@@ -87,7 +109,16 @@ pub(crate) fn fold_one(
         .clone();
     let sandbox = sandbox_for(sandboxes, &plugin);
     let key = record.key.clone();
-    fold_entity(sandbox, plugin, &key, record, events, fence)
+    let mut d = fold_entity(sandbox, plugin, &key, record, events, fence, detail);
+    // Only what lies past the reported position is news.
+    if let Some(c) = &mut d.change {
+        if c.last_position <= reported {
+            d.change = None;
+        } else {
+            c.first_position = c.first_position.max(reported + 1);
+        }
+    }
+    d
 }
 
 /// Fold an entity's stored events into `generation`, a generation being
@@ -116,13 +147,28 @@ pub(crate) fn refold(
         generation: generation.clone(),
         ..target
     };
-    fold_entity(sandbox, plugin, &live, target, events, fence)
+    // A rebuild's history is not news: its records would re-fire what
+    // consumers saw when the events first arrived.
+    fold_entity(
+        sandbox,
+        plugin,
+        &live,
+        target,
+        events,
+        fence,
+        ChangeDetail::default(),
+    )
 }
 
 /// Fold the events a quarantine held (`held`, after `record.position`) with
 /// the sandbox's plugin, as if the entity were not quarantined. The head
 /// stays where it is: nothing new is stored, and the write is fenced on it.
-pub(crate) fn retry(sandbox: &mut Sandbox, record: EntityRecord, held: Vec<StoredEvent>) -> Done {
+pub(crate) fn retry(
+    sandbox: &mut Sandbox,
+    record: EntityRecord,
+    held: Vec<StoredEvent>,
+    detail: ChangeDetail,
+) -> Done {
     let plugin = sandbox.plugin().clone();
     let fence = Fence {
         head: record.head,
@@ -133,7 +179,7 @@ pub(crate) fn retry(sandbox: &mut Sandbox, record: EntityRecord, held: Vec<Store
         quarantined: false,
         ..record
     };
-    fold_entity(sandbox, plugin, &key, free, held, fence)
+    fold_entity(sandbox, plugin, &key, free, held, fence, detail)
 }
 
 /// Fold `events` onto `record`'s state, the plugin seeing `live`'s id; the
@@ -146,7 +192,14 @@ fn fold_entity(
     record: EntityRecord,
     events: Vec<StoredEvent>,
     fence: Fence,
+    detail: ChangeDetail,
 ) -> Done {
+    let before_position = record.position;
+    let previous = if detail.emit && detail.previous {
+        Some(record.state.clone().unwrap_or(Value::Null))
+    } else {
+        None
+    };
     let mut update = EntityUpdate {
         key: record.key.clone(),
         state: Value::Null,
@@ -162,6 +215,7 @@ fn fold_entity(
         update.state = record.state.unwrap_or(Value::Null);
         return Done {
             update,
+            change: None,
             outcome: None,
             failed_event: None,
             plugin,
@@ -178,6 +232,7 @@ fn fold_entity(
                 let first = events.first().cloned();
                 return Done {
                     update,
+                    change: None,
                     outcome: None,
                     failed_event: first.map(|f| (f, e)),
                     plugin,
@@ -199,8 +254,29 @@ fn fold_entity(
     if failed_event.is_some() {
         update.quarantined = true;
     }
+    // Every advance of the position is a record, also one that left the
+    // state as it was (events of types the plugin ignores): a consumer
+    // must see each position the entity reached.
+    let change = (detail.emit && update.position > before_position).then(|| {
+        let applied = (update.position - before_position) as usize;
+        ChangeRecord {
+            kind: ChangeKind::Changed,
+            key: live.clone(),
+            first_position: before_position + 1,
+            last_position: update.position,
+            generation: update.generation.clone(),
+            plugin: update.plugin.clone(),
+            state: update.state.clone(),
+            previous,
+            event_ids: detail
+                .event_ids
+                .then(|| events.iter().take(applied).map(|e| e.id.clone()).collect()),
+            time: now_rfc3339(),
+        }
+    });
     Done {
         update,
+        change,
         outcome: Some(outcome),
         failed_event,
         plugin,
@@ -242,8 +318,14 @@ mod tests {
             record,
             gap: vec![event(&key, 1, 1), event(&key, 2, 2)],
             events: vec![event(&key, 3, 4)],
+            reported: 0,
         };
-        let d = fold_one(&mut HashMap::new(), &host.registry.snapshot(), w);
+        let d = fold_one(
+            &mut HashMap::new(),
+            &host.registry.snapshot(),
+            w,
+            ChangeDetail::default(),
+        );
         let u = &d.update;
         assert_eq!((u.position, u.head, u.expected_head), (3, 3, 2));
         assert_eq!(u.state["balance"], 7);
@@ -308,6 +390,7 @@ mod tests {
             &mut Sandbox::new(host.registry.get("account").unwrap()),
             record.clone(),
             held,
+            ChangeDetail::default(),
         );
         let u = &d.update;
         assert!(!u.quarantined);
@@ -318,8 +401,14 @@ mod tests {
             record,
             gap: Vec::new(),
             events: vec![event(&key, 4, 1)],
+            reported: 1,
         };
-        let d = fold_one(&mut HashMap::new(), &host.registry.snapshot(), w);
+        let d = fold_one(
+            &mut HashMap::new(),
+            &host.registry.snapshot(),
+            w,
+            ChangeDetail::default(),
+        );
         assert!(d.outcome.is_none() && d.failed_event.is_none());
         assert_eq!(
             (d.update.position, d.update.head, d.update.expected_head),

@@ -14,7 +14,7 @@ use serde_json::Value;
 use refold_runtime::Sandbox;
 use refold_store::{EntityUpdate, StoreError};
 
-use super::entity::{Done, Work, fold_one};
+use super::entity::{ChangeDetail, Done, Work, fold_one};
 use crate::registry::Active;
 
 /// What one batch may still spend on folding, shared by the threads that
@@ -81,6 +81,7 @@ pub(crate) async fn fold(
     work: Vec<Work>,
     threads: usize,
     budget: FoldBudget,
+    detail: ChangeDetail,
 ) -> Result<Folded, StoreError> {
     let budget = Arc::new(budget);
     let permits = Arc::new(tokio::sync::Semaphore::new(threads));
@@ -104,7 +105,7 @@ pub(crate) async fn fold(
                         folded.deferred.push(defer(w));
                         continue;
                     }
-                    let d = fold_one(&mut sandboxes, &plugins, w);
+                    let d = fold_one(&mut sandboxes, &plugins, w, detail);
                     budget.charge(&d);
                     folded.done.push(d);
                 }
@@ -175,6 +176,7 @@ mod tests {
                 .iter()
                 .map(|&position| stored_deposit(&key, position, 1))
                 .collect(),
+            reported: 0,
         }
     }
 
@@ -188,6 +190,7 @@ mod tests {
             vec![work("a", &[1, 2]), work("b", &[1])],
             2,
             FoldBudget::new(Duration::from_secs(30), 100, 1 << 20),
+            ChangeDetail::default(),
         )
         .await
         .unwrap();
@@ -210,6 +213,7 @@ mod tests {
             vec![work("a", &[1, 2])],
             1,
             FoldBudget::new(Duration::ZERO, 100, 1 << 20),
+            ChangeDetail::default(),
         )
         .await
         .unwrap();

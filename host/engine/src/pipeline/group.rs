@@ -105,6 +105,11 @@ pub(crate) async fn load(
     } else {
         storage.load(&misses).await?
     };
+    // Live positions before any move: what change records reported.
+    let reported: HashMap<EntityKey, u64> = fetched
+        .iter()
+        .map(|(k, r)| (k.clone(), r.position))
+        .collect();
     let moves = generation::resolve(storage, generations, &mut fetched, true).await?;
     let mut known_ids = first_touch_ids(storage, cache, &misses, &fetched).await?;
     known_ids.extend(cached_ids);
@@ -129,10 +134,12 @@ pub(crate) async fn load(
         } else {
             Vec::new()
         };
+        let reported = reported.get(key).copied().unwrap_or(0).max(record.position);
         loaded.work.push(Work {
             record,
             gap,
             events,
+            reported,
         });
     }
     Ok(loaded)

@@ -36,7 +36,7 @@ mod testing;
 pub(crate) mod validate;
 
 pub use entities::{Entities, entities_of};
-pub use entity::sandbox_for;
+pub use entity::{ChangeDetail, sandbox_for};
 
 /// What one batch did.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -99,6 +99,8 @@ pub struct PipelineConfig {
     /// Bytes the owned-state cache may hold (0: none; every batch then
     /// reads its entities).
     pub state_cache_bytes: usize,
+    /// The change records batches make.
+    pub changes: ChangeDetail,
 }
 
 impl Default for PipelineConfig {
@@ -110,6 +112,10 @@ impl Default for PipelineConfig {
             max_batch_projection_ops: 200_000,
             max_batch_projection_bytes: 64 << 20,
             state_cache_bytes: 64 << 20,
+            changes: ChangeDetail {
+                emit: true,
+                ..Default::default()
+            },
         }
     }
 }
@@ -143,6 +149,8 @@ pub struct Pipeline {
     behind: std::collections::VecDeque<EntityKey>,
     config: PipelineConfig,
     metrics: Arc<Metrics>,
+    /// Woken after a commit with change records.
+    changes: Arc<tokio::sync::Notify>,
 }
 
 impl Pipeline {
@@ -160,9 +168,17 @@ impl Pipeline {
                 max_batch_projection_ops: e.max_batch_projection_ops,
                 max_batch_projection_bytes: e.max_batch_projection_bytes,
                 state_cache_bytes: e.state_cache_bytes,
+                changes: host.config.changes.detail(),
             },
             host.metrics.clone(),
         )
+        .signalling(host.changes.clone())
+    }
+
+    /// Wake `signal` after each commit that added change records.
+    pub fn signalling(mut self, signal: Arc<tokio::sync::Notify>) -> Self {
+        self.changes = signal;
+        self
     }
 
     /// A pipeline of one of `lanes` lanes: the host's settings, with an
@@ -194,6 +210,7 @@ impl Pipeline {
             behind: Default::default(),
             config,
             metrics,
+            changes: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -325,6 +342,7 @@ impl Pipeline {
             loaded.work,
             self.config.threads(),
             budget,
+            self.config.changes,
         )
         .await?;
         self.remember_deferred(&folded.deferred);
@@ -436,10 +454,18 @@ impl Pipeline {
         commit: Commit,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
         let (storage, metrics) = (self.storage.clone(), self.metrics.clone());
+        let signal = self.changes.clone();
         async move {
             let started = Instant::now();
+            let changes = change_counts(&commit.changes);
             let result = storage.commit(commit).await;
             metrics.observe_stage("write", started.elapsed());
+            if result.is_ok() && !changes.is_empty() {
+                for (kind, n) in changes {
+                    metrics.change_records(kind, n);
+                }
+                signal.notify_waiters();
+            }
             result
         }
     }
@@ -453,6 +479,19 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Change records by CloudEvents type.
+pub(crate) fn change_counts(changes: &[refold_store::ChangeRecord]) -> Vec<(&'static str, u64)> {
+    let mut out: Vec<(&'static str, u64)> = Vec::new();
+    for c in changes {
+        let kind = c.kind.as_type();
+        match out.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => out.push((kind, 1)),
+        }
+    }
+    out
 }
 
 /// Deferred entities remembered for catching up; beyond it they are folded
@@ -528,6 +567,72 @@ mod tests {
         assert_eq!((r.applied, r.duplicates, r.dead_lettered), (2, 2, 0));
         assert_eq!(balance(&app, "a").await, Some(30));
         assert_eq!(balance(&app, "b").await, Some(12));
+    }
+
+    /// One change record per entity per committed batch, in the feed with
+    /// its positions; a re-delivery advances nothing and makes none; an
+    /// event the plugin ignores still advances the position, and is a
+    /// record with the state unchanged.
+    #[tokio::test]
+    async fn each_position_advance_is_one_change_record() {
+        let app = app();
+        let mut p = Pipeline::for_host(&app);
+        p.process(&[
+            deposit(0, "a", "1", 10),
+            deposit(1, "a", "2", 20),
+            deposit(2, "b", "1", 5),
+        ])
+        .await
+        .unwrap();
+        p.process(&[deposit(3, "a", "2", 20)]).await.unwrap();
+        let ignored = testing::record(
+            4,
+            r#"{"specversion":"1.0","id":"n1","source":"/t","type":"account.noted","subject":"b","entitytype":"account","data":{}}"#.into(),
+        );
+        let r = p.process(&[ignored]).await.unwrap();
+        assert_eq!(r.dead_lettered, 0);
+        let feed = app.storage.changes_after(0, 100).await.unwrap();
+        let seen: Vec<(String, u64, u64, u64)> = feed
+            .iter()
+            .map(|c| {
+                let e = &c.event;
+                (
+                    e["subject"].as_str().unwrap().to_string(),
+                    e["firstposition"].as_u64().unwrap(),
+                    e["lastposition"].as_u64().unwrap(),
+                    e["data"]["state"]["balance"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("a".into(), 1, 2, 30),
+                ("b".into(), 1, 1, 5),
+                ("b".into(), 2, 2, 5)
+            ]
+        );
+        assert!(
+            feed.iter()
+                .all(|c| c.event["type"] == "refold.state.changed")
+        );
+        let ids: HashSet<&str> = feed.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids.len(), 3);
+    }
+
+    /// With `changes.enabled = false` nothing is recorded.
+    #[tokio::test]
+    async fn no_records_when_changes_are_off() {
+        let app = app();
+        let mut p = pipeline_with(
+            &app,
+            PipelineConfig {
+                changes: ChangeDetail::default(),
+                ..Default::default()
+            },
+        );
+        p.process(&[deposit(0, "a", "1", 10)]).await.unwrap();
+        assert!(app.storage.changes_after(0, 10).await.unwrap().is_empty());
     }
 
     /// The same identity with other bytes is a conflict: dead-lettered with

@@ -1,0 +1,179 @@
+//! Change records: what a committed batch did to each entity's state, as a
+//! CloudEvent (JSON format, spec 1.0). A backend stores them in the same
+//! commit as the states they describe, so that a record exists if and only
+//! if its batch committed; consumers read them in order from the store's
+//! change feed ([`crate::StateStore::changes_after`]) or from what a sink
+//! forwarded.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use refold_types::{EntityKey, Generation, PluginRef, digest_of};
+
+/// CloudEvents `type` of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ChangeKind {
+    /// A batch (or a retry, or a re-submission) advanced the entity's
+    /// position: `refold.state.changed`.
+    Changed,
+    /// A rebuild's cut-over or a rollback replaced the entity's state with
+    /// another generation's: `refold.state.corrected`.
+    Corrected,
+}
+
+impl ChangeKind {
+    /// The CloudEvents `type`.
+    pub fn as_type(self) -> &'static str {
+        match self {
+            ChangeKind::Changed => "refold.state.changed",
+            ChangeKind::Corrected => "refold.state.corrected",
+        }
+    }
+}
+
+/// One entity's change in one commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeRecord {
+    /// Changed or corrected.
+    pub kind: ChangeKind,
+    /// The entity (its live key: type and id).
+    pub key: EntityKey,
+    /// First position applied by this change (for a correction: the
+    /// position both states are at).
+    pub first_position: u64,
+    /// Last position applied.
+    pub last_position: u64,
+    /// The generation the new state belongs to.
+    pub generation: Generation,
+    /// The plugin version that produced the new state.
+    pub plugin: Option<PluginRef>,
+    /// The new state.
+    pub state: Value,
+    /// The state before, when configured (always for a correction).
+    pub previous: Option<Value>,
+    /// Ids of the events applied, when configured.
+    pub event_ids: Option<Vec<String>>,
+    /// When the record was made (RFC 3339).
+    pub time: String,
+}
+
+impl ChangeRecord {
+    /// The record's id: a function of its kind, entity, last position and
+    /// generation only, so that a consumer can deduplicate by it and a
+    /// re-publication of the same commit carries the same id.
+    pub fn id(&self) -> String {
+        let mut b = Vec::new();
+        for part in [
+            self.kind.as_type(),
+            &self.key.entity_type,
+            &self.key.entity_id,
+            &self.last_position.to_string(),
+            self.generation.as_str(),
+        ] {
+            // Length-prefixed: no two tuples share an encoding.
+            b.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            b.extend_from_slice(part.as_bytes());
+        }
+        digest_of(&b)[..32].to_string()
+    }
+
+    /// The record as a structured CloudEvent (`application/cloudevents+json`).
+    /// Extension attributes: `entitytype`, `firstposition`, `lastposition`,
+    /// `generation` (empty for the base one), `plugindigest`, `pluginversion`.
+    pub fn to_cloudevent(&self) -> Value {
+        let mut data = Map::new();
+        data.insert("state".into(), self.state.clone());
+        if let Some(p) = &self.previous {
+            data.insert("previous".into(), p.clone());
+        }
+        if let Some(ids) = &self.event_ids {
+            data.insert("event_ids".into(), json!(ids));
+        }
+        let mut ce = json!({
+            "specversion": "1.0",
+            "id": self.id(),
+            "source": format!("/refold/{}", self.key.entity_type),
+            "type": self.kind.as_type(),
+            "subject": self.key.entity_id,
+            "time": self.time,
+            "datacontenttype": "application/json",
+            "entitytype": self.key.entity_type,
+            "firstposition": self.first_position,
+            "lastposition": self.last_position,
+            "generation": self.generation.as_str(),
+            "data": Value::Object(data),
+        });
+        if let Some(p) = &self.plugin {
+            ce["plugindigest"] = json!(p.digest);
+            ce["pluginversion"] = json!(p.version);
+        }
+        ce
+    }
+}
+
+/// A stored change record and its place in the store's change feed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredChange {
+    /// Position in the feed: increasing in commit order, never reused;
+    /// pass as `after` to read what follows.
+    pub cursor: u64,
+    /// The record's id (see [`ChangeRecord::id`]).
+    pub id: String,
+    /// The entity.
+    pub key: EntityKey,
+    /// The record as a structured CloudEvent, as stored.
+    pub event: Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(last: u64) -> ChangeRecord {
+        ChangeRecord {
+            kind: ChangeKind::Changed,
+            key: EntityKey::new("account", "a-1"),
+            first_position: 1,
+            last_position: last,
+            generation: Generation::base(),
+            plugin: None,
+            state: json!({"balance": 3}),
+            previous: None,
+            event_ids: None,
+            time: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn the_id_depends_on_the_entity_position_generation_and_kind_only() {
+        let a = record(3);
+        let mut same = record(3);
+        same.state = json!({"balance": 4});
+        same.time = "2027-01-01T00:00:00Z".into();
+        same.first_position = 2;
+        assert_eq!(a.id(), same.id());
+        assert_ne!(a.id(), record(4).id());
+        let mut corrected = record(3);
+        corrected.kind = ChangeKind::Corrected;
+        assert_ne!(a.id(), corrected.id());
+        // No separator trick makes two entities share an id.
+        let mut b = record(3);
+        b.key = EntityKey::new("accoun", "ta-1");
+        assert_ne!(a.id(), b.id());
+    }
+
+    #[test]
+    fn a_record_is_a_cloudevent_with_its_positions() {
+        let mut r = record(3);
+        r.previous = Some(json!({"balance": 1}));
+        let ce = r.to_cloudevent();
+        assert_eq!(ce["specversion"], "1.0");
+        assert_eq!(ce["type"], "refold.state.changed");
+        assert_eq!(ce["subject"], "a-1");
+        assert_eq!(ce["entitytype"], "account");
+        assert_eq!(ce["lastposition"], 3);
+        assert_eq!(ce["data"]["state"]["balance"], 3);
+        assert_eq!(ce["data"]["previous"]["balance"], 1);
+        assert!(ce["data"].get("event_ids").is_none());
+    }
+}
