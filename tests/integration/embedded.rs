@@ -339,11 +339,12 @@ fn sigkill_in_the_middle_loses_nothing_and_applies_nothing_twice() {
     let events = dir.path().join("events.jsonl");
     let (lines, expected) = generated_bank(20_000, 150, 7);
     append(&events, &lines);
+    let sink = dir.path().join("changes.jsonl");
     let cfg = embedded_config(
         dir.path(),
         &[events],
         &[root().join("examples/bank/bank.wasm")],
-        "",
+        &format!("[changes]\njsonl = {:?}\n", sink.display().to_string()),
     );
     let mut rng = 12345u64;
     for round in 0..4 {
@@ -365,4 +366,67 @@ fn sigkill_in_the_middle_loses_nothing_and_applies_nothing_twice() {
     // Each event stored once: the head of every entity equals its number of distinct events.
     let (_, dl) = host.get("/v1/dead-letters");
     assert_eq!(dl["count"], 0, "{dl}");
+
+    // The change records, through the kills: one per position advance,
+    // each entity's in order and without gap or overlap, ending at its
+    // queried state; the JSONL sink holds exactly the store's feed.
+    let mut feed: Vec<Value> = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let (c, page) = host.get(&format!("/v1/changes?after={after}&limit=100"));
+        assert_eq!(c, 200, "{page}");
+        let items = page["changes"].as_array().unwrap().clone();
+        if items.is_empty() {
+            break;
+        }
+        after = page["next"].as_u64().unwrap();
+        feed.extend(items.into_iter().map(|i| i["event"].clone()));
+    }
+    check_change_records(&feed, &expected);
+    let filed = wait_for(
+        Duration::from_secs(30),
+        "the JSONL sink to catch up",
+        || {
+            let text = std::fs::read_to_string(&sink).unwrap_or_default();
+            let lines: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("a complete JSON line"))
+                .collect();
+            (lines.len() >= feed.len()).then_some(lines)
+        },
+    );
+    let ids = |v: &[Value]| v.iter().map(|e| e["id"].clone()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&filed),
+        ids(&feed),
+        "the file is the feed, record for record"
+    );
+}
+
+/// Change records of bank accounts: ids unique; per entity, the ranges
+/// `firstposition..=lastposition` follow each other from 1 without gap or
+/// overlap; the last record's state is the entity's final state.
+fn check_change_records(feed: &[Value], expected: &std::collections::BTreeMap<String, Value>) {
+    let mut ids = std::collections::HashSet::new();
+    let mut at: std::collections::HashMap<String, (u64, Value)> = Default::default();
+    for e in feed {
+        assert_eq!(e["type"], "refold.state.changed", "{e}");
+        assert!(
+            ids.insert(e["id"].as_str().unwrap().to_string()),
+            "two records with one id: {e}"
+        );
+        let subject = e["subject"].as_str().unwrap().to_string();
+        let (first, last) = (
+            e["firstposition"].as_u64().unwrap(),
+            e["lastposition"].as_u64().unwrap(),
+        );
+        let reached = at.get(&subject).map(|(p, _)| *p).unwrap_or(0);
+        assert_eq!(first, reached + 1, "{subject}: a gap or an overlap at {e}");
+        assert!(last >= first, "{e}");
+        at.insert(subject, (last, e["data"]["state"].clone()));
+    }
+    assert_eq!(at.len(), expected.len(), "a record for every entity");
+    for (id, want) in expected {
+        assert_eq!(&at[id].1, want, "{id}: its last record is its state");
+    }
 }
