@@ -51,6 +51,54 @@ pub struct ChangesConfig {
     pub jsonl: Option<PathBuf>,
     /// Longest wait of a long poll (`GET /v1/changes?wait=`), in seconds.
     pub max_wait_seconds: u64,
+    /// Webhook sinks: every record POSTed, in feed order.
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// `[[changes.webhooks]]`: POST each change record as a structured
+/// CloudEvent (`application/cloudevents+json`) with an `Idempotency-Key`
+/// equal to its id, in feed order (so each entity's in position order),
+/// one at a time. A record refused (not 2xx) or unanswered is retried with
+/// exponential backoff; after `max_attempts` it becomes a sink dead letter
+/// (a line of `<cursor_file>.dead.jsonl`, with the last error) and the
+/// sink moves on. The sink lags instead of holding ingest back: the feed
+/// keeps its records for `retention_hours`, and `/healthz` reports a sink
+/// stuck on one record beyond `stuck_after_seconds`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Name, for metrics, logs and the default cursor file.
+    pub name: String,
+    /// Where to POST.
+    pub url: String,
+    /// `Authorization: Bearer` value, if any.
+    pub token: Option<String>,
+    /// Attempts per record before it is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay, in milliseconds (doubling, at most 30 s).
+    pub backoff_ms: u64,
+    /// Time one POST may take, in milliseconds.
+    pub timeout_ms: u64,
+    /// A record failing for longer than this makes `/healthz` unhealthy.
+    pub stuck_after_seconds: u64,
+    /// Where the sink keeps the cursor of the last record delivered
+    /// (default: beside the store, `<store.path>.webhook-<name>.cursor`).
+    pub cursor_file: Option<PathBuf>,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            name: "webhook".into(),
+            url: String::new(),
+            token: None,
+            max_attempts: 8,
+            backoff_ms: 200,
+            timeout_ms: 10_000,
+            stuck_after_seconds: 60,
+            cursor_file: None,
+        }
+    }
 }
 
 impl Default for ChangesConfig {
@@ -62,6 +110,7 @@ impl Default for ChangesConfig {
             retention_hours: 168,
             jsonl: None,
             max_wait_seconds: 30,
+            webhooks: Vec::new(),
         }
     }
 }

@@ -29,6 +29,10 @@ pub struct Metrics {
     produce_to_commit: Histogram,
     dead_letters: IntCounterVec,
     change_records: IntCounterVec,
+    sink_delivered: IntCounterVec,
+    sink_failures: IntCounterVec,
+    sink_dead_letters: IntCounterVec,
+    sink_lag: IntGaugeVec,
     quarantined: IntCounterVec,
     fold_seconds: Histogram,
     stage_seconds: HistogramVec,
@@ -112,6 +116,43 @@ impl Metrics {
                         "Record timestamp (Kafka: producer create time) to its batch committed in the store"
                     )
                     .buckets(PRODUCE_TO_COMMIT_BUCKETS.to_vec())
+                )
+            ),
+            sink_delivered: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("refold_sink_delivered_total", "Change records a sink delivered"),
+                    &["sink"]
+                )
+            ),
+            sink_failures: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "refold_sink_failures_total",
+                        "Failed delivery attempts of a sink"
+                    ),
+                    &["sink"]
+                )
+            ),
+            sink_dead_letters: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "refold_sink_dead_letters_total",
+                        "Change records a sink gave up on (kept in its dead-letter file)"
+                    ),
+                    &["sink"]
+                )
+            ),
+            sink_lag: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "refold_sink_lag_records",
+                        "Change records in the feed that a sink has not delivered yet"
+                    ),
+                    &["sink"]
                 )
             ),
             change_records: reg!(
@@ -323,6 +364,24 @@ impl Metrics {
     /// Change records committed, of one type.
     pub fn change_records(&self, kind: &str, n: u64) {
         self.change_records.with_label_values(&[kind]).inc_by(n);
+    }
+    /// A sink delivered a record.
+    pub fn sink_delivered(&self, sink: &str) {
+        self.sink_delivered.with_label_values(&[sink]).inc();
+    }
+    /// A sink's delivery attempt failed.
+    pub fn sink_failed(&self, sink: &str) {
+        self.sink_failures.with_label_values(&[sink]).inc();
+    }
+    /// A sink gave up on a record.
+    pub fn sink_dead_lettered(&self, sink: &str) {
+        self.sink_dead_letters.with_label_values(&[sink]).inc();
+    }
+    /// Records a sink has yet to deliver.
+    pub fn sink_lag(&self, sink: &str, lag: u64) {
+        self.sink_lag
+            .with_label_values(&[sink])
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
     }
     /// A quarantine.
     pub fn quarantined(&self, entity_type: &str, version: &str) {

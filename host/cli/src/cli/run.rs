@@ -67,6 +67,15 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
             }
         });
     }
+    for w in config.changes.webhooks.clone() {
+        let (host, stop) = (app.host.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            let name = w.name.clone();
+            if let Err(e) = crate::sinks::run_webhook(host, w, stop).await {
+                tracing::error!(sink = %name, error = %format!("{e:#}"), "a webhook sink stopped");
+            }
+        });
+    }
     if let Some(dir) = &config.plugins.dir {
         refold_engine::manager::watch::watch_dir(app.plugins.clone(), dir.clone(), stop_rx.clone())
             .await?;
