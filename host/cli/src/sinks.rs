@@ -210,8 +210,8 @@ mod tests {
                 "/hook",
                 post(
                     move |State((seen, calls)): State<(Seen, Arc<Mutex<usize>>)>,
-                     headers: HeaderMap,
-                     body: String| async move {
+                          headers: HeaderMap,
+                          body: String| async move {
                         let n = {
                             let mut c = calls.lock().unwrap();
                             *c += 1;

@@ -3,7 +3,7 @@
 //! dead letters and checkpoints land together or not at all.
 
 use async_trait::async_trait;
-use refold_store::{Commit, ProjectionWrite, RawJson, Storage, StoreError};
+use refold_store::{ChangeKind, Commit, ProjectionWrite, RawJson, Storage, StoreError};
 use rusqlite::types::ToSql;
 use rusqlite::{Connection, Transaction, named_params};
 
@@ -52,24 +52,42 @@ fn write_all(tx: &Transaction<'_>, commit: &Commit) -> Result<(), Refused> {
     Ok(())
 }
 
-/// The change records, in the transaction of the states they describe. A
-/// record whose id is in the feed already (the same commit attempted
-/// twice, which the fence normally refuses first) is not added again.
+/// The change records, in the transaction of the states they describe:
+/// the commit's fence is what keeps a record from being stored twice (a
+/// record names the position its entity's head moved to, and no later
+/// commit can move it there again). Stored as columns, not as the
+/// CloudEvent: the feed builds that on read, and the row stays small.
 fn write_changes(tx: &Transaction<'_>, commit: &Commit) -> rusqlite::Result<()> {
     if commit.changes.is_empty() {
         return Ok(());
     }
     let now = refold_types::clock::unix_ms();
     let mut st = tx.prepare_cached(
-        "INSERT OR IGNORE INTO changes (id, entity_type, entity_id, event, recorded_ms)
-         VALUES (:id, :entity_type, :entity_id, :event, :recorded_ms)",
+        "INSERT INTO changes (kind, entity_type, entity_id, first_position, last_position,
+             generation, plugin_name, plugin_version, plugin_digest, state, previous,
+             event_ids, time, recorded_ms)
+         VALUES (:kind, :entity_type, :entity_id, :first, :last, :generation, :plugin_name,
+             :plugin_version, :plugin_digest, :state, :previous, :event_ids, :time, :recorded_ms)",
     )?;
     for c in &commit.changes {
+        let kind = match c.kind {
+            ChangeKind::Changed => 0,
+            ChangeKind::Corrected => 1,
+        };
         st.execute(named_params! {
-            ":id": c.id(),
+            ":kind": kind,
             ":entity_type": c.key.entity_type,
             ":entity_id": c.key.entity_id,
-            ":event": c.to_cloudevent().to_string(),
+            ":first": c.first_position.min(i64::MAX as u64) as i64,
+            ":last": c.last_position.min(i64::MAX as u64) as i64,
+            ":generation": c.generation.as_str(),
+            ":plugin_name": c.plugin.as_ref().map(|p| p.name.as_str()),
+            ":plugin_version": c.plugin.as_ref().map(|p| p.version.as_str()),
+            ":plugin_digest": c.plugin.as_ref().map(|p| p.digest.as_str()),
+            ":state": c.state.to_string(),
+            ":previous": c.previous.as_ref().map(|v| v.to_string()),
+            ":event_ids": c.event_ids.as_ref().map(|v| serde_json::Value::from(v.clone()).to_string()),
+            ":time": c.time,
             ":recorded_ms": now,
         })?;
     }

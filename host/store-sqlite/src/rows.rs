@@ -3,8 +3,9 @@
 //! shifted index that reads the wrong value.
 
 use refold_store::{
-    Activation, DeadLetter, EntityKey, EntityRecord, Generation, PluginRef, PluginVersion,
-    QuarantineRecord, RawJson, RebuildRecord, StoredEvent, UnknownVariant,
+    Activation, ChangeKind, ChangeRecord, DeadLetter, EntityKey, EntityRecord, Generation,
+    PluginRef, PluginVersion, QuarantineRecord, RawJson, RebuildRecord, StoredEvent,
+    UnknownVariant,
 };
 use rusqlite::Row;
 use rusqlite::types::Type;
@@ -223,4 +224,58 @@ pub(crate) fn rebuild(r: &Row<'_>) -> rusqlite::Result<RebuildRecord> {
         finished_at: r.get("finished_at")?,
         heartbeat_ms: r.get("heartbeat_ms")?,
     })
+}
+
+/// A `changes` row: its cursor and the record.
+pub(crate) fn change(r: &Row<'_>) -> rusqlite::Result<(u64, ChangeRecord)> {
+    let cursor = u64_col(r, "seq")?;
+    let key = EntityKey::new(
+        r.get::<_, String>("entity_type")?,
+        r.get::<_, String>("entity_id")?,
+    );
+    let what = |col: &str| format!("the {col} of change record {cursor}");
+    let kind = match r.get::<_, i64>("kind")? {
+        0 => ChangeKind::Changed,
+        1 => ChangeKind::Corrected,
+        k => return Err(rotten(format!("change record {cursor} has kind {k}"))),
+    };
+    let plugin = match (
+        r.get::<_, Option<String>>("plugin_name")?,
+        r.get::<_, Option<String>>("plugin_version")?,
+        r.get::<_, Option<String>>("plugin_digest")?,
+    ) {
+        (Some(name), Some(version), Some(digest)) => Some(PluginRef {
+            name,
+            version,
+            digest,
+        }),
+        _ => None,
+    };
+    let state: String = r.get("state")?;
+    let previous = r
+        .get::<_, Option<String>>("previous")?
+        .map(|p| strict_json(&p, || what("previous state")))
+        .transpose()?;
+    let event_ids = match r.get::<_, Option<String>>("event_ids")? {
+        None => None,
+        Some(t) => Some(
+            serde_json::from_str::<Vec<String>>(&t)
+                .map_err(|e| rotten(format!("{} is not a list ({e})", what("event ids"))))?,
+        ),
+    };
+    Ok((
+        cursor,
+        ChangeRecord {
+            kind,
+            first_position: u64_col(r, "first_position")?,
+            last_position: u64_col(r, "last_position")?,
+            generation: generation_col(r, "generation")?,
+            plugin,
+            state: strict_json(&state, || what("state"))?,
+            previous,
+            event_ids,
+            time: r.get("time")?,
+            key,
+        },
+    ))
 }

@@ -110,12 +110,21 @@ CREATE TABLE IF NOT EXISTS snapshots (
     PRIMARY KEY (entity_type, entity_id, digest, position)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS changes (
-    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
-    id          TEXT NOT NULL UNIQUE,
-    entity_type TEXT NOT NULL,
-    entity_id   TEXT NOT NULL,
-    event       TEXT NOT NULL,
-    recorded_ms INTEGER NOT NULL
+    seq            INTEGER PRIMARY KEY,
+    kind           INTEGER NOT NULL,
+    entity_type    TEXT NOT NULL,
+    entity_id      TEXT NOT NULL,
+    first_position INTEGER NOT NULL,
+    last_position  INTEGER NOT NULL,
+    generation     TEXT NOT NULL,
+    plugin_name    TEXT,
+    plugin_version TEXT,
+    plugin_digest  TEXT,
+    state          TEXT NOT NULL,
+    previous       TEXT,
+    event_ids      TEXT,
+    time           TEXT NOT NULL,
+    recorded_ms    INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     source    TEXT NOT NULL,
