@@ -115,17 +115,6 @@ impl Default for ChangesConfig {
     }
 }
 
-impl ChangesConfig {
-    /// What a pipeline puts in the records it makes.
-    pub fn detail(&self) -> crate::pipeline::ChangeDetail {
-        crate::pipeline::ChangeDetail {
-            emit: self.enabled,
-            previous: self.previous,
-            event_ids: self.event_ids,
-        }
-    }
-}
-
 /// Kinds of store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

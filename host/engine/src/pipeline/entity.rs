@@ -47,6 +47,17 @@ pub struct ChangeDetail {
     pub event_ids: bool,
 }
 
+impl ChangeDetail {
+    /// What `[changes]` asks the records to carry.
+    pub fn of(c: &crate::config::ChangesConfig) -> Self {
+        ChangeDetail {
+            emit: c.enabled,
+            previous: c.previous,
+            event_ids: c.event_ids,
+        }
+    }
+}
+
 /// What folding did to one entity.
 pub(crate) struct Done {
     pub(crate) update: EntityUpdate,
