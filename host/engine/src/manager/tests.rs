@@ -291,9 +291,35 @@ async fn a_rebuild_refolds_every_entity_into_a_new_generation_then_cuts_over_at_
         .unwrap()
         .unwrap();
     assert_eq!(doc["tier"], "gold");
-    // The rebuild refolded five events of history and recorded none.
+    // The rebuild refolded five events of history and recorded none of
+    // them; its cut-over recorded one correction per entity whose state v2
+    // sees otherwise (both: v2 adds a tier), old and new state in each.
     let before = m.host.storage.changes_head().await.unwrap();
-    assert_eq!(m.host.storage.changes_after(0, 100).await.unwrap().len(), 2);
+    let feed = m.host.storage.changes_after(0, 100).await.unwrap();
+    let kinds: Vec<&str> = feed
+        .iter()
+        .map(|c| c.event["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "refold.state.changed",
+            "refold.state.changed",
+            "refold.state.corrected",
+            "refold.state.corrected"
+        ]
+    );
+    let corrected_a = feed
+        .iter()
+        .find(|c| c.event["type"] == "refold.state.corrected" && c.event["subject"] == "a")
+        .unwrap();
+    assert_eq!(corrected_a.event["data"]["state"]["tier"], "gold");
+    assert!(corrected_a.event["data"]["previous"].get("tier").is_none());
+    assert_eq!(corrected_a.event["lastposition"], 2);
+    assert_eq!(
+        corrected_a.event["generation"],
+        json!(status.generation.as_str())
+    );
     // The live record moves to the new generation when a batch meets it.
     ingest(&m, &[deposit(5, "a", 1)]).await;
     let live = record_of(&m, &account("a")).await;
