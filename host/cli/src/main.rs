@@ -67,6 +67,17 @@ fn main() -> std::process::ExitCode {
             } => refold::cli::listen::run(&endpoint, after, follow, max)
                 .await
                 .map(|_| true),
+            Command::Resend { file, url, token } => {
+                refold::sinks::resend_dead_letters(&file, &url, token.as_deref())
+                    .await
+                    .map(|(sent, failing)| {
+                        println!(
+                            "{sent} re-sent, {failing} still failing (kept in {})",
+                            file.display()
+                        );
+                        failing == 0
+                    })
+            }
             Command::Produce {
                 brokers,
                 topic,

@@ -185,6 +185,69 @@ async fn deliver(
     Outcome::Failed(last)
 }
 
+/// Re-send the records of a sink's dead-letter file to `url` (the
+/// sink's, or another), each once, with its `Idempotency-Key`; the file
+/// keeps only those refused again, with their new error. Returns (sent,
+/// still failing).
+pub async fn resend_dead_letters(
+    file: &Path,
+    url: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(usize, usize)> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let (mut sent, mut kept) = (0usize, Vec::new());
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let mut dead: serde_json::Value = serde_json::from_str(line).with_context(|| {
+            format!("{} line {}: not a sink dead letter", file.display(), n + 1)
+        })?;
+        let mut record = dead["record"].clone();
+        let id = record["id"]
+            .as_str()
+            .with_context(|| format!("{} line {}: a record without an id", file.display(), n + 1))?
+            .to_string();
+        if let Some(o) = record.as_object_mut() {
+            o.remove(refold_engine::changes::CURSOR_ATTRIBUTE);
+        }
+        let mut r = client
+            .post(url)
+            .header("content-type", "application/cloudevents+json")
+            .header("idempotency-key", &id)
+            .body(record.to_string());
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let error = match r.send().await {
+            Ok(resp) if resp.status().is_success() => None,
+            Ok(resp) => Some(format!("{url} answered {}", resp.status())),
+            Err(e) => Some(format!("{url}: {e}")),
+        };
+        match error {
+            None => sent += 1,
+            Some(e) => {
+                dead["error"] = e.into();
+                dead["failed_at"] = refold_types::clock::now_rfc3339().into();
+                kept.push(dead.to_string());
+            }
+        }
+    }
+    let tmp = file.with_extension("tmp");
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(&tmp, file)?;
+    Ok((sent, kept.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -376,6 +439,29 @@ mod tests {
             read_cursor(&cursor).unwrap() == feed[1].cursor
         })
         .await;
+
+        // Re-sent once the receiver works: both go, with their ids, and the
+        // file is left empty; to one that still refuses, they stay.
+        let (refusing, _) = endpoint(usize::MAX).await;
+        assert_eq!(
+            resend_dead_letters(&dead, &refusing, None).await.unwrap(),
+            (0, 2)
+        );
+        assert_eq!(std::fs::read_to_string(&dead).unwrap().lines().count(), 2);
+        let (good, seen) = endpoint(0).await;
+        assert_eq!(
+            resend_dead_letters(&dead, &good, None).await.unwrap(),
+            (2, 0)
+        );
+        let got = seen.lock().unwrap();
+        assert_eq!(got[0].0, feed[0].id);
+        assert!(
+            got[0]
+                .2
+                .get(refold_engine::changes::CURSOR_ATTRIBUTE)
+                .is_none()
+        );
+        assert_eq!(std::fs::read_to_string(&dead).unwrap(), "");
     }
 
     #[test]

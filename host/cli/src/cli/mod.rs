@@ -93,6 +93,17 @@ pub enum Command {
         #[arg(long)]
         max: Option<u64>,
     },
+    /// Re-send the change records a webhook sink gave up on (its `.dead.jsonl` file).
+    Resend {
+        /// The sink's dead-letter file.
+        file: PathBuf,
+        /// Where to POST them.
+        #[arg(long)]
+        url: String,
+        /// `Authorization: Bearer` value for the endpoint.
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Load a JSONL file of CloudEvents into a Kafka topic, keyed by entity id.
     Produce {
         /// Bootstrap servers, comma-separated.
