@@ -77,6 +77,7 @@ pub async fn run_webhook(
     // One health site per sink, named once for the process.
     let site: &'static str = Box::leak(format!("sink:{}", w.name).into_boxed_str());
     tracing::info!(sink = %w.name, url = %w.url, after = cursor, "webhook sink started");
+    host.sinks.set(&w.name, cursor);
     loop {
         if *stop.borrow() {
             return Ok(());
@@ -121,6 +122,7 @@ pub async fn run_webhook(
             cursor = c.cursor;
             write_cursor(&cursor_path, cursor)
                 .with_context(|| format!("writing {}", cursor_path.display()))?;
+            host.sinks.set(&w.name, cursor);
         }
     }
 }

@@ -108,6 +108,15 @@ impl App {
             if *shutdown.borrow() || tasks.iter().any(|t| t.is_finished()) {
                 break;
             }
+            if let Some(why) = host.held_back_by_sink().await {
+                host.health.fault("sink", why);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            host.health.clear("sink");
             let records = match reader.next(host, &mut *source, &mut shutdown).await? {
                 Read::Records(r) => r,
                 Read::Again => continue,

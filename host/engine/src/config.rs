@@ -53,6 +53,11 @@ pub struct ChangesConfig {
     pub max_wait_seconds: u64,
     /// Webhook sinks: every record POSTed, in feed order.
     pub webhooks: Vec<WebhookConfig>,
+    /// Back-pressure: when a sink is more than this many records behind
+    /// the feed, ingest waits for it (and `/healthz` says so). 0, the
+    /// default, never holds ingest back: a stuck sink only lags, and the
+    /// feed keeps its records for `retention_hours`.
+    pub backpressure_records: u64,
 }
 
 /// `[[changes.webhooks]]`: POST each change record as a structured
@@ -111,6 +116,7 @@ impl Default for ChangesConfig {
             jsonl: None,
             max_wait_seconds: 30,
             webhooks: Vec::new(),
+            backpressure_records: 0,
         }
     }
 }

@@ -37,9 +37,52 @@ pub struct Host {
     /// Woken after every commit that added change records (the change
     /// feed's long polls wait on it).
     pub changes: Arc<tokio::sync::Notify>,
+    /// The feed cursor each running sink has delivered up to.
+    pub sinks: Arc<SinkCursors>,
+}
+
+/// Where each sink of the change feed stands, for back-pressure.
+#[derive(Debug, Default)]
+pub struct SinkCursors(std::sync::Mutex<std::collections::BTreeMap<String, u64>>);
+
+impl SinkCursors {
+    /// Sink `name` has delivered every record up to `cursor`.
+    pub fn set(&self, name: &str, cursor: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), cursor);
+    }
+
+    /// The sink furthest behind and its cursor, if any sink runs.
+    pub fn slowest(&self) -> Option<(String, u64)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .min_by_key(|(_, c)| **c)
+            .map(|(n, c)| (n.clone(), *c))
+    }
 }
 
 impl Host {
+    /// Why ingest must wait for a sink (`changes.backpressure_records`),
+    /// if it must: the slowest sink is that many records behind the feed.
+    pub async fn held_back_by_sink(&self) -> Option<String> {
+        let limit = self.config.changes.backpressure_records;
+        if limit == 0 {
+            return None;
+        }
+        let (name, cursor) = self.sinks.slowest()?;
+        let head = self.storage.changes_head().await.ok()?;
+        let behind = head.saturating_sub(cursor);
+        (behind > limit).then(|| {
+            format!(
+                "sink {name} is {behind} change records behind (changes.backpressure_records = {limit}); ingest waits for it"
+            )
+        })
+    }
+
     /// Open the configured storage and load the configured plugin files.
     pub async fn open(config: HostConfig) -> anyhow::Result<Host> {
         let (storage, plugin_store): (Arc<dyn Storage>, Arc<dyn PluginStore>) =
@@ -77,6 +120,7 @@ impl Host {
             engine: Engine::new()?,
             metrics: Arc::new(Metrics::new()),
             changes: Arc::new(tokio::sync::Notify::new()),
+            sinks: Arc::new(SinkCursors::default()),
         };
         for f in host.config.plugins.files.clone() {
             let p = host.load_plugin_file(&f)?;
@@ -133,5 +177,65 @@ impl Host {
             }
             Err(e) => tracing::debug!(error = %e, "cannot read free disk space"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use refold_store::{ChangeKind, ChangeRecord, Commit, EntityKey, Generation};
+
+    fn host(backpressure_records: u64) -> Host {
+        let mut config = HostConfig::default();
+        config.changes.backpressure_records = backpressure_records;
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        Host::with_storage(config, store.clone(), store).unwrap()
+    }
+
+    async fn record(h: &Host, n: u64) {
+        let changes = (1..=n)
+            .map(|i| ChangeRecord {
+                kind: ChangeKind::Changed,
+                key: EntityKey::new("account", format!("a{i}")),
+                first_position: 1,
+                last_position: 1,
+                generation: Generation::base(),
+                plugin: None,
+                state: serde_json::json!({}),
+                previous: None,
+                event_ids: None,
+                time: "2026-01-01T00:00:00Z".into(),
+            })
+            .collect();
+        h.storage
+            .commit(Commit {
+                changes,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Ingest waits for the slowest sink only past the configured lag, and
+    /// never without the setting or without a sink.
+    #[tokio::test]
+    async fn a_sink_holds_ingest_back_only_past_its_configured_lag() {
+        let h = host(2);
+        record(&h, 3).await;
+        assert_eq!(h.held_back_by_sink().await, None, "no sink runs");
+        h.sinks.set("fast", 3);
+        h.sinks.set("slow", 0);
+        let why = h.held_back_by_sink().await.expect("3 behind, limit 2");
+        assert!(
+            why.contains("sink slow is 3 change records behind"),
+            "{why}"
+        );
+        h.sinks.set("slow", 1);
+        assert_eq!(h.held_back_by_sink().await, None, "2 behind is within");
+
+        let off = host(0);
+        record(&off, 3).await;
+        off.sinks.set("slow", 0);
+        assert_eq!(off.held_back_by_sink().await, None, "off by default");
     }
 }
