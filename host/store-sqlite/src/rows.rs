@@ -87,20 +87,28 @@ pub(crate) fn event(key: &EntityKey, r: &Row<'_>) -> rusqlite::Result<StoredEven
     })
 }
 
+/// The `plugin_name`, `plugin_version` and `plugin_digest` columns: a
+/// plugin version, or none when any of them is null.
+fn plugin_cols(r: &Row<'_>) -> rusqlite::Result<Option<PluginRef>> {
+    Ok(
+        match (
+            r.get::<_, Option<String>>("plugin_name")?,
+            r.get::<_, Option<String>>("plugin_version")?,
+            r.get::<_, Option<String>>("plugin_digest")?,
+        ) {
+            (Some(name), Some(version), Some(digest)) => Some(PluginRef {
+                name,
+                version,
+                digest,
+            }),
+            _ => None,
+        },
+    )
+}
+
 /// An `entities` row of entity `key`.
 pub(crate) fn entity(key: &EntityKey, r: &Row<'_>) -> rusqlite::Result<EntityRecord> {
-    let plugin = match (
-        r.get::<_, Option<String>>("plugin_name")?,
-        r.get::<_, Option<String>>("plugin_version")?,
-        r.get::<_, Option<String>>("plugin_digest")?,
-    ) {
-        (Some(name), Some(version), Some(digest)) => Some(PluginRef {
-            name,
-            version,
-            digest,
-        }),
-        _ => None,
-    };
+    let plugin = plugin_cols(r)?;
     Ok(EntityRecord {
         key: key.clone(),
         state: r
@@ -239,18 +247,7 @@ pub(crate) fn change(r: &Row<'_>) -> rusqlite::Result<(u64, ChangeRecord)> {
         1 => ChangeKind::Corrected,
         k => return Err(rotten(format!("change record {cursor} has kind {k}"))),
     };
-    let plugin = match (
-        r.get::<_, Option<String>>("plugin_name")?,
-        r.get::<_, Option<String>>("plugin_version")?,
-        r.get::<_, Option<String>>("plugin_digest")?,
-    ) {
-        (Some(name), Some(version), Some(digest)) => Some(PluginRef {
-            name,
-            version,
-            digest,
-        }),
-        _ => None,
-    };
+    let plugin = plugin_cols(r)?;
     let state: String = r.get("state")?;
     let previous = r
         .get::<_, Option<String>>("previous")?
