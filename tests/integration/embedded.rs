@@ -401,6 +401,30 @@ fn sigkill_in_the_middle_loses_nothing_and_applies_nothing_twice() {
         ids(&feed),
         "the file is the feed, record for record"
     );
+
+    // `refold listen` prints the same feed, and resumes after a cursor.
+    let listen = |args: &[&str]| -> Vec<Value> {
+        let out = std::process::Command::new(refold_bin())
+            .args(["listen", "--api", &host.base])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let heard = listen(&[]);
+    assert_eq!(ids(&heard), ids(&feed));
+    let tenth = heard[9]["refoldcursor"].as_u64().unwrap().to_string();
+    let rest = listen(&["--after", &tenth, "--max", "5"]);
+    assert_eq!(ids(&rest), ids(&feed[10..15]));
 }
 
 /// Change records of bank accounts: ids unique; per entity, the ranges
