@@ -100,6 +100,10 @@ pub async fn run_webhook(
             }
             continue;
         }
+        if let Some((from, to)) = refold_engine::changes::pruned_gap(cursor, &page) {
+            tracing::error!(sink = %w.name, from, to,
+                "change records were pruned before the sink delivered them (changes.retention_hours)");
+        }
         for c in page {
             match deliver(&client, &host, &w, site, &c, &mut stop).await {
                 Outcome::Delivered => host.metrics.sink_delivered(&w.name),

@@ -30,6 +30,14 @@ pub fn with_cursor(c: &StoredChange) -> serde_json::Value {
     e
 }
 
+/// The records a reader at `after` lost to pruning, as a range, when the
+/// page it read does not start at `after + 1` (cursors follow each other
+/// with no hole, so a jump is records pruned before they were read).
+pub fn pruned_gap(after: u64, page: &[StoredChange]) -> Option<(u64, u64)> {
+    let first = page.first()?.cursor;
+    (after > 0 && first > after + 1).then_some((after + 1, first - 1))
+}
+
 /// Wait until the next commit with change records, `timeout`, or a stop.
 /// Returns false on a stop.
 async fn wait_for_records(
@@ -77,6 +85,10 @@ pub async fn run_jsonl_sink(
                 return Ok(());
             }
             continue;
+        }
+        if let Some((from, to)) = pruned_gap(cursor, &page) {
+            tracing::error!(path = %path.display(), from, to,
+                "change records were pruned before the JSONL sink wrote them (changes.retention_hours)");
         }
         let mut text = String::new();
         for c in &page {
@@ -193,6 +205,20 @@ mod tests {
         let p = dir.path().join("changes.jsonl");
         std::fs::write(&p, text).unwrap();
         (dir, p)
+    }
+
+    #[test]
+    fn a_jump_in_cursors_is_a_pruned_range() {
+        let at = |cursor| StoredChange {
+            cursor,
+            id: String::new(),
+            key: refold_store::EntityKey::new("t", "i"),
+            event: serde_json::Value::Null,
+        };
+        assert_eq!(pruned_gap(4, &[at(5), at(6)]), None);
+        assert_eq!(pruned_gap(4, &[at(9)]), Some((5, 8)));
+        assert_eq!(pruned_gap(0, &[at(9)]), None, "from the oldest kept");
+        assert_eq!(pruned_gap(4, &[]), None);
     }
 
     #[test]

@@ -360,9 +360,13 @@ impl StateStore for SqliteStore {
             // The newest record stays, whatever its age: a cursor is the
             // rowid, which SQLite issues as the largest plus one, so while
             // the newest is kept no removed cursor is ever issued again.
+            // By cursor, not by time alone: a clock that stepped back must
+            // not punch a hole in the middle of the feed, where a reader
+            // could not tell it from records never made.
             c.execute(
-                "DELETE FROM changes WHERE recorded_ms < :before
-                   AND seq < (SELECT MAX(seq) FROM changes)",
+                "DELETE FROM changes WHERE seq < COALESCE(
+                     (SELECT MIN(seq) FROM changes WHERE recorded_ms >= :before),
+                     (SELECT MAX(seq) FROM changes))",
                 named_params! {":before": before_ms},
             )
         })

@@ -299,9 +299,12 @@ pub trait StateStore: Send + Sync {
     async fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<StoredChange>>;
     /// The cursor of the newest record in the feed (0 when empty).
     async fn changes_head(&self) -> Result<u64>;
-    /// Forget records older than `before_ms` (Unix milliseconds of their
-    /// commit), keeping the newest one whatever its age so that the feed's
-    /// cursor never goes back. Returns how many were removed.
+    /// Forget the oldest records, up to the first committed at or after
+    /// `before_ms` (Unix milliseconds), keeping the newest one whatever its
+    /// age so that the feed's cursor never goes back. What is kept is
+    /// contiguous: cursors follow each other with no hole, so a reader
+    /// whose next record is not `after + 1` knows records were pruned.
+    /// Returns how many were removed.
     async fn prune_changes(&self, before_ms: i64) -> Result<u64>;
 }
 

@@ -164,6 +164,19 @@ pub async fn changes(
         tokio::pin!(woken);
         woken.as_mut().enable();
         let found = host.storage.changes_after(after, limit).await?;
+        // Cursors follow each other; a jump past `after + 1` means the
+        // records in between were pruned, which a consumer must hear of
+        // rather than skip silently.
+        if let Some((from, to)) = refold_engine::changes::pruned_gap(after, &found) {
+            return Err(ApiError(
+                StatusCode::GONE,
+                format!(
+                    "change records {from}..={to} were pruned (changes.retention_hours); \
+                     the feed holds {} onwards: read the states again, then resume after {to}",
+                    to + 1
+                ),
+            ));
+        }
         if !found.is_empty() || tokio::time::Instant::now() >= deadline {
             break found;
         }

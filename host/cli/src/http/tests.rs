@@ -504,4 +504,19 @@ async fn the_change_feed_pages_by_cursor_and_long_polls() {
     // A bad cursor is the client's error.
     let (s, _) = get(&r, "/v1/changes?after=minus", Some(READER)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    // Pruned past a consumer's cursor: it hears what it lost.
+    Pipeline::for_host(&app.host)
+        .process(&[event(7, "e5", "account.deposited", json!({"amount": 1}))])
+        .await
+        .unwrap();
+    assert_eq!(app.host.storage.prune_changes(i64::MAX).await.unwrap(), 2);
+    let (s, v) = get(&r, &format!("/v1/changes?after={next}"), Some(READER)).await;
+    assert_eq!(s, StatusCode::GONE, "{v}");
+    assert!(error(&v).message.contains("were pruned"), "{v}");
+    let (s, v) = get(&r, "/v1/changes?after=0", Some(READER)).await;
+    assert_eq!(
+        (s, v["changes"].as_array().unwrap().len()),
+        (StatusCode::OK, 1)
+    );
 }
