@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use refold_engine::Host;
-use refold_engine::changes::with_cursor;
+use refold_engine::changes::{wait_for_records, with_cursor};
 use refold_engine::config::WebhookConfig;
 use refold_store::StoredChange;
 
@@ -93,10 +93,8 @@ pub async fn run_webhook(
             host.metrics.sink_lag(&w.name, head.saturating_sub(cursor));
         }
         if page.is_empty() {
-            let woken = host.changes.notified();
-            tokio::select! {
-                _ = tokio::time::timeout(Duration::from_secs(1), woken) => {}
-                r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
+            if !wait_for_records(&host, &mut stop, Duration::from_secs(1)).await {
+                return Ok(());
             }
             continue;
         }
@@ -142,6 +140,30 @@ fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
     f.sync_data()
 }
 
+/// POST one record as a structured CloudEvent with its id as
+/// `Idempotency-Key`: `Ok` on a 2xx, else why not.
+async fn post_record(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    id: &str,
+    body: String,
+) -> Result<(), String> {
+    let mut r = client
+        .post(url)
+        .header("content-type", "application/cloudevents+json")
+        .header("idempotency-key", id)
+        .body(body);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    match r.send().await {
+        Ok(resp) if resp.status().is_success() => Ok(()),
+        Ok(resp) => Err(format!("{url} answered {}", resp.status())),
+        Err(e) => Err(format!("{url}: {e}")),
+    }
+}
+
 /// POST one record until it is acknowledged (2xx), `max_attempts` fail, or
 /// the host stops.
 async fn deliver(
@@ -158,18 +180,9 @@ async fn deliver(
     let attempts = w.max_attempts.max(1);
     let mut last = String::new();
     for attempt in 1..=attempts {
-        let mut r = client
-            .post(&w.url)
-            .header("content-type", "application/cloudevents+json")
-            .header("idempotency-key", &c.id)
-            .body(body.clone());
-        if let Some(t) = &w.token {
-            r = r.bearer_auth(t);
-        }
-        match r.send().await {
-            Ok(resp) if resp.status().is_success() => return Outcome::Delivered,
-            Ok(resp) => last = format!("{} answered {}", w.url, resp.status()),
-            Err(e) => last = format!("{}: {e}", w.url),
+        match post_record(client, &w.url, w.token.as_deref(), &c.id, body.clone()).await {
+            Ok(()) => return Outcome::Delivered,
+            Err(e) => last = e,
         }
         host.metrics.sink_failed(&w.name);
         tracing::warn!(sink = %w.name, record = %c.id, attempt, error = %last, "delivery failed");
@@ -222,22 +235,9 @@ pub async fn resend_dead_letters(
         if let Some(o) = record.as_object_mut() {
             o.remove(refold_engine::changes::CURSOR_ATTRIBUTE);
         }
-        let mut r = client
-            .post(url)
-            .header("content-type", "application/cloudevents+json")
-            .header("idempotency-key", &id)
-            .body(record.to_string());
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        let error = match r.send().await {
-            Ok(resp) if resp.status().is_success() => None,
-            Ok(resp) => Some(format!("{url} answered {}", resp.status())),
-            Err(e) => Some(format!("{url}: {e}")),
-        };
-        match error {
-            None => sent += 1,
-            Some(e) => {
+        match post_record(&client, url, token, &id, record.to_string()).await {
+            Ok(()) => sent += 1,
+            Err(e) => {
                 dead["error"] = e.into();
                 dead["failed_at"] = refold_types::clock::now_rfc3339().into();
                 kept.push(dead.to_string());

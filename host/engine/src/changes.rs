@@ -40,7 +40,7 @@ pub fn pruned_gap(after: u64, page: &[StoredChange]) -> Option<(u64, u64)> {
 
 /// Wait until the next commit with change records, `timeout`, or a stop.
 /// Returns false on a stop.
-async fn wait_for_records(
+pub async fn wait_for_records(
     host: &Host,
     stop: &mut watch::Receiver<bool>,
     timeout: Duration,

@@ -333,12 +333,7 @@ impl StateStore for SqliteStore {
             )?;
             let rows = st.query_map(named_params! {":after": after, ":limit": limit}, |r| {
                 let (cursor, record) = rows::change(r)?;
-                Ok(StoredChange {
-                    cursor,
-                    id: record.id(),
-                    key: record.key.clone(),
-                    event: record.to_cloudevent(),
-                })
+                Ok(record.into_stored(cursor))
             })?;
             rows.collect()
         })

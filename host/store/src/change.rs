@@ -81,6 +81,21 @@ impl ChangeRecord {
     /// Extension attributes: `entitytype`, `firstposition`, `lastposition`,
     /// `generation` (empty for the base one), `plugindigest`, `pluginversion`.
     pub fn to_cloudevent(&self) -> Value {
+        self.cloudevent_with_id(self.id())
+    }
+
+    /// The record at `cursor` of a feed, its id computed once.
+    pub fn into_stored(self, cursor: u64) -> StoredChange {
+        let id = self.id();
+        StoredChange {
+            cursor,
+            event: self.cloudevent_with_id(id.clone()),
+            id,
+            key: self.key,
+        }
+    }
+
+    fn cloudevent_with_id(&self, id: String) -> Value {
         let mut data = Map::new();
         data.insert("state".into(), self.state.clone());
         if let Some(p) = &self.previous {
@@ -91,7 +106,7 @@ impl ChangeRecord {
         }
         let mut ce = json!({
             "specversion": "1.0",
-            "id": self.id(),
+            "id": id,
             "source": format!("/refold/{}", self.key.entity_type),
             "type": self.kind.as_type(),
             "subject": self.key.entity_id,

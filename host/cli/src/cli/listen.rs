@@ -6,7 +6,6 @@
 use std::io::Write as _;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -37,27 +36,13 @@ pub async fn run(ep: &Endpoint, after: u64, follow: bool, max: Option<u64>) -> a
     let mut out = std::io::stdout().lock();
     loop {
         let wait = if follow { 25 } else { 0 };
-        let mut r = client
-            .get(&url)
-            .query(&[("after", after), ("wait", wait), ("limit", 1000)]);
-        if let Some(t) = &ep.token {
-            r = r.bearer_auth(t);
-        }
-        let resp = r.send().await.with_context(|| format!("calling {url}"))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let body: Value = resp.json().await.unwrap_or(Value::Null);
-            let msg = body
-                .get("message")
-                .or_else(|| body.get("error"))
-                .and_then(Value::as_str)
-                .unwrap_or("(no message)");
-            anyhow::bail!("{url}: {status}: {msg}");
-        }
-        let page: Page = resp
-            .json()
-            .await
-            .with_context(|| format!("reading the answer of {url}"))?;
+        let page: Page = ep
+            .send(
+                client
+                    .get(&url)
+                    .query(&[("after", after), ("wait", wait), ("limit", 1000)]),
+            )
+            .await?;
         let empty = page.changes.is_empty();
         for mut item in page.changes {
             if let Some(o) = item.event.as_object_mut() {

@@ -42,7 +42,10 @@ impl Endpoint {
 
     /// Send `r` and read the answer as `T`; an error status is an error
     /// naming its message.
-    async fn send<T: DeserializeOwned>(&self, r: reqwest::RequestBuilder) -> anyhow::Result<T> {
+    pub(crate) async fn send<T: DeserializeOwned>(
+        &self,
+        r: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
         let resp = self
             .auth(r)
             .send()

@@ -609,10 +609,11 @@ impl PluginManager {
             self.host.storage.commit(commit).await?;
         }
         if total > 0 {
-            self.host
-                .metrics
-                .change_records(ChangeKind::Corrected.as_type(), total);
-            self.host.changes.notify_waiters();
+            crate::pipeline::announce(
+                &self.host.metrics,
+                &self.host.changes,
+                vec![(ChangeKind::Corrected.as_type(), total)],
+            );
         }
         Ok(())
     }

@@ -74,10 +74,7 @@ impl PluginManager {
         commit.quarantines.extend(q.clone());
         let counts = crate::pipeline::change_counts(&commit.changes);
         self.host.storage.commit(commit).await?;
-        for (kind, n) in counts {
-            self.host.metrics.change_records(kind, n);
-            self.host.changes.notify_waiters();
-        }
+        crate::pipeline::announce(&self.host.metrics, &self.host.changes, counts);
         Ok(Retried {
             entity_type: key.entity_type.clone(),
             entity_id: key.entity_id.clone(),

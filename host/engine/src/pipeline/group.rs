@@ -105,9 +105,12 @@ pub(crate) async fn load(
     } else {
         storage.load(&misses).await?
     };
-    // Live positions before any move: what change records reported.
+    // Live positions of the records about to move to the active
+    // generation: what change records reported (a record that stays has
+    // its own position, read below).
     let reported: HashMap<EntityKey, u64> = fetched
         .iter()
+        .filter(|(k, r)| r.generation != *active(&k.entity_type))
         .map(|(k, r)| (k.clone(), r.position))
         .collect();
     let moves = generation::resolve(storage, generations, &mut fetched, true).await?;

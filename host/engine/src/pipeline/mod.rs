@@ -460,11 +460,8 @@ impl Pipeline {
             let changes = change_counts(&commit.changes);
             let result = storage.commit(commit).await;
             metrics.observe_stage("write", started.elapsed());
-            if result.is_ok() && !changes.is_empty() {
-                for (kind, n) in changes {
-                    metrics.change_records(kind, n);
-                }
-                signal.notify_waiters();
+            if result.is_ok() {
+                announce(&metrics, &signal, changes);
             }
             result
         }
@@ -492,6 +489,22 @@ pub(crate) fn change_counts(changes: &[refold_store::ChangeRecord]) -> Vec<(&'st
         }
     }
     out
+}
+
+/// After a commit with change records landed: count them, and wake what
+/// waits on the feed (long polls, sinks).
+pub(crate) fn announce(
+    metrics: &Metrics,
+    signal: &tokio::sync::Notify,
+    counts: Vec<(&'static str, u64)>,
+) {
+    if counts.is_empty() {
+        return;
+    }
+    for (kind, n) in counts {
+        metrics.change_records(kind, n);
+    }
+    signal.notify_waiters();
 }
 
 /// Deferred entities remembered for catching up; beyond it they are folded
