@@ -64,6 +64,10 @@ pub struct HttpConfig {
     /// Time budget of one replay (`?at=`, or catching a state up after a
     /// cut-over), in milliseconds; beyond it the query is answered 503.
     pub replay_timeout_ms: u64,
+    /// `GET /v1/changes` requests open at once (a long poll stays open
+    /// until a record comes or its wait ends, and each commit wakes them
+    /// all); beyond it a request is answered 429 with `Retry-After`.
+    pub max_change_polls: usize,
 }
 
 impl Default for HttpConfig {
@@ -76,6 +80,7 @@ impl Default for HttpConfig {
             max_concurrent_queries: 4,
             max_concurrent_replays: 2,
             replay_timeout_ms: 10_000,
+            max_change_polls: 64,
         }
     }
 }

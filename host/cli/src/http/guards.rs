@@ -21,6 +21,10 @@ use refold_store::Paged;
 pub struct Guards {
     /// Query requests running at once.
     queries: Arc<Semaphore>,
+    /// Change-feed requests (long polls included) open at once.
+    pub change_polls: Arc<Semaphore>,
+    /// Its size, for the answer past it.
+    pub max_change_polls: usize,
     /// Items per listing page at most.
     pub max_page_items: usize,
     /// Bytes of items per listing page at most.
@@ -33,6 +37,8 @@ impl Guards {
     pub fn new(c: &HttpConfig) -> Self {
         Guards {
             queries: Arc::new(Semaphore::new(c.max_concurrent_queries.max(1))),
+            change_polls: Arc::new(Semaphore::new(c.max_change_polls.max(1))),
+            max_change_polls: c.max_change_polls.max(1),
             max_page_items: c.max_page_items.max(1),
             max_page_bytes: c.max_page_bytes.max(1),
         }

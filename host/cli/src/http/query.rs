@@ -139,6 +139,17 @@ pub async fn changes(
     q: Result<Query<ChangesQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(q) = q?;
+    // Bounded: every open poll is a connection, and each commit wakes them
+    // all into a store read.
+    let Ok(_poll) = api.guards.change_polls.clone().try_acquire_owned() else {
+        return Err(ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{} change-feed requests are open (http.max_change_polls); retry later",
+                api.guards.max_change_polls
+            ),
+        ));
+    };
     let limit = q
         .limit
         .unwrap_or(api.guards.max_page_items)

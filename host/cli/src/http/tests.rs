@@ -451,6 +451,7 @@ async fn the_change_feed_pages_by_cursor_and_long_polls() {
     let http = HttpConfig {
         read_token: Some(READER.into()),
         max_concurrent_queries: 1,
+        max_change_polls: 3,
         ..HttpConfig::default()
     };
     let r = server(&app, http, admin_token());
@@ -489,6 +490,18 @@ async fn the_change_feed_pages_by_cursor_and_long_polls() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let (s, _) = get(&r, "/v1/entities/account/acc-1", Some(READER)).await;
     assert_eq!(s, StatusCode::OK);
+    // A fourth is one past `http.max_change_polls`: refused, not queued.
+    let (s, headers, v) = call(
+        &r,
+        Method::GET,
+        "/v1/changes?wait=20",
+        Some(READER),
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert!(error(&v).message.contains("http.max_change_polls"), "{v}");
+    assert!(headers.contains_key(header::RETRY_AFTER));
     assert!(waiting.iter().all(|w| !w.is_finished()));
     let started = std::time::Instant::now();
     Pipeline::for_host(&app.host)
