@@ -61,21 +61,37 @@ enum Outcome {
     Stopped,
 }
 
-/// Run one webhook sink until `stop`.
+/// Run one webhook sink until `stop`. A sink that stops on an error (its
+/// cursor or dead-letter file cannot be written) leaves `/healthz`
+/// unhealthy with the reason.
 pub async fn run_webhook(
     host: Host,
     w: WebhookConfig,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    // One health site per sink, named once for the process.
+    let site: &'static str = Box::leak(format!("sink:{}", w.name).into_boxed_str());
+    let health = host.health.clone();
+    let r = deliver_all(host, &w, site, stop).await;
+    if let Err(e) = &r {
+        health.fault(site, format!("the webhook sink {} stopped: {e:#}", w.name));
+    }
+    r
+}
+
+async fn deliver_all(
+    host: Host,
+    w: &WebhookConfig,
+    site: &'static str,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(!w.url.is_empty(), "changes.webhooks[{}]: no url", w.name);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(w.timeout_ms.max(1)))
         .build()?;
-    let cursor_path = cursor_file(&host, &w);
+    let cursor_path = cursor_file(&host, w);
     let dead_path = dead_letter_file(&cursor_path);
     let mut cursor = read_cursor(&cursor_path)?;
-    // One health site per sink, named once for the process.
-    let site: &'static str = Box::leak(format!("sink:{}", w.name).into_boxed_str());
     tracing::info!(sink = %w.name, url = %w.url, after = cursor, "webhook sink started");
     host.sinks.set(&w.name, cursor);
     loop {
@@ -103,7 +119,7 @@ pub async fn run_webhook(
                 "change records were pruned before the sink delivered them (changes.retention_hours)");
         }
         for c in page {
-            match deliver(&client, &host, &w, site, &c, &mut stop).await {
+            match deliver(&client, &host, w, site, &c, &mut stop).await {
                 Outcome::Delivered => host.metrics.sink_delivered(&w.name),
                 Outcome::Failed(why) => {
                     tracing::error!(sink = %w.name, record = %c.id, error = %why,

@@ -60,6 +60,28 @@ pub struct ChangesConfig {
     pub backpressure_records: u64,
 }
 
+impl ChangesConfig {
+    /// Refuse what cannot work, before anything starts: a webhook without
+    /// a URL, or two webhooks of one name (they would share a cursor file
+    /// and each skip what the other delivered).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for w in &self.webhooks {
+            anyhow::ensure!(
+                !w.url.is_empty(),
+                "changes.webhooks: the webhook {:?} has no url",
+                w.name
+            );
+            anyhow::ensure!(
+                names.insert(w.name.as_str()),
+                "changes.webhooks: two webhooks are named {:?}; each needs its own name",
+                w.name
+            );
+        }
+        Ok(())
+    }
+}
+
 /// `[[changes.webhooks]]`: POST each change record as a structured
 /// CloudEvent (`application/cloudevents+json`) with an `Idempotency-Key`
 /// equal to its id, in feed order (so each entity's in position order),
@@ -277,6 +299,31 @@ impl EngineConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn webhooks_without_url_or_with_a_shared_name_are_refused() {
+        let hook = |name: &str, url: &str| WebhookConfig {
+            name: name.into(),
+            url: url.into(),
+            ..Default::default()
+        };
+        let mut c = ChangesConfig::default();
+        assert!(c.validate().is_ok());
+        c.webhooks = vec![hook("a", "http://x/"), hook("b", "")];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("\"b\" has no url")
+        );
+        c.webhooks = vec![hook("a", "http://x/"), hook("a", "http://y/")];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("two webhooks")
+        );
+    }
 
     #[test]
     fn lanes_default_to_the_cores_and_are_bounded() {

@@ -13,6 +13,7 @@ use refold_source::jsonl::JsonlSource;
 /// Run until SIGINT/SIGTERM.
 pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
     let config = Config::load(config_file)?;
+    config.changes.validate()?;
     // Idle connections, followed files and the database all take
     // descriptors; a low default soft limit must not stop the engine.
     match refold_source::raise_open_files_limit() {
@@ -62,8 +63,11 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
     if let Some(path) = config.changes.jsonl.clone() {
         let (host, stop) = (app.host.clone(), stop_rx.clone());
         tokio::spawn(async move {
+            let health = host.health.clone();
             if let Err(e) = refold_engine::changes::run_jsonl_sink(host, path, stop).await {
-                tracing::error!(error = %format!("{e:#}"), "the JSONL change sink stopped");
+                let why = format!("the JSONL change sink stopped: {e:#}");
+                tracing::error!("{why}");
+                health.fault("sink:jsonl", why);
             }
         });
     }
