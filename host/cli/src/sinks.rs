@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use refold_engine::Host;
-use refold_engine::changes::{wait_for_records, with_cursor};
+use refold_engine::changes::{next_page, with_cursor};
 use refold_engine::config::WebhookConfig;
 use refold_store::StoredChange;
 
@@ -94,30 +94,7 @@ async fn deliver_all(
     let mut cursor = read_cursor(&cursor_path)?;
     tracing::info!(sink = %w.name, url = %w.url, after = cursor, "webhook sink started");
     host.sinks.set(&w.name, cursor);
-    loop {
-        if *stop.borrow() {
-            return Ok(());
-        }
-        let page = match host.storage.changes_after(cursor, PAGE).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(sink = %w.name, error = %e, "reading the change feed");
-                Vec::new()
-            }
-        };
-        if let Ok(head) = host.storage.changes_head().await {
-            host.metrics.sink_lag(&w.name, head.saturating_sub(cursor));
-        }
-        if page.is_empty() {
-            if !wait_for_records(&host, &mut stop, Duration::from_secs(1)).await {
-                return Ok(());
-            }
-            continue;
-        }
-        if let Some((from, to)) = refold_engine::changes::pruned_gap(cursor, &page) {
-            tracing::error!(sink = %w.name, from, to,
-                "change records were pruned before the sink delivered them (changes.retention_hours)");
-        }
+    while let Some(page) = next_page(&host, cursor, PAGE, &mut stop, &w.name).await {
         for c in page {
             match deliver(&client, &host, w, site, &c, &mut stop).await {
                 Outcome::Delivered => host.metrics.sink_delivered(&w.name),
@@ -142,7 +119,11 @@ async fn deliver_all(
                 .with_context(|| format!("writing {}", cursor_path.display()))?;
             host.sinks.set(&w.name, cursor);
         }
+        if let Ok(head) = host.storage.changes_head().await {
+            host.metrics.sink_lag(&w.name, head.saturating_sub(cursor));
+        }
     }
+    Ok(())
 }
 
 fn append_line(path: &Path, line: &str) -> std::io::Result<()> {

@@ -40,7 +40,7 @@ pub fn pruned_gap(after: u64, page: &[StoredChange]) -> Option<(u64, u64)> {
 
 /// Wait until the next commit with change records, `timeout`, or a stop.
 /// Returns false on a stop.
-pub async fn wait_for_records(
+async fn wait_for_records(
     host: &Host,
     stop: &mut watch::Receiver<bool>,
     timeout: Duration,
@@ -49,6 +49,41 @@ pub async fn wait_for_records(
     tokio::select! {
         _ = tokio::time::timeout(timeout, woken) => true,
         r = stop.changed() => r.is_ok() && !*stop.borrow(),
+    }
+}
+
+/// The next records after `cursor` for a sink (`who`, in logs), at most
+/// `limit`: while there are none, or the feed cannot be read, it waits for
+/// a commit (at most a second) and asks again. `None` once `stop` is set.
+pub async fn next_page(
+    host: &Host,
+    cursor: u64,
+    limit: usize,
+    stop: &mut watch::Receiver<bool>,
+    who: &str,
+) -> Option<Vec<StoredChange>> {
+    loop {
+        if *stop.borrow() {
+            return None;
+        }
+        match host.storage.changes_after(cursor, limit).await {
+            Ok(page) if !page.is_empty() => {
+                if let Some((from, to)) = pruned_gap(cursor, &page) {
+                    tracing::error!(
+                        sink = who,
+                        from,
+                        to,
+                        "change records were pruned before the sink took them (changes.retention_hours)"
+                    );
+                }
+                return Some(page);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(sink = who, error = %e, "reading the change feed"),
+        }
+        if !wait_for_records(host, stop, Duration::from_secs(1)).await {
+            return None;
+        }
     }
 }
 
@@ -66,30 +101,7 @@ pub async fn run_jsonl_sink(
         .await
         .context("opening the change sink file")??;
     tracing::info!(path = %path.display(), after = cursor, "change records sink to a JSONL file");
-    loop {
-        if *stop.borrow() {
-            return Ok(());
-        }
-        let page = match host.storage.changes_after(cursor, SINK_PAGE).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the change feed for the JSONL sink");
-                if !wait_for_records(&host, &mut stop, Duration::from_secs(1)).await {
-                    return Ok(());
-                }
-                continue;
-            }
-        };
-        if page.is_empty() {
-            if !wait_for_records(&host, &mut stop, Duration::from_secs(1)).await {
-                return Ok(());
-            }
-            continue;
-        }
-        if let Some((from, to)) = pruned_gap(cursor, &page) {
-            tracing::error!(path = %path.display(), from, to,
-                "change records were pruned before the JSONL sink wrote them (changes.retention_hours)");
-        }
+    while let Some(page) = next_page(&host, cursor, SINK_PAGE, &mut stop, "jsonl").await {
         let mut text = String::new();
         for c in &page {
             text.push_str(&with_cursor(c).to_string());
@@ -106,6 +118,7 @@ pub async fn run_jsonl_sink(
         .with_context(|| format!("writing {}", path.display()))?;
         cursor = last;
     }
+    Ok(())
 }
 
 /// Open (or create) the sink file for appending, cut off a last line left
