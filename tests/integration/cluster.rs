@@ -150,6 +150,8 @@ struct Cluster {
     topic: String,
     group: String,
     keyspace: String,
+    /// Whether a config of this cluster publishes change records.
+    publishes_changes: std::cell::Cell<bool>,
 }
 
 /// A passed test leaves nothing behind; a failed one keeps its topic and
@@ -166,6 +168,10 @@ impl Drop for Cluster {
         }
         drop_keyspace(&self.keyspace);
         delete_topic(&self.topic);
+        if self.publishes_changes.get() {
+            delete_topic(&self.change_topic("account"));
+            delete_topic(&format!("{}-changes-cursor", self.topic));
+        }
     }
 }
 
@@ -179,7 +185,26 @@ impl Cluster {
             topic: name.clone(),
             group: name.clone(),
             keyspace: name,
+            publishes_changes: std::cell::Cell::new(false),
         }
+    }
+
+    /// The change topic of `entity_type` in a config from
+    /// [`Cluster::publish_changes`].
+    fn change_topic(&self, entity_type: &str) -> String {
+        format!("{}-changes-{entity_type}", self.topic)
+    }
+
+    /// Make `cfg` publish change records to Kafka (`[changes.kafka]`).
+    fn publish_changes(&self, cfg: &Path) {
+        self.publishes_changes.set(true);
+        let mut text = std::fs::read_to_string(cfg).unwrap();
+        text.push_str(&format!(
+            "\n[changes.kafka]\ntopic = \"{t}-changes-{{entity_type}}\"\n\
+             cursor_topic = \"{t}-changes-cursor\"\npartitions = 3\nreplication_factor = 1\n",
+            t = self.topic
+        ));
+        std::fs::write(cfg, text).unwrap();
     }
 
     fn path(&self) -> &Path {
@@ -348,6 +373,76 @@ fn check_bank(host: &Host, lines: &[String], expected: &BTreeMap<String, Value>,
         );
         assert_eq!(v["quarantined"], false, "{v}");
     }
+}
+
+/// The change topic of the accounts, read as a read_committed consumer
+/// (`refold listen --kafka`) once every account's last record is there:
+/// exactly one record per position advance (ids unique, each account's
+/// records contiguous from position 1, in order), and each account's last
+/// record holds the state the host answers.
+fn check_change_stream(c: &Cluster, host: &Host, expected: &BTreeMap<String, Value>) {
+    let states = wait_for_states(host, "account", expected, Duration::from_secs(60));
+    let topic = c.change_topic("account");
+    let read = || -> Vec<Value> {
+        let (code, out, err) = refold(
+            &["listen", "--kafka", &kafka_addr(), "--topic", &topic],
+            c.path(),
+        );
+        assert_eq!(code, 0, "refold listen --kafka: {err}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    let mut records = Vec::new();
+    let caught_up = poll(Duration::from_secs(90), || {
+        records = read();
+        let mut last: HashMap<&str, &Value> = HashMap::new();
+        for r in &records {
+            last.insert(r["subject"].as_str().unwrap_or(""), &r["lastposition"]);
+        }
+        states
+            .iter()
+            .all(|(id, v)| last.get(id.as_str()) == Some(&&v["position"]))
+            .then_some(())
+    });
+    let mut by_entity: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    let mut ids = HashSet::new();
+    for r in &records {
+        assert_eq!(r["type"], "refold.state.changed", "{r}");
+        assert!(
+            ids.insert(r["id"].as_str().unwrap().to_string()),
+            "a record id published twice: {r}"
+        );
+        by_entity
+            .entry(r["subject"].as_str().unwrap().to_string())
+            .or_default()
+            .push(r);
+    }
+    assert!(
+        caught_up.is_some(),
+        "the change topic never caught up with the states ({} records)\nhost log tail:\n{}",
+        records.len(),
+        tail(&host.log_text(), 40)
+    );
+    for (id, v) in &states {
+        let rs = &by_entity[id];
+        let mut next = 1;
+        for r in rs {
+            assert_eq!(
+                r["firstposition"], next,
+                "account {id}: records must follow each other, one per advance: {rs:?}"
+            );
+            next = r["lastposition"].as_u64().unwrap() + 1;
+        }
+        let last = rs.last().unwrap();
+        assert_eq!(last["lastposition"], v["position"], "{id}: {last}");
+        assert_eq!(last["data"]["state"], v["state"], "{id}: {last}");
+    }
+    eprintln!(
+        "change topic: {} records for {} accounts, each advance once",
+        records.len(),
+        states.len()
+    );
 }
 
 #[test]
@@ -577,6 +672,7 @@ fn a_rebalance_moves_partitions_without_loss_or_double_apply() {
     let file = c.write_lines("events.jsonl", &lines);
     // Small batches: the stream lasts long enough to be split and moved.
     let cfg = c.config("host", 50, "", "");
+    c.publish_changes(&cfg);
     let mut a = Host::start(&cfg, c.path(), &[]);
     produce(c.path(), &c.topic, &file, false);
     // Something is folded by A before B joins.
@@ -647,6 +743,8 @@ fn a_rebalance_moves_partitions_without_loss_or_double_apply() {
         "B should get A's partitions after A died:\n{}",
         tail(&b_log, 40)
     );
+    // Publishing moved with the partitions, and A's producers were fenced.
+    check_change_stream(&c, &b, &expected);
 }
 
 /// The config of a host that is killed and restarted: a static group
@@ -695,6 +793,7 @@ fn twenty_sigkills_at_random_moments_lose_nothing_and_apply_nothing_twice() {
     let file = c.write_lines("events.jsonl", &lines);
     produce(c.path(), &c.topic, &file, false);
     let cfg = restarting_member(&c, "kills-host", 60);
+    c.publish_changes(&cfg);
     let started = Instant::now();
     let mut rng = 0xc0ffee_u64;
     let mut killed_mid_stream = 0;
@@ -723,6 +822,9 @@ fn twenty_sigkills_at_random_moments_lose_nothing_and_apply_nothing_twice() {
     );
     let (_, dl) = host.get("/v1/dead-letters");
     assert_eq!(dl["count"], 0, "{dl}");
+    // Records of batches committed just before a kill were published by
+    // the next run, none twice and none of a batch that did not commit.
+    check_change_stream(&c, &host, &expected);
 }
 
 /// A zombie: host A is paused (SIGSTOP) with batches in flight, its

@@ -5,6 +5,7 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map.
 
+pub mod change_topic;
 pub mod cli;
 pub mod config;
 pub mod http;

@@ -61,12 +61,23 @@ fn main() -> std::process::ExitCode {
             }
             Command::Listen {
                 endpoint,
+                kafka,
+                topics,
                 after,
                 follow,
                 max,
-            } => refold::cli::listen::run(&endpoint, after, follow, max)
+            } => match kafka {
+                Some(brokers) => tokio::task::spawn_blocking(move || {
+                    refold::cli::listen::run_kafka(&brokers, &topics, follow, max)
+                })
                 .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r)
                 .map(|_| true),
+                None => refold::cli::listen::run(&endpoint, after, follow, max)
+                    .await
+                    .map(|_| true),
+            },
             Command::Resend { file, url, token } => {
                 refold::sinks::resend_dead_letters(&file, &url, token.as_deref())
                     .await

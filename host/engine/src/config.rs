@@ -58,9 +58,103 @@ pub struct ChangesConfig {
     /// default, never holds ingest back: a stuck sink only lags, and the
     /// feed keeps its records for `retention_hours`.
     pub backpressure_records: u64,
+    /// `[changes.kafka]`: publish every record to Kafka (cluster mode,
+    /// where the store keeps no feed). Without it a cluster makes no
+    /// records at all, and pays nothing for them.
+    pub kafka: Option<ChangeTopicConfig>,
+}
+
+/// `[changes.kafka]`: each source partition's holder publishes the records
+/// of that partition's batches from the store's outbox, in Kafka
+/// transactions (`transactional.id` per source partition, so that the
+/// next holder fences the last one), with a marker of what each
+/// transaction published on `cursor_topic`. Read the topics with
+/// `isolation.level = read_committed` to see each record once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChangeTopicConfig {
+    /// Topic of an entity type's records, `{entity_type}` standing for it
+    /// (characters Kafka refuses in a topic name become `_`). Records are
+    /// keyed by entity id, so a topic can be compacted.
+    pub topic: String,
+    /// Compacted topic of the publishers' markers (one partition).
+    pub cursor_topic: String,
+    /// Brokers (default: `[kafka] brokers`).
+    pub brokers: Option<String>,
+    /// Prefix of the publishers' `transactional.id`s, one per source
+    /// partition (default: `refold-changes-<kafka.group_id>-`).
+    pub transactional_id_prefix: Option<String>,
+    /// Records per Kafka transaction (whole batches, so at least one).
+    pub max_transaction_records: usize,
+    /// Partitions of a topic refold creates (-1: the broker's default).
+    pub partitions: i32,
+    /// Replication factor of a topic refold creates (-1: the broker's default).
+    pub replication_factor: i32,
+    /// More librdkafka producer properties.
+    pub properties: HashMap<String, String>,
+}
+
+impl Default for ChangeTopicConfig {
+    fn default() -> Self {
+        ChangeTopicConfig {
+            topic: "refold.changes.{entity_type}".into(),
+            cursor_topic: "refold.changes.cursor".into(),
+            brokers: None,
+            transactional_id_prefix: None,
+            max_transaction_records: 5_000,
+            partitions: -1,
+            replication_factor: -1,
+            properties: HashMap::new(),
+        }
+    }
+}
+
+impl ChangeTopicConfig {
+    /// The topic of `entity_type`'s records.
+    pub fn topic_of(&self, entity_type: &str) -> String {
+        let clean: String = entity_type
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.topic.replace("{entity_type}", &clean)
+    }
 }
 
 impl ChangesConfig {
+    /// Whether batches make change records on `store`: a cluster store
+    /// keeps none unless they are published to Kafka.
+    pub fn recorded_on(&self, store: StoreKind) -> bool {
+        self.enabled && (store != StoreKind::Cassandra || self.kafka.is_some())
+    }
+
+    /// Refuse `[changes.kafka]` where it cannot work: it publishes a
+    /// cluster store's outbox by Kafka partition ownership.
+    pub fn validate_for(&self, store: StoreKind, kafka_source: bool) -> anyhow::Result<()> {
+        self.validate()?;
+        if let Some(k) = &self.kafka {
+            anyhow::ensure!(
+                store == StoreKind::Cassandra && kafka_source,
+                "changes.kafka needs store.kind = \"cassandra\" and source.kind = \"kafka\" \
+                 (an embedded store serves its records from GET /v1/changes and the JSONL and webhook sinks)"
+            );
+            anyhow::ensure!(
+                !k.topic.is_empty() && !k.cursor_topic.is_empty() && k.topic != k.cursor_topic,
+                "changes.kafka: topic and cursor_topic must be two non-empty topic names"
+            );
+            anyhow::ensure!(
+                k.max_transaction_records > 0,
+                "changes.kafka.max_transaction_records must be at least 1"
+            );
+        }
+        Ok(())
+    }
+
     /// Refuse what cannot work, before anything starts: a webhook without
     /// a URL, or two webhooks of one name (they would share a cursor file
     /// and each skip what the other delivered).
@@ -139,6 +233,7 @@ impl Default for ChangesConfig {
             max_wait_seconds: 30,
             webhooks: Vec::new(),
             backpressure_records: 0,
+            kafka: None,
         }
     }
 }

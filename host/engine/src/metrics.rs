@@ -49,6 +49,7 @@ pub struct Metrics {
     cache_evictions: IntCounter,
     cache_entries: prometheus::IntGauge,
     cache_bytes: prometheus::IntGauge,
+    outbox_records: prometheus::IntGauge,
 }
 
 impl Default for Metrics {
@@ -322,6 +323,13 @@ impl Metrics {
                     "Bytes held by the owned-state cache (estimated, as its budget is kept)"
                 )
             ),
+            outbox_records: reg!(
+                r,
+                prometheus::IntGauge::new(
+                    "refold_change_outbox_records",
+                    "Change records of this host's partitions committed and not yet published to Kafka"
+                )
+            ),
             registry: r,
         }
     }
@@ -367,7 +375,16 @@ impl Metrics {
     }
     /// A sink delivered a record.
     pub fn sink_delivered(&self, sink: &str) {
-        self.sink_delivered.with_label_values(&[sink]).inc();
+        self.sink_delivered_many(sink, 1);
+    }
+    /// A sink delivered `n` records at once.
+    pub fn sink_delivered_many(&self, sink: &str, n: u64) {
+        self.sink_delivered.with_label_values(&[sink]).inc_by(n);
+    }
+    /// Change records waiting in the outbox for this host to publish.
+    pub fn outbox_records(&self, n: u64) {
+        self.outbox_records
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
     /// A sink's delivery attempt failed.
     pub fn sink_failed(&self, sink: &str) {

@@ -165,6 +165,28 @@ impl ConsumerContext for Ctx {
     }
 }
 
+/// The partitions a [`KafkaSource`] holds right now, as its rebalance
+/// callbacks see them: for what else follows partition ownership (the
+/// change outbox's publishers).
+#[derive(Clone)]
+pub struct Assignment(Arc<Shared>);
+
+impl Assignment {
+    /// (topic, partition) of every partition assigned, sorted.
+    pub fn partitions(&self) -> Vec<(String, i32)> {
+        let mut v: Vec<(String, i32)> = self
+            .0
+            .assigned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+}
+
 /// Reads the configured topics as a member of the configured consumer group.
 pub struct KafkaSource {
     consumer: Arc<StreamConsumer<Ctx>>,
@@ -218,6 +240,11 @@ impl KafkaSource {
             linger,
             positions: HashMap::new(),
         })
+    }
+
+    /// A handle on the partitions this source holds.
+    pub fn assignment(&self) -> Assignment {
+        Assignment(self.shared.clone())
     }
 
     fn assigned(&self) -> HashMap<Tp, u64> {

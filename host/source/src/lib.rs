@@ -24,7 +24,7 @@ pub use record::{PartitionLag, SourceRecord, checkpoints_of};
 pub fn open_kafka(
     kafka: &config::KafkaConfig,
     source: &config::SourceConfig,
-) -> anyhow::Result<Box<dyn EventSource>> {
+) -> anyhow::Result<kafka::KafkaSource> {
     let linger = std::time::Duration::from_millis(source.linger_ms);
-    Ok(Box::new(kafka::KafkaSource::new(kafka, linger)?))
+    kafka::KafkaSource::new(kafka, linger)
 }

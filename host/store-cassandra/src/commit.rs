@@ -20,10 +20,11 @@ use refold_store::{
 
 use crate::error::{applied, exec_err, other};
 use crate::intents::{Effects, Intent, ProjOp, split_utf8};
+use crate::outbox::{CHANGE_ROW_TTL, Planned};
 use crate::rows::{
-    AdvanceValues, CheckpointValues, DeadLetterValues, DocumentKeyValues, DocumentValues,
-    EventValues, IdValues, IntentRow, IntentValues, Located, OpenBucketValues, PutStateValues,
-    QuarantineValues, StateValues,
+    AdvanceValues, ChangeRowValues, CheckpointValues, DeadLetterValues, DocumentKeyValues,
+    DocumentValues, EventValues, IdValues, IntentRow, IntentValues, Located, OpenBucketValues,
+    PutStateValues, QuarantineValues, StateValues,
 };
 use crate::store::{CassandraStore, DEAD_LETTER_SHARDS, INDEX_SHARDS, shard_of};
 
@@ -69,7 +70,12 @@ impl CassandraStore {
 
     /// One entity's new events, id rows and state, as one conditional
     /// single-partition batch fenced on `expected_head`.
-    async fn write_entity(&self, u: &EntityUpdate, events: &[&StoredEvent]) -> Result<()> {
+    async fn write_entity(
+        &self,
+        u: &EntityUpdate,
+        events: &[&StoredEvent],
+        change: Option<&(String, i64)>,
+    ) -> Result<()> {
         self.unstash(&u.key);
         let loc = match self.cached(&u.key) {
             Some(l) if l.head == u.expected_head => Some(l),
@@ -116,6 +122,19 @@ impl CassandraStore {
             values.push(Box::new(EventValues::of(e, bucket)));
             batch.append_statement(self.st.insert_id.clone());
             values.push(Box::new(IdValues::of(e, bucket)));
+        }
+        if let Some((batch_id, position)) = change {
+            // Applied with the state or not at all: what tells a publisher
+            // whether this batch's record is true.
+            batch.append_statement(self.st.insert_change.clone());
+            values.push(Box::new(ChangeRowValues {
+                entity_type: &u.key.entity_type,
+                entity_id: &u.key.entity_id,
+                bucket,
+                position: *position,
+                batch_id,
+                ttl: CHANGE_ROW_TTL,
+            }));
         }
         let state = StateValues::of(u);
         let expected_head = i64::try_from(u.expected_head).unwrap_or(i64::MAX);
@@ -314,7 +333,12 @@ impl CassandraStore {
         Ok(n)
     }
 
-    async fn commit_inner(&self, commit: &Commit, intent: Option<&Intent>) -> Result<()> {
+    async fn commit_inner(
+        &self,
+        commit: &Commit,
+        intent: Option<&Intent>,
+        planned: Option<&Planned>,
+    ) -> Result<()> {
         // 1. Events + state, per entity, fenced.
         let mut by_key: HashMap<&EntityKey, Vec<&StoredEvent>> = HashMap::new();
         for e in &commit.events {
@@ -332,11 +356,12 @@ impl CassandraStore {
             .iter()
             .map(|u| {
                 let events = by_key.get(&u.key).map(Vec::as_slice).unwrap_or(&[]);
+                let change = planned.and_then(|p| p.change_rows.get(&u.key));
                 async move {
-                    if commit.exclusive && events.is_empty() {
+                    if commit.exclusive && events.is_empty() && change.is_none() {
                         self.put_state(u).await
                     } else {
-                        self.write_entity(u, events).await
+                        self.write_entity(u, events, change).await
                     }
                 }
             })
@@ -497,22 +522,45 @@ impl Storage for CassandraStore {
         self.apply_carried().await?;
 
         let effects = effects_of(&commit, self.next_ts());
-        let intent = if effects.is_empty() {
-            None
-        } else {
-            let intent = Intent {
-                id: format!(
-                    "{:016x}{:016x}",
-                    rand::random::<u64>(),
-                    rand::random::<u64>()
-                ),
-                effects,
-            };
-            // Nothing is written yet: a failure here needs no carrying over.
-            self.write_intent(&intent).await?;
-            Some(intent)
-        };
-        match self.commit_inner(&commit, intent.as_ref()).await {
+        let planned = self.plan_outbox(&commit)?;
+        let intent = (!effects.is_empty()).then(|| Intent {
+            id: format!(
+                "{:016x}{:016x}",
+                rand::random::<u64>(),
+                rand::random::<u64>()
+            ),
+            effects,
+        });
+        // Nothing of the commit is applied yet: a failure here needs no
+        // carrying over (outbox rows written meanwhile stay in doubt, and
+        // are dropped once their entities move on without them).
+        let (written, recorded) = tokio::join!(
+            async {
+                match &intent {
+                    Some(i) => self.write_intent(i).await,
+                    None => Ok(()),
+                }
+            },
+            async {
+                match &planned {
+                    Some(p) => self.write_outbox(p).await,
+                    None => Ok(()),
+                }
+            }
+        );
+        if let Err(e) = written.and(recorded) {
+            if let Some(p) = planned {
+                self.settle_outbox(p, false);
+            }
+            return Err(e);
+        }
+        let r = self
+            .commit_inner(&commit, intent.as_ref(), planned.as_ref())
+            .await;
+        if let Some(p) = planned {
+            self.settle_outbox(p, r.is_ok());
+        }
+        match r {
             Ok(()) => Ok(()),
             Err(e) => {
                 if let Some(i) = intent {

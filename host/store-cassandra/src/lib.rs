@@ -31,6 +31,7 @@ pub mod config;
 mod error;
 mod generations;
 mod intents;
+mod outbox;
 mod plugins;
 mod reads;
 mod rows;

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use refold_store::{
-    Checkpoint, DeadLetter, EntityKey, EntityRecord, EventIdentity, EventStore, Paged,
-    QuarantineRecord, Result, StateStore, StoreError, StoredChange, StoredEvent, decode_cursor,
-    encode_cursor,
+    Checkpoint, DeadLetter, EntityKey, EntityRecord, EventIdentity, EventStore, OutboxBatch,
+    OutboxPartition, Paged, PublishedBatch, QuarantineRecord, Result, StateStore, StoreError,
+    StoredChange, StoredEvent, decode_cursor, encode_cursor,
 };
 
 use crate::rows::{
@@ -523,6 +523,38 @@ impl StateStore for CassandraStore {
 
     async fn prune_changes(&self, _before_ms: i64) -> Result<u64> {
         Ok(0)
+    }
+
+    fn has_outbox(&self) -> bool {
+        true
+    }
+
+    async fn outbox_claim(
+        &self,
+        part: &OutboxPartition,
+        published: &[PublishedBatch],
+    ) -> Result<()> {
+        self.claim_outbox(part, published).await
+    }
+
+    async fn outbox_next(&self, part: &OutboxPartition, max: usize) -> Result<Vec<OutboxBatch>> {
+        self.next_from_outbox(part, max).await
+    }
+
+    async fn outbox_done(
+        &self,
+        part: &OutboxPartition,
+        published: &[PublishedBatch],
+    ) -> Result<()> {
+        self.done_in_outbox(part, published).await
+    }
+
+    fn outbox_release(&self, part: &OutboxPartition) {
+        self.release_outbox(part)
+    }
+
+    fn outbox_depth(&self) -> u64 {
+        self.outbox_records()
     }
 }
 

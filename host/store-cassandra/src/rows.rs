@@ -349,6 +349,46 @@ pub(crate) struct IntentValues<'a> {
     pub(crate) chunk: &'a str,
 }
 
+/// `insert_change`: the change row of an entity batch (kind 2, at the
+/// record's last position, the commit's outbox id in `event_id`).
+#[derive(SerializeRow)]
+pub(crate) struct ChangeRowValues<'a> {
+    pub(crate) entity_type: &'a str,
+    pub(crate) entity_id: &'a str,
+    pub(crate) bucket: i64,
+    pub(crate) position: i64,
+    pub(crate) batch_id: &'a str,
+    pub(crate) ttl: i32,
+}
+
+/// `outbox_insert`: one record of a commit in its outbox partition.
+#[derive(SerializeRow, Clone)]
+pub(crate) struct OutboxValues {
+    pub(crate) source: String,
+    pub(crate) part: i32,
+    pub(crate) batch_id: String,
+    pub(crate) entity_type: String,
+    pub(crate) entity_id: String,
+    pub(crate) change_id: String,
+    pub(crate) last_position: i64,
+    pub(crate) expected_head: i64,
+    pub(crate) certain: bool,
+    pub(crate) event: String,
+}
+
+/// `outbox_read`: one record found in an outbox partition.
+#[derive(DeserializeRow)]
+pub(crate) struct OutboxRow {
+    pub(crate) batch_id: String,
+    pub(crate) entity_type: String,
+    pub(crate) entity_id: String,
+    pub(crate) change_id: Option<String>,
+    pub(crate) last_position: Option<i64>,
+    pub(crate) expected_head: Option<i64>,
+    pub(crate) certain: Option<bool>,
+    pub(crate) event: Option<String>,
+}
+
 /// `intent_read`: one chunk of an intent.
 #[derive(DeserializeRow)]
 pub(crate) struct IntentRow {

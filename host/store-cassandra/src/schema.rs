@@ -140,6 +140,19 @@ const SCHEMA: &[&str] = &[
         PRIMARY KEY ((id), seq)
     ) WITH comment = 'refold: read-model effects of commits in flight (redo intents)'
       AND gc_grace_seconds = 600 AND default_time_to_live = 604800",
+    "CREATE TABLE IF NOT EXISTS {ks}.change_outbox (
+        source        text,
+        part          int,
+        batch_id      text,
+        entity_type   text,
+        entity_id     text,
+        change_id     text,
+        last_position bigint,
+        expected_head bigint,
+        certain       boolean,
+        event         text,
+        PRIMARY KEY ((source, part), batch_id, entity_type, entity_id)
+    ) WITH comment = 'refold: change records of committed (or committing) batches, per source partition, until published'",
 ];
 
 /// Columns added after the first release, for keyspaces created before.

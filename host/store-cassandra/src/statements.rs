@@ -75,6 +75,18 @@ pub(crate) struct Statements {
     pub(crate) intent_read: PreparedStatement,
     /// Bound by [`crate::rows::PluginVersionValues`].
     pub(crate) plugin_version_insert: PreparedStatement,
+    /// Bound by [`crate::rows::ChangeRowValues`]: in an entity's batch,
+    /// the outbox id of the commit whose record that batch makes.
+    pub(crate) insert_change: PreparedStatement,
+    /// The outbox ids of the change rows at one position of some buckets
+    /// of an entity.
+    pub(crate) read_changes: PreparedStatement,
+    /// Bound by [`crate::rows::OutboxValues`].
+    pub(crate) outbox_insert: PreparedStatement,
+    /// Read into [`crate::rows::OutboxRow`].
+    pub(crate) outbox_read: PreparedStatement,
+    pub(crate) outbox_delete_batch: PreparedStatement,
+    pub(crate) outbox_delete_row: PreparedStatement,
     /// Read into [`crate::rows::PluginVersionRow`].
     pub(crate) plugin_versions_read: PreparedStatement,
     /// Bound by [`crate::rows::BlobValues`].
@@ -175,6 +187,16 @@ impl Statements {
             intent_read: p("SELECT id, seq, chunk FROM {ks}.pending_effects").await?,
             plugin_version_insert: p("INSERT INTO {ks}.plugin_versions (entity_type, digest, name, version, size, uploaded_at, seq)
                                       VALUES (:entity_type, :digest, :name, :version, :size, :uploaded_at, :seq) IF NOT EXISTS").await?,
+            insert_change: p("INSERT INTO {ks}.entity_log (entity_type, entity_id, bucket, kind, position, event_id)
+                              VALUES (:entity_type, :entity_id, :bucket, 2, :position, :batch_id) USING TTL :ttl").await?,
+            read_changes: p("SELECT event_id FROM {ks}.entity_log
+                             WHERE entity_type = ? AND entity_id = ? AND bucket IN ? AND kind = 2 AND position = ?").await?,
+            outbox_insert: p("INSERT INTO {ks}.change_outbox (source, part, batch_id, entity_type, entity_id, change_id, last_position, expected_head, certain, event)
+                              VALUES (:source, :part, :batch_id, :entity_type, :entity_id, :change_id, :last_position, :expected_head, :certain, :event)").await?,
+            outbox_read: p("SELECT batch_id, entity_type, entity_id, change_id, last_position, expected_head, certain, event
+                            FROM {ks}.change_outbox WHERE source = ? AND part = ? LIMIT ?").await?,
+            outbox_delete_batch: p("DELETE FROM {ks}.change_outbox WHERE source = ? AND part = ? AND batch_id = ?").await?,
+            outbox_delete_row: p("DELETE FROM {ks}.change_outbox WHERE source = ? AND part = ? AND batch_id = ? AND entity_type = ? AND entity_id = ?").await?,
             plugin_versions_read: p("SELECT entity_type, name, version, digest, size, uploaded_at, seq FROM {ks}.plugin_versions WHERE entity_type = ?").await?,
             plugin_blob_insert: p("INSERT INTO {ks}.plugin_blobs (digest, chunk, bytes) VALUES (:digest, :chunk, :bytes)").await?,
             plugin_blob_read: p("SELECT chunk, bytes FROM {ks}.plugin_blobs WHERE digest = ?").await?,

@@ -60,6 +60,8 @@ pub struct CassandraStore {
     pub(crate) carry: tokio::sync::Mutex<Vec<Intent>>,
     /// Last client timestamp handed out.
     clock: AtomicI64,
+    /// The change outbox's batches in flight and those held for publishing.
+    pub(crate) outbox: Mutex<crate::outbox::OutboxState>,
 }
 
 impl CassandraStore {
@@ -100,6 +102,7 @@ impl CassandraStore {
             fresh: Mutex::new(HashMap::new()),
             carry: tokio::sync::Mutex::new(Vec::new()),
             clock: AtomicI64::new(0),
+            outbox: Mutex::new(Default::default()),
         };
         let n = store
             .recover_intents()

@@ -140,6 +140,83 @@ pub struct StoredChange {
     pub event: Value,
 }
 
+/// A partition of a cluster store's change outbox: the records of one
+/// source partition (the partition of each entity's last event in its
+/// commit), drained by that partition's holder. `source` empty: the
+/// records of no source partition (a quarantine retry, a correction).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OutboxPartition {
+    /// Source name (a Kafka topic); empty for [`OutboxPartition::control`].
+    pub source: String,
+    /// Partition within the source.
+    pub partition: i32,
+}
+
+impl OutboxPartition {
+    /// The partition of records that no source partition carries.
+    pub fn control() -> Self {
+        OutboxPartition {
+            source: String::new(),
+            partition: 0,
+        }
+    }
+
+    /// A stable name for the partition (transactional ids, markers).
+    pub fn name(&self) -> String {
+        if self.source.is_empty() {
+            "control".into()
+        } else {
+            format!("{}-{}", self.source, self.partition)
+        }
+    }
+}
+
+/// One record waiting in an outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingChange {
+    /// The record's id (see [`ChangeRecord::id`]).
+    pub id: String,
+    /// The entity.
+    pub key: EntityKey,
+    /// The record as a structured CloudEvent.
+    pub event: Value,
+}
+
+/// The records of one commit in one outbox partition, published together
+/// in one transaction: all of them, or (`whole` false) those of its
+/// records whose commit is known to have applied, the others still in
+/// doubt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxBatch {
+    /// The commit's outbox id (unique, never reused).
+    pub id: String,
+    /// Whether `records` is every record the batch holds.
+    pub whole: bool,
+    /// The records, each entity's in position order.
+    pub records: Vec<PendingChange>,
+}
+
+impl OutboxBatch {
+    /// What to delete once the batch is published, and what a publisher's
+    /// marker names so that its successor deletes it too.
+    pub fn published(&self) -> PublishedBatch {
+        PublishedBatch {
+            id: self.id.clone(),
+            keys: (!self.whole).then(|| self.records.iter().map(|r| r.key.clone()).collect()),
+        }
+    }
+}
+
+/// A batch (or, with `keys`, those entities' records of it) published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedBatch {
+    /// The batch's outbox id.
+    pub id: String,
+    /// `None`: the whole batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<EntityKey>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,10 @@ pub mod conformance;
 pub mod plugins;
 
 pub mod error;
-pub use change::{ChangeKind, ChangeRecord, StoredChange};
+pub use change::{
+    ChangeKind, ChangeRecord, OutboxBatch, OutboxPartition, PendingChange, PublishedBatch,
+    StoredChange,
+};
 pub use error::{BadCursor, Result, StoreError, decode_cursor, encode_cursor};
 pub use plugins::{
     Activation, ActivationMode, PluginStore, PluginVersion, RebuildRecord, RebuildState,
@@ -306,6 +309,52 @@ pub trait StateStore: Send + Sync {
     /// whose next record is not `after + 1` knows records were pruned.
     /// Returns how many were removed.
     async fn prune_changes(&self, before_ms: i64) -> Result<u64>;
+
+    /// A store whose change records wait in an outbox for a publisher (a
+    /// cluster store: there is no one commit order to number a feed by)
+    /// says so; the others answer the feed calls above instead.
+    fn has_outbox(&self) -> bool {
+        false
+    }
+    /// Take over outbox partition `part` for publishing. `published` are
+    /// the batches the last holder published but may not have deleted
+    /// (they are deleted now, not handed out again); every other batch
+    /// found is in doubt, and is handed out only once its entities show
+    /// that its commit applied.
+    async fn outbox_claim(
+        &self,
+        _part: &OutboxPartition,
+        _published: &[PublishedBatch],
+    ) -> Result<()> {
+        Err(StoreError::Unsupported(
+            "this store has no change outbox".into(),
+        ))
+    }
+    /// The next batches of a claimed partition to publish, in order:
+    /// whole batches, about `max` records (at least one batch if any).
+    async fn outbox_next(&self, _part: &OutboxPartition, _max: usize) -> Result<Vec<OutboxBatch>> {
+        Err(StoreError::Unsupported(
+            "this store has no change outbox".into(),
+        ))
+    }
+    /// Batches published (in the transaction whose marker names them):
+    /// delete them.
+    async fn outbox_done(
+        &self,
+        _part: &OutboxPartition,
+        _published: &[PublishedBatch],
+    ) -> Result<()> {
+        Err(StoreError::Unsupported(
+            "this store has no change outbox".into(),
+        ))
+    }
+    /// Give up a partition (it moved to another holder): forget what this
+    /// process holds of it. Its batches stay for the next holder.
+    fn outbox_release(&self, _part: &OutboxPartition) {}
+    /// Records this process holds ready to publish (a gauge).
+    fn outbox_depth(&self) -> u64 {
+        0
+    }
 }
 
 /// A complete backend: both stores, the plugin registry, plus the atomic

@@ -78,11 +78,18 @@ pub enum Command {
         #[command(subcommand)]
         action: QuarantineAction,
     },
-    /// Print a host's change records (CloudEvents) as JSONL, from its change feed.
+    /// Print change records (CloudEvents) as JSONL: a host's change feed
+    /// (embedded), or with `--kafka` a cluster's change topics, read_committed.
     Listen {
         /// Which host.
         #[command(flatten)]
         endpoint: plugin::Endpoint,
+        /// Read these brokers' change topics instead of a host's feed.
+        #[arg(long, value_name = "BROKERS")]
+        kafka: Option<String>,
+        /// A change topic to read (with `--kafka`; repeatable).
+        #[arg(long = "topic", requires = "kafka")]
+        topics: Vec<String>,
         /// Start after this feed cursor (the `refoldcursor` of the last record seen).
         #[arg(long, default_value_t = 0)]
         after: u64,

@@ -13,7 +13,9 @@ use refold_source::jsonl::JsonlSource;
 /// Run until SIGINT/SIGTERM.
 pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
     let config = Config::load(config_file)?;
-    config.changes.validate()?;
+    config
+        .changes
+        .validate_for(config.store.kind, config.source.kind == SourceKind::Kafka)?;
     // Idle connections, followed files and the database all take
     // descriptors; a low default soft limit must not stop the engine.
     match refold_source::raise_open_files_limit() {
@@ -102,7 +104,24 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
                 .with_max_record_bytes(config.engine.max_record_bytes),
             )
         }
-        SourceKind::Kafka => refold_source::open_kafka(&config.kafka, &config.source)?,
+        SourceKind::Kafka => {
+            let source = refold_source::open_kafka(&config.kafka, &config.source)?;
+            if let Some(topic) = &config.changes.kafka {
+                let settings = crate::change_topic::Settings::of(topic, &config.kafka);
+                let (host, stop, assignment) =
+                    (app.host.clone(), stop_rx.clone(), source.assignment());
+                tokio::spawn(async move {
+                    let health = host.health.clone();
+                    if let Err(e) = crate::change_topic::run(host, settings, assignment, stop).await
+                    {
+                        let why = format!("the Kafka change publisher stopped: {e:#}");
+                        tracing::error!("{why}");
+                        health.fault("sink:kafka", why);
+                    }
+                });
+            }
+            Box::new(source)
+        }
     };
 
     tokio::spawn(async move {

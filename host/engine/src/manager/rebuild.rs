@@ -550,8 +550,12 @@ impl PluginManager {
         // that a crash then undid would tell consumers of a state no
         // query ever answers. A crash in between loses these records, the
         // one window of the cut-over (ARCHITECTURE.md, "Change records").
-        // (A store without a change feed has nothing to record them in.)
-        if self.host.config.changes.enabled && self.host.storage.changes_head().await.is_ok() {
+        if self
+            .host
+            .config
+            .changes
+            .recorded_on(self.host.config.store.kind)
+        {
             self.record_corrections(&t, &shadow).await?;
         }
         self.update_status(id, |s| {

@@ -51,7 +51,8 @@ impl PluginManager {
         let held = self.host.storage.history(key, rec.position, None).await?;
         let held_events = held.len();
         let p = plugin.clone();
-        let detail = entity::ChangeDetail::of(&self.host.config.changes);
+        let detail =
+            entity::ChangeDetail::of(&self.host.config.changes, self.host.config.store.kind);
         let mut d = tokio::task::spawn_blocking(move || {
             entity::retry(&mut Sandbox::new(p), rec, held, detail)
         })

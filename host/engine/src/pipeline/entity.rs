@@ -48,10 +48,10 @@ pub struct ChangeDetail {
 }
 
 impl ChangeDetail {
-    /// What `[changes]` asks the records to carry.
-    pub fn of(c: &crate::config::ChangesConfig) -> Self {
+    /// What `[changes]` asks the records on `store` to carry.
+    pub fn of(c: &crate::config::ChangesConfig, store: crate::config::StoreKind) -> Self {
         ChangeDetail {
-            emit: c.enabled,
+            emit: c.recorded_on(store),
             previous: c.previous,
             event_ids: c.event_ids,
         }

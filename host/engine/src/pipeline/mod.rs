@@ -168,7 +168,7 @@ impl Pipeline {
                 max_batch_projection_ops: e.max_batch_projection_ops,
                 max_batch_projection_bytes: e.max_batch_projection_bytes,
                 state_cache_bytes: e.state_cache_bytes,
-                changes: ChangeDetail::of(&host.config.changes),
+                changes: ChangeDetail::of(&host.config.changes, host.config.store.kind),
             },
             host.metrics.clone(),
         )
