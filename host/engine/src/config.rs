@@ -421,6 +421,24 @@ mod tests {
     }
 
     #[test]
+    fn a_change_topic_needs_a_cluster_and_a_cluster_records_only_with_one() {
+        let mut c = ChangesConfig::default();
+        assert!(c.recorded_on(StoreKind::Sqlite));
+        assert!(!c.recorded_on(StoreKind::Cassandra));
+        c.kafka = Some(ChangeTopicConfig::default());
+        assert!(c.recorded_on(StoreKind::Cassandra));
+        assert!(c.validate_for(StoreKind::Cassandra, true).is_ok());
+        let e = c.validate_for(StoreKind::Sqlite, false).unwrap_err();
+        assert!(e.to_string().contains("needs store.kind"), "{e}");
+        c.kafka.as_mut().unwrap().cursor_topic = "refold.changes.{entity_type}".into();
+        assert!(c.validate_for(StoreKind::Cassandra, true).is_err());
+        let k = ChangeTopicConfig::default();
+        assert_eq!(k.topic_of("order line/2"), "refold.changes.order_line_2");
+        c.enabled = false;
+        assert!(!c.recorded_on(StoreKind::Sqlite));
+    }
+
+    #[test]
     fn lanes_default_to_the_cores_and_are_bounded() {
         let mut e = EngineConfig::default();
         assert!(e.lane_count() >= 1);
