@@ -80,19 +80,26 @@ async fn an_event_is_never_stored_twice_across_buckets(s: &dyn Storage) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_across_buckets_keeps_events_unique() {
+/// Run `check` on a store of a fresh keyspace with buckets of 2 events,
+/// dropping the keyspace whatever the outcome.
+async fn on_fresh_store<F>(check: impl FnOnce(std::sync::Arc<dyn Storage>) -> F)
+where
+    F: std::future::Future<Output = ()>,
+{
     let nodes = common::nodes();
     let keyspaces = common::Keyspaces::default();
-    let store = keyspaces.open(&nodes, 2).await;
-    let outcome = AssertUnwindSafe(an_event_is_never_stored_twice_across_buckets(&store))
-        .catch_unwind()
-        .await;
-    drop(store);
+    let store: std::sync::Arc<dyn Storage> = std::sync::Arc::new(keyspaces.open(&nodes, 2).await);
+    let outcome = AssertUnwindSafe(check(store)).catch_unwind().await;
     keyspaces.drop_all(&nodes).await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_across_buckets_keeps_events_unique() {
+    on_fresh_store(|s| async move { an_event_is_never_stored_twice_across_buckets(&*s).await })
+        .await;
 }
 
 /// `append` with the events from `part` of source `t` and the record the
@@ -210,15 +217,5 @@ async fn the_outbox_hands_out_exactly_what_applied(s: &dyn Storage) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_change_outbox_hands_out_what_applied_once() {
-    let nodes = common::nodes();
-    let keyspaces = common::Keyspaces::default();
-    let store = keyspaces.open(&nodes, 2).await;
-    let outcome = AssertUnwindSafe(the_outbox_hands_out_exactly_what_applied(&store))
-        .catch_unwind()
-        .await;
-    drop(store);
-    keyspaces.drop_all(&nodes).await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+    on_fresh_store(|s| async move { the_outbox_hands_out_exactly_what_applied(&*s).await }).await;
 }

@@ -326,16 +326,12 @@ pub trait StateStore: Send + Sync {
         _part: &OutboxPartition,
         _published: &[PublishedBatch],
     ) -> Result<()> {
-        Err(StoreError::Unsupported(
-            "this store has no change outbox".into(),
-        ))
+        Err(no_outbox())
     }
     /// The next batches of a claimed partition to publish, in order:
     /// whole batches, about `max` records (at least one batch if any).
     async fn outbox_next(&self, _part: &OutboxPartition, _max: usize) -> Result<Vec<OutboxBatch>> {
-        Err(StoreError::Unsupported(
-            "this store has no change outbox".into(),
-        ))
+        Err(no_outbox())
     }
     /// Batches published (in the transaction whose marker names them):
     /// delete them.
@@ -344,9 +340,7 @@ pub trait StateStore: Send + Sync {
         _part: &OutboxPartition,
         _published: &[PublishedBatch],
     ) -> Result<()> {
-        Err(StoreError::Unsupported(
-            "this store has no change outbox".into(),
-        ))
+        Err(no_outbox())
     }
     /// Give up a partition (it moved to another holder): forget what this
     /// process holds of it. Its batches stay for the next holder.
@@ -355,6 +349,10 @@ pub trait StateStore: Send + Sync {
     fn outbox_depth(&self) -> u64 {
         0
     }
+}
+
+fn no_outbox() -> StoreError {
+    StoreError::Unsupported("this store has no change outbox".into())
 }
 
 /// A complete backend: both stores, the plugin registry, plus the atomic
