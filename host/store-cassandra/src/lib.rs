@@ -26,6 +26,7 @@
 //!   Re-applying an intent is idempotent and, thanks to the fixed timestamp,
 //!   never overwrites a newer write.
 
+mod changes;
 mod commit;
 pub mod config;
 mod error;
