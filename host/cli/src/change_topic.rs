@@ -256,7 +256,7 @@ impl Publisher {
                         topic,
                         r.key.entity_id.clone(),
                         r.id.clone(),
-                        r.event.to_string(),
+                        r.event.clone(),
                     ));
                 }
             }

@@ -263,7 +263,6 @@ mod tests {
     use refold_engine::pipeline::Pipeline;
     use refold_source::SourceRecord;
     use refold_store_sqlite::SqliteStore;
-    use refold_types::Origin;
 
     type Seen = Arc<Mutex<Vec<(String, String, serde_json::Value)>>>;
 
@@ -313,18 +312,7 @@ mod tests {
         let ce = format!(
             r#"{{"specversion":"1.0","id":"{id}","source":"/t","type":"account.deposited","subject":"{account}","entitytype":"account","data":{{"amount":1}}}}"#
         );
-        SourceRecord {
-            origin: Origin {
-                source: "t".into(),
-                partition: 0,
-                offset,
-            },
-            next_offset: offset + 1,
-            key: None,
-            headers: Vec::new(),
-            payload: ce.into_bytes(),
-            produced_at_ms: None,
-        }
+        SourceRecord::at("t", 0, offset, ce.into_bytes())
     }
 
     fn bank_host() -> Host {

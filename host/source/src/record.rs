@@ -20,6 +20,26 @@ pub struct SourceRecord {
     pub produced_at_ms: Option<i64>,
 }
 
+impl SourceRecord {
+    /// A record of `payload` alone, read at `offset` of `source`'s
+    /// `partition` (no key, headers or producer time): what a resubmission
+    /// or a test feeds the pipeline.
+    pub fn at(source: &str, partition: i32, offset: i64, payload: Vec<u8>) -> Self {
+        SourceRecord {
+            origin: Origin {
+                source: source.into(),
+                partition,
+                offset,
+            },
+            next_offset: offset + 1,
+            key: None,
+            headers: Vec::new(),
+            payload,
+            produced_at_ms: None,
+        }
+    }
+}
+
 /// Lag of one partition, for metrics and liveness.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PartitionLag {

@@ -62,21 +62,20 @@ impl CassandraStore {
                 },
                 None => OutboxPartition::control(),
             };
-            let id = c.id();
+            let (id, ce) = c.id_and_cloudevent();
+            let event = serde_json::to_string(&ce).map_err(other)?;
             let last = i64::try_from(c.last_position).unwrap_or(i64::MAX);
             let expected = updates.get(&c.key).copied();
             if expected.is_some() {
                 change_rows.insert(c.key.clone(), (batch.clone(), last));
             }
-            let ce = c.to_cloudevent();
-            let event = serde_json::to_string(&ce).map_err(other)?;
             records
                 .entry(part.clone())
                 .or_default()
                 .push(PendingChange {
                     id: id.clone(),
                     key: c.key.clone(),
-                    event: ce,
+                    event: event.clone(),
                 });
             rows.entry(part.clone()).or_default().push(OutboxValues {
                 source: part.source,
@@ -325,9 +324,9 @@ impl CassandraStore {
                     let rec = PendingChange {
                         id: r.change_id.clone().unwrap_or_default(),
                         key: EntityKey::new(r.entity_type.clone(), r.entity_id.clone()),
-                        event: match r.event.as_deref().map(serde_json::from_str) {
-                            Some(Ok(v)) => v,
-                            _ => {
+                        event: match r.event.clone() {
+                            Some(v) => v,
+                            None => {
                                 tracing::warn!(batch = %r.batch_id, entity = %r.entity_id, "dropping an unreadable outbox row");
                                 drop_rows.push(r);
                                 continue;

@@ -139,7 +139,9 @@ async fn drain(s: &dyn Storage, part: &OutboxPartition) -> Vec<(String, u64)> {
             for r in &b.records {
                 out.push((
                     r.key.entity_id.clone(),
-                    r.event["lastposition"].as_u64().unwrap(),
+                    serde_json::from_str::<serde_json::Value>(&r.event).unwrap()["lastposition"]
+                        .as_u64()
+                        .unwrap(),
                 ));
             }
         }

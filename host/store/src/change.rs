@@ -84,6 +84,12 @@ impl ChangeRecord {
         self.cloudevent_with_id(self.id())
     }
 
+    /// The record's id and its CloudEvent, the id computed once.
+    pub fn id_and_cloudevent(&self) -> (String, Value) {
+        let id = self.id();
+        (id.clone(), self.cloudevent_with_id(id))
+    }
+
     /// The record at `cursor` of a feed, its id computed once.
     pub fn into_stored(self, cursor: u64) -> StoredChange {
         let id = self.id();
@@ -178,8 +184,9 @@ pub struct PendingChange {
     pub id: String,
     /// The entity.
     pub key: EntityKey,
-    /// The record as a structured CloudEvent.
-    pub event: Value,
+    /// The record as a structured CloudEvent, in JSON (as it is kept and
+    /// as it is published).
+    pub event: String,
 }
 
 /// The records of one commit in one outbox partition, published together

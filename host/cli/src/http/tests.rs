@@ -19,7 +19,6 @@ use refold_engine::pipeline::Pipeline;
 use refold_engine::query::{EntityView, StateAt};
 use refold_source::SourceRecord;
 use refold_store_sqlite::SqliteStore;
-use refold_types::Origin;
 
 const ADMIN: &str = "admin-secret";
 const READER: &str = "reader-secret";
@@ -51,18 +50,7 @@ fn server(app: &App, http: HttpConfig, admin: AdminConfig) -> Router {
 }
 
 fn record(offset: i64, payload: Vec<u8>) -> SourceRecord {
-    SourceRecord {
-        origin: Origin {
-            source: "test".into(),
-            partition: 0,
-            offset,
-        },
-        next_offset: offset + 1,
-        key: None,
-        headers: Vec::new(),
-        payload,
-        produced_at_ms: None,
-    }
+    SourceRecord::at("test", 0, offset, payload)
 }
 
 fn event(offset: i64, id: &str, ty: &str, data: Value) -> SourceRecord {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use refold_runtime::Sandbox;
 use refold_source::SourceRecord;
-use refold_store::{Commit, EntityRecord, EntityUpdate, Origin};
+use refold_store::{Commit, EntityRecord, EntityUpdate};
 use refold_types::event::{EntityKey, RawJson};
 
 use super::PluginManager;
@@ -137,18 +137,7 @@ impl PluginManager {
             .unwrap_or_default();
         let offset =
             (now.as_micros() as i64) * 16 + (SEQ.fetch_add(1, Ordering::Relaxed) % 16) as i64;
-        let record = SourceRecord {
-            origin: Origin {
-                source: "resubmit".into(),
-                partition: 0,
-                offset,
-            },
-            next_offset: offset + 1,
-            key: None,
-            headers: Vec::new(),
-            payload,
-            produced_at_ms: None,
-        };
+        let record = SourceRecord::at("resubmit", 0, offset, payload);
         let _gate = self.gate.write().await;
         let mut pipeline = Pipeline::for_host(&self.host);
         let report = pipeline.process(std::slice::from_ref(&record)).await?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use refold_source::SourceRecord;
-use refold_store::{ActivationMode, Origin, RebuildState};
+use refold_store::{ActivationMode, RebuildState};
 use refold_store_sqlite::SqliteStore;
 use refold_types::event::EntityKey;
 
@@ -52,18 +52,7 @@ async fn manager() -> PluginManager {
 }
 
 fn record(offset: i64, payload: Value) -> SourceRecord {
-    SourceRecord {
-        origin: Origin {
-            source: "t".into(),
-            partition: 0,
-            offset,
-        },
-        next_offset: offset + 1,
-        key: None,
-        headers: Vec::new(),
-        payload: payload.to_string().into_bytes(),
-        produced_at_ms: None,
-    }
+    SourceRecord::at("t", 0, offset, payload.to_string().into_bytes())
 }
 
 fn event(offset: i64, account: &str, event_type: &str, data: Value) -> SourceRecord {

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use refold_source::SourceRecord;
-use refold_store::{EntityKey, Origin, RawJson, StoredEvent};
+use refold_store::{EntityKey, RawJson, StoredEvent};
 use refold_store_sqlite::SqliteStore;
 
 use crate::config::HostConfig;
@@ -22,18 +22,7 @@ pub(crate) fn bank_host() -> Host {
 
 /// A record read at `offset` of source `t`.
 pub(crate) fn record(offset: i64, payload: String) -> SourceRecord {
-    SourceRecord {
-        origin: Origin {
-            source: "t".into(),
-            partition: 0,
-            offset,
-        },
-        next_offset: offset + 1,
-        key: None,
-        headers: Vec::new(),
-        payload: payload.into_bytes(),
-        produced_at_ms: None,
-    }
+    SourceRecord::at("t", 0, offset, payload.into_bytes())
 }
 
 /// A deposit of `amount` into `account`, event id `id`.
