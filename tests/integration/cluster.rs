@@ -382,6 +382,33 @@ fn check_bank(host: &Host, lines: &[String], expected: &BTreeMap<String, Value>,
 /// record holds the state the host answers.
 fn check_change_stream(c: &Cluster, host: &Host, expected: &BTreeMap<String, Value>) {
     let states = wait_for_states(host, "account", expected, Duration::from_secs(60));
+    let records = read_change_topic(c, host, |records| {
+        let last = last_records(records);
+        states.iter().all(|(id, v)| {
+            last.get(id.as_str()).map(|r| &r["lastposition"]) == Some(&v["position"])
+        })
+    });
+    let (changed, corrected) = check_changed_records(&records, &states);
+    assert_eq!(corrected, 0, "corrections with no change of generation");
+    eprintln!(
+        "change topic: {changed} records for {} accounts, each advance once",
+        states.len()
+    );
+}
+
+/// Each account's last record, in topic order.
+fn last_records(records: &[Value]) -> HashMap<&str, &Value> {
+    let mut last = HashMap::new();
+    for r in records {
+        last.insert(r["subject"].as_str().unwrap_or(""), r);
+    }
+    last
+}
+
+/// The account records of `c`'s change topic as a `read_committed` reader
+/// sees them, read again until `done` holds of them; fails when it never
+/// does.
+fn read_change_topic(c: &Cluster, host: &Host, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let topic = c.change_topic("account");
     let read = || -> Vec<Value> {
         let (code, out, err) = refold(
@@ -396,35 +423,42 @@ fn check_change_stream(c: &Cluster, host: &Host, expected: &BTreeMap<String, Val
     let mut records = Vec::new();
     let caught_up = poll(Duration::from_secs(90), || {
         records = read();
-        let mut last: HashMap<&str, &Value> = HashMap::new();
-        for r in &records {
-            last.insert(r["subject"].as_str().unwrap_or(""), &r["lastposition"]);
-        }
-        states
-            .iter()
-            .all(|(id, v)| last.get(id.as_str()) == Some(&&v["position"]))
-            .then_some(())
+        done(&records).then_some(())
     });
-    let mut by_entity: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
-    let mut ids = HashSet::new();
-    for r in &records {
-        assert_eq!(r["type"], "refold.state.changed", "{r}");
-        assert!(
-            ids.insert(r["id"].as_str().unwrap().to_string()),
-            "a record id published twice: {r}"
-        );
-        by_entity
-            .entry(r["subject"].as_str().unwrap().to_string())
-            .or_default()
-            .push(r);
-    }
     assert!(
         caught_up.is_some(),
         "the change topic never caught up with the states ({} records)\nhost log tail:\n{}",
         records.len(),
         tail(&host.log_text(), 40)
     );
-    for (id, v) in &states {
+    records
+}
+
+/// Of `records`: no id twice; each account's `refold.state.changed` records
+/// follow each other from position 1, one per position advance, in topic
+/// order; and each account's last record (changed or corrected) holds the
+/// state in `states`. Returns how many records were changes and how many
+/// corrections.
+fn check_changed_records(records: &[Value], states: &HashMap<String, Value>) -> (usize, usize) {
+    let mut by_entity: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    let last = last_records(records);
+    let mut ids = HashSet::new();
+    let mut corrected = 0;
+    for r in records {
+        assert!(
+            ids.insert(r["id"].as_str().unwrap().to_string()),
+            "a record id published twice: {r}"
+        );
+        match r["type"].as_str() {
+            Some("refold.state.changed") => by_entity
+                .entry(r["subject"].as_str().unwrap().to_string())
+                .or_default()
+                .push(r),
+            Some("refold.state.corrected") => corrected += 1,
+            _ => panic!("a record of no known type: {r}"),
+        }
+    }
+    for (id, v) in states {
         let rs = &by_entity[id];
         let mut next = 1;
         for r in rs {
@@ -434,15 +468,27 @@ fn check_change_stream(c: &Cluster, host: &Host, expected: &BTreeMap<String, Val
             );
             next = r["lastposition"].as_u64().unwrap() + 1;
         }
-        let last = rs.last().unwrap();
+        let last = last[id.as_str()];
         assert_eq!(last["lastposition"], v["position"], "{id}: {last}");
         assert_eq!(last["data"]["state"], v["state"], "{id}: {last}");
     }
-    eprintln!(
-        "change topic: {} records for {} accounts, each advance once",
-        records.len(),
-        states.len()
-    );
+    (records.len() - corrected, corrected)
+}
+
+/// The `refold.state.corrected` records of `records` made by activation
+/// `seq`, by account.
+fn corrections_of(records: &[Value], seq: &Value) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for r in records {
+        if r["type"] == "refold.state.corrected" && r["activation"] == *seq {
+            let id = r["subject"].as_str().unwrap().to_string();
+            assert!(
+                out.insert(id, r.clone()).is_none(),
+                "two corrections of one account by one activation: {r}"
+            );
+        }
+    }
+    out
 }
 
 #[test]
@@ -1059,6 +1105,7 @@ fn a_rebuild_on_cassandra_cuts_over_and_rolls_back() {
     produce(c.path(), &c.topic, &first, false);
     let cfg = c.config("host", 200, "", "bucket_size = 30");
     with_admin_token(&cfg, token);
+    c.publish_changes(&cfg);
     let host = Host::start(&cfg, c.path(), &[]);
     poll(Duration::from_secs(60), || {
         (host.get("/v1/entities/account/c-0").0 == 200).then_some(())
@@ -1079,11 +1126,49 @@ fn a_rebuild_on_cassandra_cuts_over_and_rolls_back() {
 
     let tiered = tiered(&expected);
     check_bank(&host, &lines, &tiered, Duration::from_secs(120));
+    // The rebuild refolded all history and published none of it: the
+    // changes stay one per advance, and its cut-over published exactly one
+    // correction per account (v2 adds a tier to every state), from a state
+    // without a tier to one with it.
+    let cut = Admin::new(&host, token).get("/v1/plugins/account")["active"]["seq"].clone();
+    let at_cut = corrections_of(
+        &read_change_topic(&c, &host, |records| {
+            corrections_of(records, &cut).len() == expected.len()
+        }),
+        &cut,
+    );
+    assert_eq!(at_cut.len(), expected.len());
+    for (id, r) in &at_cut {
+        assert!(r["data"]["state"].get("tier").is_some(), "{id}: {r}");
+        assert!(r["data"]["previous"].get("tier").is_none(), "{id}: {r}");
+        assert_eq!(r["generation"], status["generation"], "{r}");
+    }
 
-    // Roll back: the archived generation returns, caught up, without tiers.
+    // Roll back: the archived generation returns, caught up, without tiers,
+    // and so does one correction per account, back to the state queried.
     let (code, v) = Admin::new(&host, token).post("/v1/plugins/account/rollback", None);
     assert_eq!(code, 200, "{v}");
     check_bank(&host, &lines, &expected, Duration::from_secs(120));
+    let states = wait_for_states(&host, "account", &expected, Duration::from_secs(60));
+    let back = v["seq"].clone();
+    let records = read_change_topic(&c, &host, |records| {
+        corrections_of(records, &back).len() == expected.len()
+    });
+    let (changed, corrected) = check_changed_records(&records, &states);
+    assert_eq!(
+        corrected,
+        2 * expected.len(),
+        "one per account and activation"
+    );
+    for (id, r) in corrections_of(&records, &back) {
+        assert!(r["data"]["state"].get("tier").is_none(), "{id}: {r}");
+        assert!(r["data"]["previous"].get("tier").is_some(), "{id}: {r}");
+        assert_eq!(r["generation"], "", "{r}");
+    }
+    eprintln!(
+        "change topic: {changed} changes and {corrected} corrections for {} accounts",
+        expected.len()
+    );
 }
 
 /// The cut-over of a rebuild is one step for the whole group: two hosts

@@ -200,6 +200,7 @@ mod tests {
                 first_position: 1,
                 last_position: 1,
                 generation: Generation::base(),
+                activation: None,
                 plugin: None,
                 state: serde_json::json!({}),
                 previous: None,

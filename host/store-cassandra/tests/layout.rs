@@ -119,6 +119,7 @@ fn recorded(key: &EntityKey, head: u64, ids: &[&str], part: i32) -> Commit {
         first_position: head + 1,
         last_position: head + ids.len() as u64,
         generation: Generation::base(),
+        activation: None,
         plugin: None,
         state: json!({ "head": head + ids.len() as u64 }),
         previous: None,

@@ -64,9 +64,10 @@ fn write_changes(tx: &Transaction<'_>, commit: &Commit) -> rusqlite::Result<()> 
     let now = refold_types::clock::unix_ms();
     let mut st = tx.prepare_cached(
         "INSERT INTO changes (kind, entity_type, entity_id, first_position, last_position,
-             generation, plugin_name, plugin_version, plugin_digest, state, previous,
-             event_ids, time, recorded_ms)
-         VALUES (:kind, :entity_type, :entity_id, :first, :last, :generation, :plugin_name,
+             generation, activation, plugin_name, plugin_version, plugin_digest, state,
+             previous, event_ids, time, recorded_ms)
+         VALUES (:kind, :entity_type, :entity_id, :first, :last, :generation, :activation,
+             :plugin_name,
              :plugin_version, :plugin_digest, :state, :previous, :event_ids, :time, :recorded_ms)",
     )?;
     for c in &commit.changes {
@@ -81,6 +82,7 @@ fn write_changes(tx: &Transaction<'_>, commit: &Commit) -> rusqlite::Result<()> 
             ":first": c.first_position.min(i64::MAX as u64) as i64,
             ":last": c.last_position.min(i64::MAX as u64) as i64,
             ":generation": c.generation.as_str(),
+            ":activation": c.activation.map(|a| a.min(i64::MAX as u64) as i64),
             ":plugin_name": c.plugin.as_ref().map(|p| p.name.as_str()),
             ":plugin_version": c.plugin.as_ref().map(|p| p.version.as_str()),
             ":plugin_digest": c.plugin.as_ref().map(|p| p.digest.as_str()),

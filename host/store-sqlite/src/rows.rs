@@ -267,6 +267,9 @@ pub(crate) fn change(r: &Row<'_>) -> rusqlite::Result<(u64, ChangeRecord)> {
             first_position: u64_col(r, "first_position")?,
             last_position: u64_col(r, "last_position")?,
             generation: generation_col(r, "generation")?,
+            activation: r
+                .get::<_, Option<i64>>("activation")?
+                .map(|a| a.max(0) as u64),
             plugin,
             state: strict_json(&state, || what("state"))?,
             previous,

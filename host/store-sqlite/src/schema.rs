@@ -117,6 +117,7 @@ CREATE TABLE IF NOT EXISTS changes (
     first_position INTEGER NOT NULL,
     last_position  INTEGER NOT NULL,
     generation     TEXT NOT NULL,
+    activation     INTEGER,
     plugin_name    TEXT,
     plugin_version TEXT,
     plugin_digest  TEXT,
@@ -143,6 +144,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("events", "record", "TEXT"),
     ("events", "digest", "TEXT"),
     ("activations", "rolled_back", "TEXT NOT NULL DEFAULT ''"),
+    ("changes", "activation", "INTEGER"),
 ];
 
 /// Create what is missing and add the columns an older database lacks.

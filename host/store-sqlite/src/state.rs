@@ -327,8 +327,8 @@ impl StateStore for SqliteStore {
         self.read(move |c| {
             let mut st = c.prepare_cached(
                 "SELECT seq, kind, entity_type, entity_id, first_position, last_position,
-                        generation, plugin_name, plugin_version, plugin_digest, state, previous,
-                        event_ids, time
+                        generation, activation, plugin_name, plugin_version, plugin_digest,
+                        state, previous, event_ids, time
                  FROM changes WHERE seq > :after ORDER BY seq LIMIT :limit",
             )?;
             let rows = st.query_map(named_params! {":after": after, ":limit": limit}, |r| {
@@ -415,6 +415,7 @@ mod feed_tests {
             first_position: last,
             last_position: last,
             generation: Generation::base(),
+            activation: None,
             plugin: None,
             state: json!({"n": last}),
             previous: None,

@@ -45,6 +45,12 @@ pub struct ChangeRecord {
     pub last_position: u64,
     /// The generation the new state belongs to.
     pub generation: Generation,
+    /// For a correction: the sequence number of the activation that made
+    /// it (a cut-over or a rollback). Part of the id, because a rollback
+    /// and then a rollback of that rollback can correct an entity to the
+    /// same generation at the same position twice, and the second must not
+    /// look like a duplicate of the first.
+    pub activation: Option<u64>,
     /// The plugin version that produced the new state.
     pub plugin: Option<PluginRef>,
     /// The new state.
@@ -58,8 +64,8 @@ pub struct ChangeRecord {
 }
 
 impl ChangeRecord {
-    /// The record's id: a function of its kind, entity, last position and
-    /// generation only, so that a consumer can deduplicate by it and a
+    /// The record's id: a function of its kind, entity, last position,
+    /// generation and (for a correction) activation only, so that a consumer can deduplicate by it and a
     /// re-publication of the same commit carries the same id.
     pub fn id(&self) -> String {
         let mut b = Vec::new();
@@ -74,12 +80,16 @@ impl ChangeRecord {
             b.extend_from_slice(&(part.len() as u64).to_be_bytes());
             b.extend_from_slice(part.as_bytes());
         }
+        if let Some(seq) = self.activation {
+            b.extend_from_slice(&seq.to_be_bytes());
+        }
         digest_of(&b)[..32].to_string()
     }
 
     /// The record as a structured CloudEvent (`application/cloudevents+json`).
     /// Extension attributes: `entitytype`, `firstposition`, `lastposition`,
-    /// `generation` (empty for the base one), `plugindigest`, `pluginversion`.
+    /// `generation` (empty for the base one), `plugindigest`, `pluginversion`,
+    /// and `activation` on a correction.
     pub fn to_cloudevent(&self) -> Value {
         self.cloudevent_with_id(self.id())
     }
@@ -124,6 +134,9 @@ impl ChangeRecord {
             "generation": self.generation.as_str(),
             "data": Value::Object(data),
         });
+        if let Some(seq) = self.activation {
+            ce["activation"] = json!(seq);
+        }
         if let Some(p) = &self.plugin {
             ce["plugindigest"] = json!(p.digest);
             ce["pluginversion"] = json!(p.version);
@@ -235,6 +248,7 @@ mod tests {
             first_position: 1,
             last_position: last,
             generation: Generation::base(),
+            activation: None,
             plugin: None,
             state: json!({"balance": 3}),
             previous: None,
@@ -255,6 +269,12 @@ mod tests {
         let mut corrected = record(3);
         corrected.kind = ChangeKind::Corrected;
         assert_ne!(a.id(), corrected.id());
+        // Two corrections to one state, by two activations, are two records.
+        let mut again = corrected.clone();
+        corrected.activation = Some(4);
+        again.activation = Some(6);
+        assert_ne!(corrected.id(), again.id());
+        assert_eq!(corrected.to_cloudevent()["activation"], 4);
         // No separator trick makes two entities share an id.
         let mut b = record(3);
         b.key = EntityKey::new("accoun", "ta-1");

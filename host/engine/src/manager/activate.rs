@@ -11,6 +11,7 @@ use refold_types::Generation;
 use refold_types::clock::now_rfc3339;
 
 use super::PluginManager;
+use super::corrections::Side;
 use super::types::InstallError;
 use crate::generation;
 
@@ -65,7 +66,8 @@ impl PluginManager {
 
     /// Record `digest` as the active version of `entity_type`, successor of
     /// `cur`: the one row whose write is the whole change of version. A
-    /// concurrent activation makes it a [`InstallError::Conflict`].
+    /// concurrent activation makes it a [`InstallError::Conflict`]. Returns
+    /// the row written.
     pub(super) async fn record_activation(
         &self,
         entity_type: &str,
@@ -73,7 +75,7 @@ impl PluginManager {
         cur: Option<Activation>,
         mode: ActivationMode,
         generation: &Generation,
-    ) -> Result<(), InstallError> {
+    ) -> Result<Activation, InstallError> {
         // A digest chosen again is no longer "rolled back"; the one a rollback
         // leaves is, until an activation chooses it again.
         let mut rolled_back = cur
@@ -113,7 +115,8 @@ impl PluginManager {
                     InstallError::Conflict(format!("{why}; nothing changed, try again"))
                 }
                 e => InstallError::Store(e),
-            })
+            })?;
+        Ok(a)
     }
 
     /// Return to the previously active version, and to its generation: after a
@@ -135,6 +138,10 @@ impl PluginManager {
             .unwrap_or_else(|| cur.generation.clone());
         let plugin = self.compiled(&prev).await?;
         let _gate = self.gate.write().await;
+        let left = Side {
+            generation: cur.generation.clone(),
+            plugin: self.host.registry.get(entity_type),
+        };
         if prev_generation != cur.generation {
             self.host
                 .storage
@@ -144,22 +151,37 @@ impl PluginManager {
                 )
                 .await?;
         }
-        self.record_activation(
-            entity_type,
-            &prev,
-            Some(cur),
-            ActivationMode::Rollback,
-            &prev_generation,
-        )
-        .await?;
-        self.host.registry.activate_in(plugin, &prev_generation);
+        let a = self
+            .record_activation(
+                entity_type,
+                &prev,
+                Some(cur),
+                ActivationMode::Rollback,
+                &prev_generation,
+            )
+            .await?;
+        self.host
+            .registry
+            .activate_in(plugin.clone(), &prev_generation);
         self.host
             .metrics
             .swapped(entity_type, ActivationMode::Rollback.as_str());
-        self.current_activation(entity_type).await?.ok_or_else(|| {
-            InstallError::Internal(anyhow::anyhow!(
-                "the activation just recorded for {entity_type} is not in the store"
-            ))
-        })
+        // A rollback within one generation (of a forward swap) moves no
+        // state: there is nothing to correct.
+        if prev_generation != left.generation {
+            let reached = Side {
+                generation: prev_generation,
+                plugin: Some(plugin),
+            };
+            self.record_corrections(entity_type, &left, &reached, a.seq.max(0) as u64)
+                .await
+                .map_err(|e| {
+                    InstallError::Internal(e.context(format!(
+                        "{entity_type} is rolled back, but the records of what it corrected \
+                         could not be written"
+                    )))
+                })?;
+        }
+        Ok(a)
     }
 }

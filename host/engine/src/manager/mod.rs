@@ -12,6 +12,8 @@
 //!   compiled cache by digest;
 //! * `activate`: forward activation, rollback, and the activation row every
 //!   change of version writes;
+//! * `corrections`: the `refold.state.corrected` records of a cut-over or a
+//!   rollback, for the entities whose answer it changed;
 //! * `rebuild`: a new generation refolded in the background, its lease on its
 //!   stored record, the cleanup of orphaned ones, status;
 //! * `repair`: retry a quarantined entity, export it as a fixture, re-submit
@@ -21,7 +23,8 @@
 //! * [`watch`]: the watched directory itself.
 //!
 //! Direction (a module calls only those after it): `watch` → `sync` →
-//! `rebuild` → `activate` → `install` → `types`; `repair` → `types`. This
+//! `rebuild` → `activate` → `corrections`, `install` → `types`; `repair` →
+//! `types`. This
 //! file holds the type and the two entry points that combine use cases
 //! ([`PluginManager::install`]: install then activate;
 //! [`PluginManager::activate`]: forward or by rebuild); no submodule calls
@@ -35,6 +38,7 @@ use refold_runtime::Plugin;
 use crate::host::Host;
 
 mod activate;
+mod corrections;
 mod install;
 mod rebuild;
 mod repair;

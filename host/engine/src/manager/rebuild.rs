@@ -14,14 +14,14 @@ use futures::StreamExt as _;
 
 use refold_runtime::{Plugin, Sandbox};
 use refold_store::{
-    Activation, ActivationMode, ChangeKind, ChangeRecord, Commit, EntityRecord, ProjectionWrite,
-    RebuildState,
+    Activation, ActivationMode, Commit, EntityRecord, ProjectionWrite, RebuildState,
 };
 use refold_types::Generation;
 use refold_types::clock::{now_rfc3339, unix_ms};
 use refold_types::event::EntityKey;
 
 use super::PluginManager;
+use super::corrections::Side;
 use super::types::{InstallError, RebuildStatus};
 use crate::generation;
 use crate::pipeline::{entities_of, entity};
@@ -532,93 +532,38 @@ impl PluginManager {
             "the rebuild's record was claimed as orphaned by another host"
         );
         let cur = self.current_activation(&t).await?;
-        let old_generation = cur
-            .as_ref()
-            .map(|c| c.generation.clone())
-            .unwrap_or_else(|| self.host.registry.generation(&t));
+        let left = Side {
+            generation: cur
+                .as_ref()
+                .map(|c| c.generation.clone())
+                .unwrap_or_else(|| self.host.registry.generation(&t)),
+            plugin: self.host.registry.get(&t),
+        };
         self.host
             .storage
-            .adopt_projections(shadow.as_str(), &generation::namespace(&t, &old_generation))
+            .adopt_projections(
+                shadow.as_str(),
+                &generation::namespace(&t, &left.generation),
+            )
             .await?;
-        self.record_activation(&t, &plugin.digest, cur, ActivationMode::Rebuild, &shadow)
+        let a = self
+            .record_activation(&t, &plugin.digest, cur, ActivationMode::Rebuild, &shadow)
             .await?;
         self.host.registry.activate_in(plugin.clone(), &shadow);
         self.host
             .metrics
             .swapped(&t, ActivationMode::Rebuild.as_str());
-        // After the activation row, not before: a record of a correction
-        // that a crash then undid would tell consumers of a state no
-        // query ever answers. A crash in between loses these records, the
-        // one window of the cut-over (ARCHITECTURE.md, "Change records").
-        if self
-            .host
-            .config
-            .changes
-            .recorded_on(self.host.config.store.kind)
-        {
-            self.record_corrections(&t, &shadow).await?;
-        }
+        let reached = Side {
+            generation: shadow.clone(),
+            plugin: Some(plugin.clone()),
+        };
+        self.record_corrections(&t, &left, &reached, a.seq.max(0) as u64)
+            .await?;
         self.update_status(id, |s| {
             s.elapsed_seconds = started.elapsed().as_secs_f64();
             s.events_done = s.events_done.max(s.events_total);
             s.entities_done = s.entities_total;
         });
-        Ok(())
-    }
-
-    /// After a cut-over to `generation`: one `refold.state.corrected`
-    /// record per entity whose state there differs from the live one it
-    /// replaces (old and new state in the record), and none for the
-    /// others, so consumers hear of what the rebuild changed and of
-    /// nothing it merely refolded.
-    async fn record_corrections(
-        &self,
-        entity_type: &str,
-        generation: &Generation,
-    ) -> anyhow::Result<()> {
-        let live = entities_of(&*self.host.storage, entity_type, usize::MAX).await?;
-        let records: Vec<&EntityRecord> = live.in_order().collect();
-        let mut total = 0u64;
-        for chunk in records.chunks(256) {
-            let keys: Vec<EntityKey> = chunk
-                .iter()
-                .map(|r| EntityKey::new(generation.as_str(), r.key.entity_id.clone()))
-                .collect();
-            let rebuilt = self.host.storage.load(&keys).await?;
-            let mut commit = Commit::default();
-            for (old, key) in chunk.iter().zip(&keys) {
-                let Some(new) = rebuilt.get(key) else {
-                    continue;
-                };
-                if new.state == old.state || old.generation == *generation {
-                    continue;
-                }
-                commit.changes.push(ChangeRecord {
-                    kind: ChangeKind::Corrected,
-                    key: old.key.clone(),
-                    first_position: new.position,
-                    last_position: new.position,
-                    generation: generation.clone(),
-                    plugin: new.plugin.clone(),
-                    state: new.state.clone().unwrap_or(serde_json::Value::Null),
-                    previous: Some(old.state.clone().unwrap_or(serde_json::Value::Null)),
-                    event_ids: None,
-                    time: now_rfc3339(),
-                });
-            }
-            if commit.changes.is_empty() {
-                continue;
-            }
-            total += commit.changes.len() as u64;
-            self.host.storage.commit(commit).await?;
-        }
-        if total > 0 {
-            crate::pipeline::announce(
-                &self.host.metrics,
-                &self.host.changes,
-                vec![(ChangeKind::Corrected.as_type(), total)],
-            );
-        }
         Ok(())
     }
 

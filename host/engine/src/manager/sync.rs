@@ -146,7 +146,7 @@ impl PluginManager {
                 {
                     // Another host registered its configured version first; the
                     // registry sync below adopts that one.
-                    Ok(()) | Err(InstallError::Conflict(_)) => {}
+                    Ok(_) | Err(InstallError::Conflict(_)) => {}
                     Err(e) => return Err(e.into()),
                 }
             }

@@ -218,6 +218,7 @@ async fn a_forward_activation_keeps_the_states_and_folds_on_with_the_new_version
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_refolds_every_entity_into_a_new_generation_then_cuts_over_at_once() {
     let m = manager().await;
+    let v1 = active_digest(&m);
     ingest(
         &m,
         &[
@@ -333,6 +334,50 @@ async fn a_rebuild_refolds_every_entity_into_a_new_generation_then_cuts_over_at_
         (listed[0].id.as_str(), listed[0].state),
         (id.as_str(), RebuildState::Done)
     );
+
+    // A rollback corrects in the other direction: every entity whose answer
+    // goes back to the first generation's, old and new state in each, with
+    // the new one as a query answers it (a's first-generation state was
+    // saved at position 2 when the batch moved it, and is caught up to 3).
+    let before = m.host.storage.changes_head().await.unwrap();
+    let back = m.rollback("account").await.unwrap();
+    let corrections = m.host.storage.changes_after(before, 100).await.unwrap();
+    assert_eq!(corrections.len(), 2, "{corrections:?}");
+    let answers = [("a", 200_001, 3), ("b", 15, 3)];
+    for c in &corrections {
+        let e = &c.event;
+        assert_eq!(e["type"], "refold.state.corrected");
+        assert_eq!(e["generation"], json!(""));
+        assert_eq!(e["activation"], json!(back.seq));
+        assert_eq!(e["plugindigest"], json!(v1));
+        assert!(e["data"]["previous"].get("tier").is_some(), "{e}");
+        assert!(e["data"]["state"].get("tier").is_none(), "{e}");
+        let (_, balance, position) = answers.iter().find(|(id, ..)| e["subject"] == *id).unwrap();
+        assert_eq!(e["data"]["state"]["balance"], json!(balance), "{e}");
+        assert_eq!(e["lastposition"], json!(position), "{e}");
+    }
+    // Rolling the rollback back corrects again, with records of their own:
+    // b stands where the cut-over left it, so only the activation tells
+    // its two corrections to the same state apart.
+    let before = m.host.storage.changes_head().await.unwrap();
+    let forth = m.rollback("account").await.unwrap();
+    let again = m.host.storage.changes_after(before, 100).await.unwrap();
+    assert_eq!(again.len(), 2, "{again:?}");
+    let b_then = feed
+        .iter()
+        .find(|c| c.event["type"] == "refold.state.corrected" && c.event["subject"] == "b")
+        .unwrap();
+    let b_now = again.iter().find(|c| c.event["subject"] == "b").unwrap();
+    assert_eq!(b_now.event["data"]["state"], b_then.event["data"]["state"]);
+    assert_eq!(b_now.event["lastposition"], b_then.event["lastposition"]);
+    assert_eq!(b_now.event["activation"], json!(forth.seq));
+    assert_ne!(b_now.id, b_then.id);
+    // A rollback of a forward swap stays in its generation: nothing to
+    // correct.
+    let before = m.host.storage.changes_head().await.unwrap();
+    m.activate("account", &v1, SwapMode::Forward).await.unwrap();
+    m.rollback("account").await.unwrap();
+    assert_eq!(m.host.storage.changes_head().await.unwrap(), before);
 }
 
 #[tokio::test]
@@ -562,15 +607,24 @@ async fn sync_registry_picks_up_an_activation_another_host_wrote_to_the_store() 
 /// submodule calls the entry points of `mod.rs`.
 #[test]
 fn no_module_of_the_manager_calls_one_above_it() {
-    let sources: [(&str, &str, &[&str]); 6] = [
+    let sources: [(&str, &str, &[&str]); 7] = [
         ("watch", include_str!("watch.rs"), &["sync"]),
         (
             "sync",
             include_str!("sync.rs"),
             &["install", "activate", "rebuild"],
         ),
-        ("rebuild", include_str!("rebuild.rs"), &["activate"]),
-        ("activate", include_str!("activate.rs"), &["install"]),
+        (
+            "rebuild",
+            include_str!("rebuild.rs"),
+            &["activate", "corrections"],
+        ),
+        (
+            "activate",
+            include_str!("activate.rs"),
+            &["install", "corrections"],
+        ),
+        ("corrections", include_str!("corrections.rs"), &[]),
         ("install", include_str!("install.rs"), &[]),
         ("repair", include_str!("repair.rs"), &[]),
     ];

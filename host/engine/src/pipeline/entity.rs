@@ -276,6 +276,7 @@ fn fold_entity(
             first_position: before_position + 1,
             last_position: update.position,
             generation: update.generation.clone(),
+            activation: None,
             plugin: update.plugin.clone(),
             state: update.state.clone(),
             previous,
