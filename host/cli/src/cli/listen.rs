@@ -3,7 +3,7 @@
 //! its feed cursor (`refoldcursor`), and `--after` takes the last one seen,
 //! so a script that stops can continue where it was. From a cluster's
 //! change topics (`--kafka`), each line carries where it was read
-//! (`refoldtopic`, `refoldpartition`, `refoldoffset`); only committed
+//! (`refoldtopic`, `refoldpartition`, `refoldoffset`, `refoldtimestamp`); only committed
 //! transactions are read, so each record is printed once.
 
 use std::io::Write as _;
@@ -148,6 +148,9 @@ pub fn run_kafka(
             o.insert("refoldtopic".into(), m.topic().into());
             o.insert("refoldpartition".into(), m.partition().into());
             o.insert("refoldoffset".into(), m.offset().into());
+            if let Some(ms) = m.timestamp().to_millis() {
+                o.insert("refoldtimestamp".into(), ms.into());
+            }
         }
         writeln!(out, "{event}")?;
         printed += 1;
