@@ -41,6 +41,8 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Metric label of this sink.
 const SINK: &str = "kafka";
+/// Its site in `/healthz`.
+pub const HEALTH_SITE: &str = "sink:kafka";
 
 /// What the publisher needs to know of the configuration.
 pub struct Settings {
@@ -72,8 +74,8 @@ impl Settings {
     }
 }
 
-/// Publish until `stop`; an error is one that no retry mends (the cursor
-/// topic cannot be made, the brokers are misconfigured).
+/// Publish until `stop`; an error is one that no retry mends (a client
+/// that cannot be made from the configuration).
 pub async fn run(
     host: Host,
     settings: Settings,
@@ -90,23 +92,42 @@ pub async fn run(
         admin,
         held: HashMap::new(),
         retry_at: HashMap::new(),
+        failing: HashMap::new(),
         topics: HashSet::new(),
     };
+    // Brokers that are down or refuse the topic now may not later: keep
+    // trying, and say so in `/healthz` once it has lasted.
     let cursor = p.settings.topic.cursor_topic.clone();
-    p.ensure_topic(&cursor, true)
-        .await
-        .with_context(|| format!("creating the change cursor topic {cursor}"))?;
+    let started = Instant::now();
+    while let Err(e) = p.ensure_topic(&cursor, true).await {
+        let why = format!("creating the change cursor topic {cursor}: {e:#}");
+        tracing::warn!("{why}; trying again");
+        if started.elapsed() >= Duration::from_secs(p.settings.topic.stuck_after_seconds) {
+            p.host.health.fault(HEALTH_SITE, why);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY_AFTER * 5) => {}
+            r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
+        }
+    }
     loop {
         p.reconcile(&assignment).await;
         let parts: Vec<OutboxPartition> = p.held.keys().cloned().collect();
         for part in parts {
-            if let Err(e) = p.drain(&part).await {
-                tracing::warn!(partition = %part.name(), error = %format!("{e:#}"), "publishing change records failed; the partition is claimed again");
-                p.host.metrics.sink_failed(SINK);
-                p.give_up(&part);
-                p.retry_at.insert(part, Instant::now() + RETRY_AFTER);
+            match p.drain(&part).await {
+                Ok(()) => {
+                    p.failing.remove(&part);
+                }
+                Err(e) => {
+                    tracing::warn!(partition = %part.name(), error = %format!("{e:#}"), "publishing change records failed; the partition is claimed again");
+                    p.host.metrics.sink_failed(SINK);
+                    p.failed(&part, &e);
+                    p.give_up(&part);
+                    p.retry_at.insert(part, Instant::now() + RETRY_AFTER);
+                }
             }
         }
+        p.report_health();
         p.host.metrics.outbox_records(p.host.storage.outbox_depth());
         let notified = p.host.changes.notified();
         tokio::select! {
@@ -130,6 +151,9 @@ struct Publisher {
     held: HashMap<OutboxPartition, Producer>,
     /// Partitions not to claim again before then.
     retry_at: HashMap<OutboxPartition, Instant>,
+    /// Partitions whose last claim or drain failed: since when they have
+    /// been failing, and the last error.
+    failing: HashMap<OutboxPartition, (Instant, String)>,
     /// Topics known to exist.
     topics: HashSet<String>,
 }
@@ -158,6 +182,8 @@ impl Publisher {
             tracing::info!(partition = %part.name(), "no longer publishing this partition's change records");
             self.give_up(&part);
         }
+        // Another host's to publish (and to report) now.
+        self.failing.retain(|p, _| wanted.contains(p));
         let now = Instant::now();
         let new: Vec<OutboxPartition> = wanted
             .into_iter()
@@ -172,10 +198,46 @@ impl Publisher {
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "claiming change outbox partitions failed; trying again");
                 for part in new {
+                    self.failed(&part, &e);
                     self.give_up(&part);
                     self.retry_at.insert(part, now + RETRY_AFTER);
                 }
             }
+        }
+    }
+
+    /// Note that `part` failed with `e` (keeping when it began to).
+    fn failed(&mut self, part: &OutboxPartition, e: &anyhow::Error) {
+        let why = format!("{e:#}");
+        self.failing
+            .entry(part.clone())
+            .and_modify(|f| f.1 = why.clone())
+            .or_insert_with(|| (Instant::now(), why));
+    }
+
+    /// `/healthz` unhealthy while a partition has been failing for longer
+    /// than `stuck_after_seconds`: its records wait in the outbox, and only
+    /// an operator can mend what a second of retrying every second did not
+    /// (brokers gone, a topic refused, credentials).
+    fn report_health(&self) {
+        let limit = Duration::from_secs(self.settings.topic.stuck_after_seconds);
+        let stuck = self
+            .failing
+            .iter()
+            .filter(|(_, (since, _))| since.elapsed() >= limit)
+            .max_by_key(|(_, (since, _))| since.elapsed());
+        match stuck {
+            Some((part, (since, why))) => self.host.health.fault(
+                HEALTH_SITE,
+                format!(
+                    "publishing the change records of partition {} has failed for {} s \
+                     ({} partition(s) failing): {why}",
+                    part.name(),
+                    since.elapsed().as_secs(),
+                    self.failing.len()
+                ),
+            ),
+            None => self.host.health.clear(HEALTH_SITE),
         }
     }
 

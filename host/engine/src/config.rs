@@ -92,6 +92,10 @@ pub struct ChangeTopicConfig {
     pub replication_factor: i32,
     /// More librdkafka producer properties.
     pub properties: HashMap<String, String>,
+    /// A partition whose publishing has failed for this long (the outbox
+    /// keeps its records; the publisher keeps retrying) makes `/healthz`
+    /// unhealthy with the reason.
+    pub stuck_after_seconds: u64,
 }
 
 impl Default for ChangeTopicConfig {
@@ -105,8 +109,28 @@ impl Default for ChangeTopicConfig {
             partitions: -1,
             replication_factor: -1,
             properties: HashMap::new(),
+            stuck_after_seconds: 60,
         }
     }
+}
+
+/// Kafka's longest topic name.
+const MAX_TOPIC_NAME: usize = 249;
+
+/// Why Kafka would refuse `name` as a topic name, if it would.
+fn topic_name_fault(name: &str) -> Option<String> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Some("is not a topic name".into());
+    }
+    if name.len() > MAX_TOPIC_NAME {
+        return Some(format!(
+            "is {} characters long, over Kafka's {MAX_TOPIC_NAME}",
+            name.len()
+        ));
+    }
+    name.chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        .map(|c| format!("has {c:?}; a topic name is made of [A-Za-z0-9._-]"))
 }
 
 impl ChangeTopicConfig {
@@ -147,6 +171,19 @@ impl ChangesConfig {
                 !k.topic.is_empty() && !k.cursor_topic.is_empty() && k.topic != k.cursor_topic,
                 "changes.kafka: topic and cursor_topic must be two non-empty topic names"
             );
+            if let Some(why) = topic_name_fault(&k.cursor_topic) {
+                anyhow::bail!("changes.kafka.cursor_topic {:?} {why}", k.cursor_topic);
+            }
+            // Checked with the longest entity type there can be (128
+            // characters), so that no plugin uploaded later stalls its
+            // records on a name Kafka refuses.
+            let longest = k.topic.replace("{entity_type}", &"x".repeat(128));
+            if let Some(why) = topic_name_fault(&longest) {
+                anyhow::bail!(
+                    "changes.kafka.topic {:?}, with the longest entity type (128 characters), {why}",
+                    k.topic
+                );
+            }
             anyhow::ensure!(
                 k.max_transaction_records > 0,
                 "changes.kafka.max_transaction_records must be at least 1"
@@ -434,6 +471,26 @@ mod tests {
         assert!(c.validate_for(StoreKind::Cassandra, true).is_err());
         let k = ChangeTopicConfig::default();
         assert_eq!(k.topic_of("order line/2"), "refold.changes.order_line_2");
+        // Names Kafka would refuse, refused before anything starts rather
+        // than retried forever by the publisher.
+        for (topic, cursor, why) in [
+            ("refold.changes.{entity_type}", "cursor topic", "has ' '"),
+            ("refold.changes.{entity_type}", "..", "is not a topic name"),
+            ("changes/{entity_type}", "cursor", "has '/'"),
+            (
+                &*format!("{}{{entity_type}}", "t".repeat(122)),
+                "cursor",
+                "over Kafka's 249",
+            ),
+        ] {
+            let k = c.kafka.as_mut().unwrap();
+            (k.topic, k.cursor_topic) = (topic.to_string(), cursor.to_string());
+            let e = c.validate_for(StoreKind::Cassandra, true).unwrap_err();
+            assert!(e.to_string().contains(why), "{topic} {cursor}: {e}");
+        }
+        let k = c.kafka.as_mut().unwrap();
+        (k.topic, k.cursor_topic) = (format!("{}{{entity_type}}", "t".repeat(121)), "c".into());
+        assert!(c.validate_for(StoreKind::Cassandra, true).is_ok());
         c.enabled = false;
         assert!(!c.recorded_on(StoreKind::Sqlite));
     }

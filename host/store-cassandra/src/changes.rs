@@ -15,7 +15,7 @@ use refold_store::{
     StoreError,
 };
 
-use crate::error::other;
+use crate::error::{other, pager_err, row_err};
 use crate::outbox::{
     DOUBT_BUCKETS, OutboxState, Part, Planned, READY_MAX, RESCAN_AFTER, SCAN_ROWS, WRITE_BYTES,
 };
@@ -286,15 +286,9 @@ impl CassandraStore {
     }
 
     /// Read a partition in doubt from the table: every batch neither under
-    /// way here nor held in memory, each record checked against its entity.
+    /// way here nor held in memory, each record checked against its entity,
+    /// up to `SCAN_ROWS` of them per call.
     async fn scan(&self, part: &OutboxPartition) -> Result<Vec<OutboxBatch>> {
-        let rows: Vec<OutboxRow> = self
-            .rows(
-                &self.st.outbox_read,
-                (&part.source, part.partition, SCAN_ROWS),
-            )
-            .await?;
-        let complete = rows.len() < SCAN_ROWS as usize;
         let skip: HashSet<String> = {
             let o = self.outbox_lock();
             let mut s: HashSet<String> = o.inflight.iter().cloned().collect();
@@ -303,10 +297,29 @@ impl CassandraStore {
             }
             s
         };
-        let rows: Vec<OutboxRow> = rows
-            .into_iter()
-            .filter(|r| !skip.contains(&r.batch_id))
-            .collect();
+        // Paged past the rows of the skipped batches: were they counted
+        // against the limit, a partition whose memory holds more rows than
+        // one scan takes would never be read to its end, stay in doubt, and
+        // hold back what memory holds, for good.
+        let pager = self
+            .session
+            .execute_iter(self.st.outbox_read.clone(), (&part.source, part.partition))
+            .await
+            .map_err(pager_err)?;
+        let mut stream = pager.rows_stream::<OutboxRow>().map_err(other)?;
+        let mut rows: Vec<OutboxRow> = Vec::new();
+        let mut complete = true;
+        while let Some(r) = stream.next().await {
+            let r = r.map_err(row_err)?;
+            if skip.contains(&r.batch_id) {
+                continue;
+            }
+            if rows.len() >= SCAN_ROWS {
+                complete = false;
+                break;
+            }
+            rows.push(r);
+        }
         let futs: Vec<_> = rows.iter().map(|r| self.verdict(r)).collect();
         let verdicts: Vec<Result<Verdict>> = stream::iter(futs)
             .buffered(self.concurrency.min(64))

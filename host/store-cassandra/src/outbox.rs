@@ -28,8 +28,9 @@ pub(crate) const CHANGE_ROW_TTL: i32 = 7 * 24 * 3600;
 /// are left to the table (read back in doubt), so that a stalled publisher
 /// costs reads, not memory.
 pub(crate) const READY_MAX: usize = 20_000;
-/// Rows one read of a partition in doubt takes.
-pub(crate) const SCAN_ROWS: i32 = 2_000;
+/// Rows of batches in doubt one read of a partition takes (the rows of
+/// batches held in memory are paged past, not counted).
+pub(crate) const SCAN_ROWS: usize = 2_000;
 /// Bytes of records per outbox write (one single-partition batch), under
 /// Cassandra's batch size failure threshold (50 KiB by default).
 pub(crate) const WRITE_BYTES: usize = 32 << 10;

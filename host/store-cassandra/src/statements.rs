@@ -194,7 +194,7 @@ impl Statements {
             outbox_insert: p("INSERT INTO {ks}.change_outbox (source, part, batch_id, entity_type, entity_id, change_id, last_position, expected_head, certain, event)
                               VALUES (:source, :part, :batch_id, :entity_type, :entity_id, :change_id, :last_position, :expected_head, :certain, :event)").await?,
             outbox_read: p("SELECT batch_id, entity_type, entity_id, change_id, last_position, expected_head, certain, event
-                            FROM {ks}.change_outbox WHERE source = ? AND part = ? LIMIT ?").await?,
+                            FROM {ks}.change_outbox WHERE source = ? AND part = ?").await?,
             outbox_delete_batch: p("DELETE FROM {ks}.change_outbox WHERE source = ? AND part = ? AND batch_id = ?").await?,
             outbox_delete_row: p("DELETE FROM {ks}.change_outbox WHERE source = ? AND part = ? AND batch_id = ? AND entity_type = ? AND entity_id = ?").await?,
             plugin_versions_read: p("SELECT entity_type, name, version, digest, size, uploaded_at, seq FROM {ks}.plugin_versions WHERE entity_type = ?").await?,

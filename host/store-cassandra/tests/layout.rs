@@ -222,3 +222,36 @@ async fn the_outbox_hands_out_exactly_what_applied(s: &dyn Storage) {
 async fn the_change_outbox_hands_out_what_applied_once() {
     on_fresh_store(|s| async move { the_outbox_hands_out_exactly_what_applied(&*s).await }).await;
 }
+
+/// More records committed after a claim, and before the first read, than
+/// one scan of the table takes (2,000 rows): the scan pages past the
+/// batches memory holds, finds nothing in doubt, and memory is handed out.
+/// (Counted against the scan's limit, they kept the partition in doubt and
+/// its records unpublished for good.)
+async fn memory_beyond_one_scan_is_handed_out(s: &dyn Storage) {
+    let p = OutboxPartition {
+        source: "t".into(),
+        partition: 2,
+    };
+    s.outbox_claim(&p, &[]).await.unwrap();
+    let mut commit = Commit::default();
+    for i in 0..2_100 {
+        let c = recorded(&EntityKey::new("account", format!("m{i}")), 0, &["x"], 2);
+        commit.events.extend(c.events.into_iter().map(|mut e| {
+            e.id = format!("m{i}-1");
+            e
+        }));
+        commit.entities.extend(c.entities);
+        commit.changes.extend(c.changes);
+    }
+    s.commit(commit).await.unwrap();
+    assert_eq!(s.outbox_depth(), 2_100);
+    let out = drain(s, &p).await;
+    assert_eq!(out.len(), 2_100);
+    assert_eq!(s.outbox_depth(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_holding_more_than_one_scan_in_memory_is_handed_out() {
+    on_fresh_store(|s| async move { memory_beyond_one_scan_is_handed_out(&*s).await }).await;
+}

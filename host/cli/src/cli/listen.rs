@@ -72,6 +72,30 @@ pub async fn run(ep: &Endpoint, after: u64, follow: bool, max: Option<u64>) -> a
 /// Print the records of `topics` from their beginning, read_committed. With
 /// `follow`, keep reading; without, stop at the ends the topics had when
 /// reading began. Stops after `max` records when given.
+/// `f` again while it fails the way a topic just created or a leader just
+/// moved does, for up to ten seconds; a topic that does not exist is said
+/// at once.
+fn settled<T>(
+    mut f: impl FnMut() -> rdkafka::error::KafkaResult<T>,
+) -> rdkafka::error::KafkaResult<T> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match f() {
+            Err(e)
+                if std::time::Instant::now() < until
+                    && !matches!(
+                        e.rdkafka_error_code(),
+                        Some(Code::UnknownTopicOrPartition | Code::UnknownTopic)
+                    ) =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            r => return r,
+        }
+    }
+}
+
 pub fn run_kafka(
     brokers: &str,
     topics: &[String],
@@ -96,13 +120,13 @@ pub fn run_kafka(
     // Where each partition ended when reading began.
     let mut ends: Vec<(String, i32, i64)> = Vec::new();
     for t in topics {
-        let md = consumer.fetch_metadata(Some(t), timeout)?;
+        let md = settled(|| consumer.fetch_metadata(Some(t), timeout))?;
         for mt in md.topics() {
             if let Some(e) = mt.error() {
                 anyhow::bail!("topic {t}: {e:?}");
             }
             for p in mt.partitions() {
-                let (_, high) = consumer.fetch_watermarks(t, p.id(), timeout)?;
+                let (_, high) = settled(|| consumer.fetch_watermarks(t, p.id(), timeout))?;
                 ends.push((t.clone(), p.id(), high));
                 tpl.add_partition_offset(t, p.id(), Offset::Beginning)?;
             }

@@ -116,7 +116,7 @@ pub async fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
                     {
                         let why = format!("the Kafka change publisher stopped: {e:#}");
                         tracing::error!("{why}");
-                        health.fault("sink:kafka", why);
+                        health.fault(crate::change_topic::HEALTH_SITE, why);
                     }
                 });
             }
