@@ -39,6 +39,8 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// claimed again (with a new producer, which aborts what the old one had
 /// open).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Transactions one partition gets per round of the publisher.
+const ROUND_TRANSACTIONS: usize = 4;
 /// Metric label of this sink.
 const SINK: &str = "kafka";
 /// Its site in `/healthz`.
@@ -93,7 +95,7 @@ pub async fn run(
         held: HashMap::new(),
         retry_at: HashMap::new(),
         failing: HashMap::new(),
-        topics: HashSet::new(),
+        topics: std::sync::Mutex::new(HashSet::new()),
     };
     // Brokers that are down or refuse the topic now may not later: keep
     // trying, and say so in `/healthz` once it has lasted.
@@ -110,12 +112,22 @@ pub async fn run(
             r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
         }
     }
+    let changes = p.host.changes.clone();
     loop {
+        // Made before the drains, so that a commit during them wakes the
+        // wait below instead of leaving its records for the next tick.
+        let notified = changes.notified();
         p.reconcile(&assignment).await;
+        // Every partition at once: each has its own producer, and a
+        // transaction's commit is a round trip that one partition after
+        // another would add up.
         let parts: Vec<OutboxPartition> = p.held.keys().cloned().collect();
-        for part in parts {
-            match p.drain(&part).await {
-                Ok(()) => {
+        let drained = futures::future::join_all(parts.iter().map(|part| p.drain(part))).await;
+        let mut more = false;
+        for (part, r) in parts.into_iter().zip(drained) {
+            match r {
+                Ok(left) => {
+                    more |= left;
                     p.failing.remove(&part);
                 }
                 Err(e) => {
@@ -129,7 +141,9 @@ pub async fn run(
         }
         p.report_health();
         p.host.metrics.outbox_records(p.host.storage.outbox_depth());
-        let notified = p.host.changes.notified();
+        if more && !*stop.borrow() {
+            continue;
+        }
         tokio::select! {
             _ = notified => {}
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -155,7 +169,7 @@ struct Publisher {
     /// been failing, and the last error.
     failing: HashMap<OutboxPartition, (Instant, String)>,
     /// Topics known to exist.
-    topics: HashSet<String>,
+    topics: std::sync::Mutex<HashSet<String>>,
 }
 
 impl Publisher {
@@ -293,25 +307,27 @@ impl Publisher {
         Ok(())
     }
 
-    /// Publish what the partition's outbox holds, a transaction at a time.
-    async fn drain(&mut self, part: &OutboxPartition) -> anyhow::Result<()> {
+    /// Publish what the partition's outbox holds, a transaction at a time,
+    /// at most `ROUND_TRANSACTIONS` of them, so that a busy partition does
+    /// not hold back the others. Returns whether records are left.
+    async fn drain(&self, part: &OutboxPartition) -> anyhow::Result<bool> {
         let Some(producer) = self.held.get(part).cloned() else {
-            return Ok(());
+            return Ok(false);
         };
-        loop {
+        for _ in 0..ROUND_TRANSACTIONS {
             let batches = self
                 .host
                 .storage
                 .outbox_next(part, self.settings.topic.max_transaction_records)
                 .await?;
             if batches.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             let mut messages = Vec::new();
             for b in &batches {
                 for r in &b.records {
                     let topic = self.settings.topic.topic_of(&r.key.entity_type);
-                    if !self.topics.contains(&topic) {
+                    if !self.topic_known(&topic) {
                         self.ensure_topic(&topic, false).await?;
                     }
                     messages.push((
@@ -335,11 +351,19 @@ impl Publisher {
             self.host.storage.outbox_done(part, &published).await?;
             self.host.metrics.sink_delivered_many(SINK, n);
         }
+        Ok(true)
     }
 
     /// Create `topic` unless it exists (the cursor topic compacted, with
     /// one partition).
-    async fn ensure_topic(&mut self, topic: &str, cursor: bool) -> anyhow::Result<()> {
+    fn topic_known(&self, topic: &str) -> bool {
+        self.topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(topic)
+    }
+
+    async fn ensure_topic(&self, topic: &str, cursor: bool) -> anyhow::Result<()> {
         let t = &self.settings.topic;
         let new = if cursor {
             NewTopic::new(topic, 1, TopicReplication::Fixed(t.replication_factor))
@@ -366,7 +390,10 @@ impl Publisher {
                 Err((name, code)) => anyhow::bail!("creating topic {name}: {code}"),
             }
         }
-        self.topics.insert(topic.to_string());
+        self.topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic.to_string());
         Ok(())
     }
 }
