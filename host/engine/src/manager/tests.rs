@@ -380,6 +380,26 @@ async fn a_rebuild_refolds_every_entity_into_a_new_generation_then_cuts_over_at_
     assert_eq!(m.host.storage.changes_head().await.unwrap(), before);
 }
 
+/// A rebuild whose version folds every entity as before corrects nothing:
+/// the history it refolds is not news, and neither is an equal state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_that_changes_no_state_records_no_correction() {
+    let m = manager().await;
+    let v1 = active_digest(&m);
+    ingest(&m, &[opened(0, "a"), deposit(1, "a", 5), opened(2, "b")]).await;
+    let before = m.host.storage.changes_head().await.unwrap();
+    let id = m
+        .activate("account", &v1, SwapMode::Rebuild)
+        .await
+        .unwrap()
+        .expect("a rebuild id");
+    let status = wait_for(&m, &id).await;
+    assert_eq!(status.state, RebuildState::Done, "{:?}", status.error);
+    assert_eq!(m.host.registry.generation("account"), status.generation);
+    let after = m.host.storage.changes_after(before, 100).await.unwrap();
+    assert!(after.is_empty(), "{after:?}");
+}
+
 #[tokio::test]
 async fn a_rollback_goes_one_step_back_and_the_watched_file_does_not_undo_it() {
     let m = manager().await;
