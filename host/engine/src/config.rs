@@ -327,6 +327,11 @@ pub struct PluginsConfig {
     /// Largest component accepted, by the admin API and from the watched
     /// directory, in bytes.
     pub max_upload_bytes: usize,
+    /// Where compiled components are kept by digest, so that a restart or
+    /// a swap to a known version loads instead of compiling (default:
+    /// `$XDG_CACHE_HOME/refold/compiled` or `~/.cache/refold/compiled`;
+    /// `""` turns it off).
+    pub compile_cache_dir: Option<PathBuf>,
 }
 
 impl Default for PluginsConfig {
@@ -338,11 +343,21 @@ impl Default for PluginsConfig {
             entity_limits: HashMap::new(),
             debounce_ms: 200,
             max_upload_bytes: 64 << 20,
+            compile_cache_dir: refold_runtime::compile_cache::default_dir(),
         }
     }
 }
 
 impl PluginsConfig {
+    /// The engine plugins are compiled by, with the configured cache.
+    pub fn engine(&self) -> anyhow::Result<refold_runtime::Engine> {
+        let engine = refold_runtime::Engine::new()?;
+        Ok(match &self.compile_cache_dir {
+            Some(d) if !d.as_os_str().is_empty() => engine.with_compile_cache(d),
+            _ => engine,
+        })
+    }
+
     /// Limits for an entity type.
     pub fn limits_for(&self, entity_type: &str) -> Limits {
         self.entity_limits

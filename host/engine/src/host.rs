@@ -109,6 +109,7 @@ impl Host {
         storage: Arc<dyn Storage>,
         plugin_store: Arc<dyn PluginStore>,
     ) -> anyhow::Result<Host> {
+        let engine = config.plugins.engine()?;
         let host = Host {
             health: Arc::new(Health::new(Duration::from_secs(
                 config.engine.stall_seconds,
@@ -117,7 +118,7 @@ impl Host {
             storage,
             plugin_store,
             registry: Arc::new(Registry::new()),
-            engine: Engine::new()?,
+            engine,
             metrics: Arc::new(Metrics::new()),
             changes: Arc::new(tokio::sync::Notify::new()),
             sinks: Arc::new(SinkCursors::default()),

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use wasmtime::component::{HasSelf, Linker};
 
 use crate::bindings::Projector;
+use crate::compile_cache::CompileCache;
 use crate::host_state::HostState;
 
 /// How often the epoch advances. CPU deadlines are expressed in ticks of this
@@ -21,6 +22,8 @@ pub struct Engine {
     /// WASI (no files, env, args, network; frozen clocks) and the host's
     /// `log` import: all a plugin may import.
     linker: Arc<Linker<HostState>>,
+    /// Compiled components kept on disk by digest, when configured.
+    cache: Option<Arc<CompileCache>>,
     _ticker: Arc<Ticker>,
 }
 
@@ -69,8 +72,21 @@ impl Engine {
         Ok(Engine {
             inner,
             linker: Arc::new(linker),
+            cache: None,
             _ticker: Arc::new(Ticker { stop }),
         })
+    }
+
+    /// The same engine, keeping the components it compiles in `dir` and
+    /// loading them from there by digest.
+    pub fn with_compile_cache(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.cache = Some(Arc::new(CompileCache::new(dir, &self.inner)));
+        self
+    }
+
+    /// The compile cache, when there is one.
+    pub fn compile_cache(&self) -> Option<&CompileCache> {
+        self.cache.as_deref()
     }
 
     /// The wasmtime engine.

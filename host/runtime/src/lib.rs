@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod bindings;
+pub mod compile_cache;
 pub mod engine;
 pub mod fold;
 pub mod host_state;
@@ -15,6 +16,7 @@ pub mod sandbox;
 pub mod trap;
 
 pub use bindings::WORLD;
+pub use compile_cache::CompileCache;
 pub use engine::Engine;
 pub use limits::Limits;
 pub use plugin::{LoadError, Plugin, PluginInfo};

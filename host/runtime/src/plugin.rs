@@ -74,8 +74,21 @@ impl Plugin {
     /// in a throwaway instance. Blocking and CPU-heavy: call it off the hot
     /// path.
     pub fn load(engine: &Engine, bytes: &[u8], limits: Limits) -> Result<Arc<Plugin>, LoadError> {
-        let component = Component::new(engine.wasmtime(), bytes)
-            .map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
+        let digest = digest_of(bytes);
+        let cached = engine
+            .compile_cache()
+            .and_then(|c| c.load(engine.wasmtime(), &digest));
+        let component = match cached {
+            Some(c) => c,
+            None => {
+                let c = Component::new(engine.wasmtime(), bytes)
+                    .map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
+                if let Some(cache) = engine.compile_cache() {
+                    cache.store(&digest, &c);
+                }
+                c
+            }
+        };
         // Fails when the component imports anything we do not provide.
         let instance_pre = engine
             .linker()
@@ -100,7 +113,7 @@ impl Plugin {
             engine: engine.clone(),
             pre,
             info,
-            digest: digest_of(bytes),
+            digest,
             size: bytes.len(),
             limits,
         }))

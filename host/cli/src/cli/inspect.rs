@@ -2,13 +2,13 @@
 
 use std::path::Path;
 
-use refold_runtime::{Engine, Limits, Plugin};
+use refold_runtime::{Limits, Plugin};
 
 /// Print the descriptor and imports; `Ok(false)` when the component is unusable.
 pub fn inspect(file: &Path) -> anyhow::Result<bool> {
     let bytes =
         std::fs::read(file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
-    let engine = Engine::new()?;
+    let engine = refold_engine::config::PluginsConfig::default().engine()?;
     match Plugin::load(&engine, &bytes, Limits::default()) {
         Ok(p) => {
             let imports: Vec<String> =

@@ -205,7 +205,7 @@ pub async fn dispatch_plugin(ep: &plugin::Endpoint, action: PluginAction) -> any
                 Some(t) => t,
                 None => {
                     let bytes = std::fs::read(&file)?;
-                    let engine = refold_runtime::Engine::new()?;
+                    let engine = refold_engine::config::PluginsConfig::default().engine()?;
                     refold_runtime::Plugin::load(&engine, &bytes, Default::default())?
                         .info
                         .entity_type

@@ -137,7 +137,7 @@ pub async fn test(plugin: &Path, dir: &Path, as_json: bool) -> anyhow::Result<bo
     anyhow::ensure!(events.exists(), "{} does not exist", events.display());
 
     let info = {
-        let engine = refold_runtime::Engine::new()?;
+        let engine = refold_engine::config::PluginsConfig::default().engine()?;
         let bytes =
             std::fs::read(plugin).with_context(|| format!("reading {}", plugin.display()))?;
         refold_runtime::Plugin::load(&engine, &bytes, Default::default())
