@@ -171,9 +171,8 @@ mod tests {
         let again = Engine::new().unwrap().with_compile_cache(dir.path());
         let q = Plugin::load(&again, &bytes, Limits::default()).unwrap();
         assert_eq!(again.compile_cache().unwrap().counts(), (1, 0));
+        // Loading ran `describe()` in an instance of the cached code.
         assert_eq!((q.digest.as_str(), &q.info), (p.digest.as_str(), &p.info));
-        let mut sandbox = crate::Sandbox::new(q);
-        assert!(crate::fold::init_state(&mut sandbox, "a-1").is_ok());
     }
 
     #[test]
