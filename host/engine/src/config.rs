@@ -117,6 +117,11 @@ impl Default for ChangeTopicConfig {
 /// Kafka's longest topic name.
 const MAX_TOPIC_NAME: usize = 249;
 
+/// Whether Kafka takes `c` in a topic name.
+fn topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
 /// Why Kafka would refuse `name` as a topic name, if it would.
 fn topic_name_fault(name: &str) -> Option<String> {
     if name.is_empty() || name == "." || name == ".." {
@@ -129,7 +134,7 @@ fn topic_name_fault(name: &str) -> Option<String> {
         ));
     }
     name.chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        .find(|c| !topic_char(*c))
         .map(|c| format!("has {c:?}; a topic name is made of [A-Za-z0-9._-]"))
 }
 
@@ -138,13 +143,7 @@ impl ChangeTopicConfig {
     pub fn topic_of(&self, entity_type: &str) -> String {
         let clean: String = entity_type
             .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                    c
-                } else {
-                    '_'
-                }
-            })
+            .map(|c| if topic_char(c) { c } else { '_' })
             .collect();
         self.topic.replace("{entity_type}", &clean)
     }
