@@ -51,6 +51,10 @@ impl Engine {
         let mut linker: Linker<HostState> = Linker::new(&inner);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| anyhow::anyhow!("linking WASI: {e:#}"))?;
+        // Deny-all (see `HostState`'s `WasiHttpView`): links so that
+        // components importing it load, and refuses every request.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
+            .map_err(|e| anyhow::anyhow!("linking wasi:http: {e:#}"))?;
         Projector::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| anyhow::anyhow!("linking the host's imports: {e:#}"))?;
 

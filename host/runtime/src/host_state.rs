@@ -1,5 +1,6 @@
-//! What a plugin's `Store` carries: an empty WASI context, the memory limiter,
-//! captured stdio and the `log` import.
+//! What a plugin's `Store` carries: an empty WASI context, a `wasi:http` that
+//! refuses every request, the memory limiter, captured stdio and the `log`
+//! import.
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use rand::rngs::StdRng;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::bindings::{self, LogLevel};
 use crate::limits::{Limits, MemoryLimiter};
@@ -16,6 +18,8 @@ use crate::limits::{Limits, MemoryLimiter};
 /// Per-store state of one plugin instance.
 pub struct HostState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    http_hooks: DenyHttp,
     table: ResourceTable,
     /// Enforces `Limits::memory_bytes`.
     pub limiter: MemoryLimiter,
@@ -121,9 +125,15 @@ impl HostState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(HTTP_FIELDS_BYTES);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         HostState {
             wasi,
-            table: ResourceTable::new(),
+            http,
+            http_hooks: DenyHttp,
+            table,
             limiter: MemoryLimiter::new(limits),
             stdout,
             stderr,
@@ -185,6 +195,63 @@ impl WasiView for HostState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+/// Most resources a plugin instance may hold at once (streams, `wasi:http`
+/// fields and requests, ...). The guest's memory limit does not see host-side
+/// resources, so without a cap a loop creating them inside one call's CPU
+/// deadline grows the host's memory. A plugin needs a handful (its stdio
+/// streams); past the cap the constructor traps.
+pub const MAX_RESOURCES: usize = 1024;
+
+/// Bytes of headers one `wasi:http` `fields` resource may hold; with
+/// [`MAX_RESOURCES`] and [`HTTP_BODY_CHUNK_BYTES`], what `wasi:http` can make
+/// the host hold for a plugin stays in the low megabytes.
+pub const HTTP_FIELDS_BYTES: usize = 4 << 10;
+
+/// Bytes one write to an outgoing request body may carry (one chunk buffered).
+pub const HTTP_BODY_CHUNK_BYTES: usize = 1 << 10;
+
+/// `wasi:http` for plugins: every interface links, so components built with a
+/// toolchain's defaults (componentize-js and jco import `wasi:http` for
+/// `fetch`) load without flags, and every outgoing request is answered with
+/// `HTTP-request-denied`. Nothing leaves the sandbox: this crate is built
+/// without wasmtime-wasi-http's default client.
+#[derive(Debug, Clone, Copy)]
+struct DenyHttp;
+
+impl WasiHttpHooks for DenyHttp {
+    fn send_request(
+        &mut self,
+        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = wasmtime_wasi_http::Result<(
+                    http::Response<wasmtime_wasi_http::WasiBody>,
+                    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+                )>,
+            > + Send,
+    > {
+        Box::new(std::future::ready(Err(
+            wasmtime_wasi_http::Error::HttpRequestDenied,
+        )))
+    }
+
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        HTTP_BODY_CHUNK_BYTES
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
         }
     }
 }
