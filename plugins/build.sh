@@ -8,6 +8,7 @@
 #               bank.wasm bank-v2.wasm orders.wasm probe.wasm
 #               probe-trap-describe.wasm probe-fail-all.wasm probe-entity-orders.wasm
 #               probe-entity-dashed.wasm probe-loop-init.wasm
+#               bank-js.wasm (plugins/js/build.sh: the bank in JavaScript)
 #   --examples  also copy bank.wasm and orders.wasm to examples/bank/ and
 #               examples/orders/ (the copies there are committed so that the
 #               quick start needs no wasm build); says whether they changed
@@ -115,6 +116,11 @@ else
   copy refold_probe.wasm probe.wasm
   echo "$hash" >"$stamp"
 fi
+
+# The JavaScript examples (their own toolchain, pinned in js/package-lock.json;
+# the script skips its build when its inputs are unchanged).
+bash "$here/js/build.sh" "$out" >&2
+names+=(bank-js)
 
 for name in "${names[@]}"; do
   printf '%8d  %s\n' "$(wc -c <"$out/$name.wasm")" "$out/$name.wasm"

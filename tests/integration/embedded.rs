@@ -45,6 +45,153 @@ fn example_fixtures_pass_refold_test() {
 }
 
 #[test]
+fn the_bank_in_rust_and_javascript_passes_the_same_fixtures() {
+    // bank-js is built with componentize-js's defaults, so it imports
+    // wasi:http: this also shows that the host's deny-all wasi:http lets it load.
+    let mut seen = Vec::new();
+    for name in ["bank", "bank-js"] {
+        let plugin = component(name);
+        let (code, out, err) = refold(
+            &[
+                "test",
+                "--plugin",
+                plugin.to_str().unwrap(),
+                "examples/bank",
+                "--json",
+            ],
+            &root(),
+        );
+        assert_eq!(code, 0, "{name}: stdout:\n{out}\nstderr:\n{err}");
+        let v: Value = serde_json::from_str(&out).expect("--json prints one JSON object");
+        assert_eq!(v["passed"], true, "{name}: {v}");
+        assert_eq!(v["deterministic"], true, "{name}: {v}");
+        assert_eq!(v["determinism_checked"], true, "{name}: {v}");
+        let reason = v["quarantine"][0]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("account.deposited") && reason.contains("12.50"),
+            "{name}: the quarantine names the real error: {v}"
+        );
+        seen.push((
+            v["applied"].clone(),
+            v["duplicates"].clone(),
+            v["dead_lettered"].clone(),
+            v["quarantined"].clone(),
+        ));
+    }
+    assert_eq!(seen[0], seen[1], "both languages handle the log alike");
+}
+
+#[test]
+fn refold_test_checks_projections_quarantine_and_dead_letters_and_its_options() {
+    let dir = tempdir();
+    for f in [
+        "events.jsonl",
+        "expected.jsonl",
+        "expected-projections.jsonl",
+        "expected-quarantine.jsonl",
+        "expected-dead-letters.jsonl",
+    ] {
+        std::fs::copy(root().join("examples/bank").join(f), dir.path().join(f)).unwrap();
+    }
+    let plugin = root().join("examples/bank/bank.wasm");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "test",
+            "--plugin",
+            plugin.to_str().unwrap(),
+            dir.path().to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        refold(&args, &root())
+    };
+    let (code, out, err) = run(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    for want in [
+        "ok    projection balances/alice",
+        "ok    projection balances/grace (absent)",
+        "ok    quarantine acc-5",
+        "ok    dead letter line 11",
+        "dead letter line 38 (unknown_entity_type): no plugin for entity type `ledger`",
+        "quarantined account/acc-5 at position 4",
+        "timing: load",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+
+    // Wrong expectations of each kind fail, each with a line saying why.
+    let edit = |f: &str, from: &str, to: &str| {
+        let p = dir.path().join(f);
+        let t = std::fs::read_to_string(&p).unwrap();
+        assert!(t.contains(from), "{f} holds {from}");
+        std::fs::write(&p, t.replacen(from, to, 1)).unwrap();
+    };
+    edit("expected-dead-letters.jsonl", "\"line\":11", "\"line\":12");
+    edit(
+        "expected-quarantine.jsonl",
+        "account.deposited",
+        "something else",
+    );
+    edit(
+        "expected-projections.jsonl",
+        "\"key\":\"grace\"",
+        "\"key\":\"nobody\"",
+    );
+    edit(
+        "expected-projections.jsonl",
+        "\"key\":\"alice\"",
+        "\"key\":\"zed\"",
+    );
+    std::fs::write(
+        dir.path().join("expected.jsonl"),
+        std::fs::read_to_string(dir.path().join("expected.jsonl"))
+            .unwrap()
+            .replacen(
+                "\"entity_type\":\"account\"",
+                "\"entity_type\":\"acount\"",
+                1,
+            ),
+    )
+    .unwrap();
+    let (code, out, _) = run(&["--no-determinism", "--batch-size", "3"]);
+    assert_ne!(code, 0, "{out}");
+    for want in [
+        "FAIL  dead letter line 11: not expected",
+        "FAIL  dead letter line 12: expected, not dead-lettered",
+        "FAIL  quarantine acc-5: reason does not contain \"something else\"",
+        "ok    projection balances/nobody (absent)",
+        "FAIL  projection balances/zed: missing",
+        "the plugin owns entity type `account`, not `acount`",
+        "determinism: not checked (--no-determinism)",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+
+    // Limits: an unknown one is refused with the known names, a value that
+    // is not a number is refused, and a tight one applies to the run.
+    let (code, _, err) = run(&["--limit", "memory_megs=1"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no limit `memory_megs`") && err.contains("memory_bytes"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["--limit", "memory_bytes=lots"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not a whole number"), "{err}");
+    let (_, out, _) = run(&[
+        "--limit",
+        "max_state_bytes=16",
+        "--json",
+        "--no-determinism",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["passed"], false,
+        "a 16-byte state limit fails every entity: {v}"
+    );
+    assert!(v["quarantine"].as_array().unwrap().len() >= 7, "{v}");
+}
+
+#[test]
 fn the_committed_example_components_are_reproducible_from_source() {
     for name in ["bank", "orders"] {
         let built = std::fs::read(component(name)).unwrap();

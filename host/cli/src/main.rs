@@ -49,7 +49,22 @@ fn main() -> std::process::ExitCode {
                 plugin,
                 fixture_dir,
                 json,
-            } => refold::cli::testkit::test(&plugin, &fixture_dir, json).await,
+                config,
+                limits,
+                batch_size,
+                no_determinism,
+            } => {
+                refold::cli::testkit::test(&refold::cli::testkit::TestOptions {
+                    plugin,
+                    dir: fixture_dir,
+                    json,
+                    config,
+                    limits,
+                    batch_size,
+                    determinism: !no_determinism,
+                })
+                .await
+            }
             Command::Inspect { file } => refold::cli::inspect::inspect(&file),
             Command::Plugin { endpoint, action } => refold::cli::dispatch_plugin(&endpoint, action)
                 .await

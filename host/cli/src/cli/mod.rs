@@ -54,6 +54,20 @@ pub enum Command {
         /// Print one JSON summary object instead of text.
         #[arg(long)]
         json: bool,
+        /// A host config file: its `[plugins]` limits (and `REFOLD_*`
+        /// environment overrides) apply.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override one plugin limit, e.g. `--limit memory_bytes=268435456`
+        /// (repeatable; names as in `[plugins.limits]`).
+        #[arg(long = "limit", value_name = "KEY=VALUE")]
+        limits: Vec<String>,
+        /// Events per pipeline batch.
+        #[arg(long, default_value_t = 10_000)]
+        batch_size: usize,
+        /// Skip the determinism folds (faster for big fixtures).
+        #[arg(long)]
+        no_determinism: bool,
     },
     /// Show what a component describes and whether it matches the WIT world.
     Inspect {

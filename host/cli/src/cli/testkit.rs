@@ -1,21 +1,58 @@
-//! `refold test --plugin FILE.wasm FIXTURE_DIR [--json]`: run a fixture
-//! through the real ingest pipeline (dedup, dead letters, quarantine) and
-//! compare every entity's state with `expected.jsonl`.
+//! `refold test --plugin FILE.wasm FIXTURE_DIR`: run a fixture through the
+//! real ingest pipeline (dedup, dead letters, quarantine) and compare what it
+//! produced with the fixture's expectations:
+//!
+//! - `expected.jsonl` (required): `{"entity_type","entity_id","state"}` per entity;
+//! - `expected-projections.jsonl`: `{"projection","key","body"}`, `body: null`
+//!   meaning the document must not exist;
+//! - `expected-quarantine.jsonl`: `{"entity_id","reason"}`: exactly these
+//!   entities are quarantined, each with an error containing `reason`;
+//! - `expected-dead-letters.jsonl`: `{"line","code"}`: exactly these lines of
+//!   `events.jsonl` are dead-lettered, with these codes.
+//!
+//! The component is compiled once per run. Determinism is checked without
+//! the pipeline: every entity's stored events are folded again in one fresh
+//! instance per entity and in one long-lived instance shared by all entities
+//! (batches of 1 and of 7 events, never an instance per event), and every
+//! way must agree with the pipeline's state.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use refold_engine::app::App;
-use refold_engine::config::HostConfig as Config;
 use refold_engine::pipeline::BatchReport;
 use refold_engine::pipeline::entities_of;
+use refold_runtime::{Limits, Plugin, Sandbox, fold};
 use refold_source::jsonl::JsonlSource;
+use refold_store::{DeadLetter, QuarantineRecord, StateStore as _};
 use refold_store_sqlite::SqliteStore;
 use refold_types::event::EntityKey;
+
+use crate::cli::out::outln;
+
+/// What `refold test` is asked to do.
+#[derive(Debug, Clone)]
+pub struct TestOptions {
+    /// The component.
+    pub plugin: PathBuf,
+    /// The fixture directory.
+    pub dir: PathBuf,
+    /// One JSON summary instead of text.
+    pub json: bool,
+    /// A host config file whose `[plugins]` limits (and environment) apply.
+    pub config: Option<PathBuf>,
+    /// `KEY=VALUE` overrides of the plugin's limits.
+    pub limits: Vec<String>,
+    /// Events per pipeline batch.
+    pub batch_size: usize,
+    /// Skip the determinism folds.
+    pub determinism: bool,
+}
 
 /// States by entity after a run, plus what the run reported.
 pub struct FixtureRun {
@@ -24,28 +61,27 @@ pub struct FixtureRun {
     /// Totals of the run.
     pub report: BatchReport,
     /// Dead letters recorded.
-    pub dead_letters: usize,
-    /// Entity ids quarantined.
-    pub quarantined: Vec<String>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Quarantined entities.
+    pub quarantined: Vec<QuarantineRecord>,
+    /// The store the run wrote (for projections and histories).
+    pub store: Arc<SqliteStore>,
 }
 
-/// Run `events` through a fresh embedded pipeline with batches of `batch_size`.
+/// Run `events` through a fresh embedded pipeline with batches of
+/// `batch_size`, with the already compiled `plugin`.
 pub async fn run_fixture(
-    plugin: &Path,
+    mut config: refold_engine::config::HostConfig,
+    plugin: Arc<Plugin>,
     events: &Path,
     batch_size: usize,
 ) -> anyhow::Result<FixtureRun> {
-    let mut config = Config::default();
-    config.plugins.files = vec![plugin.to_path_buf()];
+    config.plugins.files = Vec::new();
     config.source.batch_size = batch_size;
     let store = Arc::new(SqliteStore::in_memory()?);
-    let app = App::with_storage(config, store.clone(), store)?;
-    let source = JsonlSource::new(
-        &[events.to_path_buf()],
-        &[],
-        false,
-        std::time::Duration::ZERO,
-    );
+    let app = App::with_storage(config, store.clone(), store.clone())?;
+    app.host.registry.activate(plugin);
+    let source = JsonlSource::new(&[events.to_path_buf()], &[], false, Duration::ZERO);
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let report = app.consume(Box::new(source), rx, |_| {}).await?;
     let mut states = BTreeMap::new();
@@ -57,21 +93,27 @@ pub async fn run_fixture(
             }
         }
     }
-    let dead_letters = app.host.storage.dead_letters(usize::MAX >> 1).await?.len();
-    let quarantined = app
-        .host
-        .storage
-        .quarantined()
-        .await?
-        .into_iter()
-        .map(|q| q.key.entity_id)
-        .collect();
+    let dead_letters = app.host.storage.dead_letters(usize::MAX >> 1).await?;
+    let quarantined = app.host.storage.quarantined().await?;
     Ok(FixtureRun {
         states,
         report,
         dead_letters,
         quarantined,
+        store,
     })
+}
+
+/// A JSON path step: `.key` for identifier-like keys, `["…"]` otherwise.
+fn step(key: &str) -> String {
+    let plain = !key.is_empty()
+        && !key.starts_with(|c: char| c.is_ascii_digit())
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if plain {
+        format!(".{key}")
+    } else {
+        format!("[{}]", Value::String(key.to_owned()))
+    }
 }
 
 /// Differences between two JSON values, as `path: expected X, got Y` lines.
@@ -79,7 +121,7 @@ pub fn diff(path: &str, expected: &Value, actual: &Value, out: &mut Vec<String>)
     match (expected, actual) {
         (Value::Object(e), Value::Object(a)) => {
             for (k, ev) in e {
-                let p = format!("{path}.{k}");
+                let p = format!("{path}{}", step(k));
                 match a.get(k) {
                     Some(av) => diff(&p, ev, av, out),
                     None => out.push(format!("{p}: expected {ev}, missing")),
@@ -87,7 +129,7 @@ pub fn diff(path: &str, expected: &Value, actual: &Value, out: &mut Vec<String>)
             }
             for (k, av) in a {
                 if !e.contains_key(k) {
-                    out.push(format!("{path}.{k}: unexpected {av}"));
+                    out.push(format!("{path}{}: unexpected {av}", step(k)));
                 }
             }
         }
@@ -101,144 +143,444 @@ pub fn diff(path: &str, expected: &Value, actual: &Value, out: &mut Vec<String>)
     }
 }
 
-fn read_expected(path: &Path) -> anyhow::Result<BTreeMap<EntityKey, Value>> {
+/// The JSON objects of a JSONL file, with their line numbers; `None` when
+/// the file does not exist and is optional.
+fn read_jsonl(path: &Path, required: bool) -> anyhow::Result<Option<Vec<(usize, Value)>>> {
+    if !required && !path.exists() {
+        return Ok(None);
+    }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = BTreeMap::new();
-    for (n, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
         let v: Value = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
-        let get = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .with_context(|| format!("{}:{}: missing string `{k}`", path.display(), n + 1))
-        };
-        let state = v
-            .get("state")
-            .cloned()
-            .with_context(|| format!("{}:{}: missing `state`", path.display(), n + 1))?;
-        out.insert(
-            EntityKey::new(get("entity_type")?, get("entity_id")?),
-            state,
+        anyhow::ensure!(
+            v.is_object(),
+            "{}:{}: not a JSON object",
+            path.display(),
+            n + 1
         );
+        out.push((n + 1, v));
+    }
+    Ok(Some(out))
+}
+
+fn field<'a>(path: &Path, n: usize, v: &'a Value, k: &str) -> anyhow::Result<&'a Value> {
+    v.get(k)
+        .with_context(|| format!("{}:{n}: missing `{k}`", path.display()))
+}
+
+fn str_field(path: &Path, n: usize, v: &Value, k: &str) -> anyhow::Result<String> {
+    field(path, n, v, k)?
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{}:{n}: `{k}` must be a string", path.display()))
+}
+
+fn read_expected(path: &Path) -> anyhow::Result<BTreeMap<EntityKey, Value>> {
+    let mut out = BTreeMap::new();
+    for (n, v) in read_jsonl(path, true)?.unwrap_or_default() {
+        let key = EntityKey::new(
+            str_field(path, n, &v, "entity_type")?,
+            str_field(path, n, &v, "entity_id")?,
+        );
+        out.insert(key, field(path, n, &v, "state")?.clone());
     }
     Ok(out)
 }
 
-/// The command. `Ok(false)` on any mismatch or non-determinism.
-pub async fn test(plugin: &Path, dir: &Path, as_json: bool) -> anyhow::Result<bool> {
-    let events: PathBuf = dir.join("events.jsonl");
-    let expected = read_expected(&dir.join("expected.jsonl"))?;
-    anyhow::ensure!(events.exists(), "{} does not exist", events.display());
-
-    let info = {
-        let engine = refold_engine::config::PluginsConfig::default().engine()?;
-        let bytes =
-            std::fs::read(plugin).with_context(|| format!("reading {}", plugin.display()))?;
-        refold_runtime::Plugin::load(&engine, &bytes, Default::default())
-            .with_context(|| format!("loading {}", plugin.display()))?
+/// Apply `--config` and `--limit KEY=VALUE` to the default host config.
+fn host_config(opts: &TestOptions) -> anyhow::Result<refold_engine::config::HostConfig> {
+    let mut config = if opts.config.is_some() {
+        crate::config::Config::load(opts.config.as_deref())?.host()
+    } else {
+        refold_engine::config::HostConfig::default()
     };
-    let big = run_fixture(plugin, &events, 10_000).await?;
-    let single = run_fixture(plugin, &events, 1).await?;
+    if !opts.limits.is_empty() {
+        let mut limits = serde_json::to_value(config.plugins.limits)?;
+        for kv in &opts.limits {
+            let (k, val) = kv
+                .split_once('=')
+                .with_context(|| format!("--limit {kv}: expected KEY=VALUE"))?;
+            let known: Vec<String> = limits
+                .as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default();
+            anyhow::ensure!(
+                known.iter().any(|n| n == k),
+                "--limit {kv}: no limit `{k}` (known: {})",
+                known.join(", ")
+            );
+            let parsed: Value = val
+                .parse::<u64>()
+                .map(Value::from)
+                .with_context(|| format!("--limit {kv}: `{val}` is not a whole number"))?;
+            limits[k] = parsed;
+        }
+        config.plugins.limits = serde_json::from_value::<Limits>(limits)?;
+        config.plugins.entity_limits.clear();
+    }
+    Ok(config)
+}
 
-    let mut mismatches: Vec<Value> = Vec::new();
+/// The line of `text` that byte `offset` falls on (1-based).
+fn line_of(text: &[u8], offset: i64) -> usize {
+    let end = usize::try_from(offset).unwrap_or(0).min(text.len());
+    text[..end].iter().filter(|b| **b == b'\n').count() + 1
+}
+
+/// The outcome of folding an entity's history one way: its state and the
+/// position of the event that failed, if one did.
+type Folded = (Value, Option<u64>);
+
+fn fold_history(
+    sandbox: &mut Sandbox,
+    entity_id: &str,
+    events: &[refold_types::StoredEvent],
+    chunk: usize,
+) -> Result<Folded, String> {
+    let mut state = fold::init_state(sandbox, entity_id).map_err(|e| e.to_string())?;
+    for (c, part) in events.chunks(chunk.max(1)).enumerate() {
+        let o = fold::fold_and_project(sandbox, entity_id, state, part, false);
+        state = o.state;
+        if let Some((i, _)) = o.failure {
+            let at = events.get(c * chunk.max(1) + i).map(|e| e.position);
+            return Ok((state, at));
+        }
+    }
+    Ok((state, None))
+}
+
+/// Fold every entity's stored events again, in fresh and in long-lived
+/// instances; the entities where any way disagrees with the pipeline.
+async fn determinism(
+    run: &FixtureRun,
+    plugin: &Arc<Plugin>,
+    entity_type: &str,
+) -> anyhow::Result<Vec<String>> {
+    use refold_store::EventStore as _;
+    let mut histories = Vec::new();
+    let mut ids = run.store.entity_ids(entity_type).await?;
+    ids.sort();
+    for id in ids {
+        let key = EntityKey::new(entity_type, id);
+        let events = run.store.history(&key, 0, None).await?;
+        histories.push((key, events));
+    }
+    let quarantined: BTreeMap<String, u64> = run
+        .quarantined
+        .iter()
+        .map(|q| (q.key.entity_id.clone(), q.event_position))
+        .collect();
+    let plugin = plugin.clone();
+    let wanted: Vec<(EntityKey, Option<Value>)> = histories
+        .iter()
+        .map(|(k, _)| (k.clone(), run.states.get(k).cloned()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let mut bad = Vec::new();
+        let mut long_1 = Sandbox::new(plugin.clone());
+        let mut long_7 = Sandbox::new(plugin.clone());
+        for ((key, events), (_, want)) in histories.iter().zip(&wanted) {
+            let id = key.entity_id.as_str();
+            let fresh = fold_history(&mut Sandbox::new(plugin.clone()), id, events, usize::MAX);
+            let one = fold_history(&mut long_1, id, events, 1);
+            let seven = fold_history(&mut long_7, id, events, 7);
+            let expect_fail = quarantined.get(id).copied();
+            let agrees = |r: &Result<Folded, String>| match r {
+                Ok((state, failed)) => {
+                    *failed == expect_fail && want.as_ref().is_none_or(|w| w == state)
+                }
+                Err(_) => false,
+            };
+            if !(agrees(&fresh) && agrees(&one) && agrees(&seven)) {
+                bad.push(key.to_string());
+            }
+        }
+        bad
+    })
+    .await
+    .context("the determinism folds panicked")
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+/// The command. `Ok(false)` on any mismatch or non-determinism.
+pub async fn test(opts: &TestOptions) -> anyhow::Result<bool> {
+    let dir = &opts.dir;
+    let events: PathBuf = dir.join("events.jsonl");
+    anyhow::ensure!(events.exists(), "{} does not exist", events.display());
+    let expected = read_expected(&dir.join("expected.jsonl"))?;
+    let projections_path = dir.join("expected-projections.jsonl");
+    let quarantine_path = dir.join("expected-quarantine.jsonl");
+    let dead_path = dir.join("expected-dead-letters.jsonl");
+    let want_projections = read_jsonl(&projections_path, false)?;
+    let want_quarantine = read_jsonl(&quarantine_path, false)?;
+    let want_dead = read_jsonl(&dead_path, false)?;
+    anyhow::ensure!(opts.batch_size > 0, "--batch-size must be at least 1");
+    let config = host_config(opts)?;
+
+    let started = Instant::now();
+    let plugin = {
+        let engine = config.plugins.engine()?;
+        let bytes = std::fs::read(&opts.plugin)
+            .with_context(|| format!("reading {}", opts.plugin.display()))?;
+        let p = Plugin::load(&engine, &bytes, config.plugins.limits)
+            .with_context(|| format!("loading {}", opts.plugin.display()))?;
+        let limits = config.plugins.limits_for(&p.info.entity_type);
+        if limits == p.limits {
+            p
+        } else {
+            p.with_limits(limits)
+        }
+    };
+    let t_load = started.elapsed();
+    let entity_type = plugin.info.entity_type.clone();
+
+    let t0 = Instant::now();
+    let run = run_fixture(config, plugin.clone(), &events, opts.batch_size).await?;
+    let t_run = t0.elapsed();
+
+    let mut failures: Vec<Value> = Vec::new();
     let mut lines = Vec::new();
     for (key, want) in &expected {
-        match big.states.get(key) {
+        match run.states.get(key) {
             Some(got) if got == want => lines.push(format!("  ok    {key}")),
             Some(got) => {
                 let mut d = Vec::new();
                 diff("$", want, got, &mut d);
                 lines.push(format!("  FAIL  {key}"));
                 lines.extend(d.iter().map(|l| format!("          {l}")));
-                mismatches.push(json!({"entity": key.to_string(), "diff": d}));
+                failures.push(json!({"entity": key.to_string(), "diff": d}));
             }
             None => {
-                lines.push(format!("  FAIL  {key}: no state (never folded)"));
-                mismatches.push(json!({"entity": key.to_string(), "diff": ["no state"]}));
+                let hint = if key.entity_type != entity_type {
+                    format!(
+                        " (the plugin owns entity type `{entity_type}`, not `{}`)",
+                        key.entity_type
+                    )
+                } else {
+                    " (never folded)".to_owned()
+                };
+                lines.push(format!("  FAIL  {key}: no state{hint}"));
+                failures
+                    .push(json!({"entity": key.to_string(), "diff": [format!("no state{hint}")]}));
             }
         }
     }
-    for key in big.states.keys().filter(|k| !expected.contains_key(*k)) {
+    for key in run.states.keys().filter(|k| !expected.contains_key(*k)) {
         lines.push(format!("  FAIL  {key}: not in expected.jsonl"));
-        mismatches.push(json!({"entity": key.to_string(), "diff": ["unexpected entity"]}));
+        failures.push(json!({"entity": key.to_string(), "diff": ["unexpected entity"]}));
     }
-    let mut nondeterministic = Vec::new();
-    for (key, s) in &big.states {
-        if single.states.get(key) != Some(s) {
-            nondeterministic.push(key.to_string());
+
+    if let Some(want) = &want_projections {
+        for (n, v) in want {
+            let name = str_field(&projections_path, *n, v, "projection")?;
+            let key = str_field(&projections_path, *n, v, "key")?;
+            let body = field(&projections_path, *n, v, "body")?;
+            let got = run.store.projection(&name, &key).await?;
+            let label = format!("projection {name}/{key}");
+            match (body, &got) {
+                (Value::Null, None) => lines.push(format!("  ok    {label} (absent)")),
+                (Value::Null, Some(g)) => {
+                    lines.push(format!("  FAIL  {label}: expected absent, got {g}"));
+                    failures.push(json!({"projection": label, "diff": ["expected absent"]}));
+                }
+                (_, None) => {
+                    lines.push(format!("  FAIL  {label}: missing"));
+                    failures.push(json!({"projection": label, "diff": ["missing"]}));
+                }
+                (w, Some(g)) if w == g => lines.push(format!("  ok    {label}")),
+                (w, Some(g)) => {
+                    let mut d = Vec::new();
+                    diff("$", w, g, &mut d);
+                    lines.push(format!("  FAIL  {label}"));
+                    lines.extend(d.iter().map(|l| format!("          {l}")));
+                    failures.push(json!({"projection": label, "diff": d}));
+                }
+            }
         }
     }
-    for key in single
-        .states
-        .keys()
-        .filter(|k| !big.states.contains_key(*k))
-    {
-        nondeterministic.push(key.to_string());
-    }
-    let deterministic = nondeterministic.is_empty() && big.quarantined == single.quarantined;
-    let passed = mismatches.is_empty() && deterministic;
 
-    if as_json {
+    if let Some(want) = &want_quarantine {
+        let mut wanted = BTreeMap::new();
+        for (n, v) in want {
+            wanted.insert(
+                str_field(&quarantine_path, *n, v, "entity_id")?,
+                str_field(&quarantine_path, *n, v, "reason")?,
+            );
+        }
+        for q in &run.quarantined {
+            let id = &q.key.entity_id;
+            match wanted.remove(id) {
+                Some(reason) if q.error.contains(&reason) => {
+                    lines.push(format!("  ok    quarantine {id}"));
+                }
+                Some(reason) => {
+                    lines.push(format!(
+                        "  FAIL  quarantine {id}: reason does not contain {reason:?}"
+                    ));
+                    failures.push(json!({"quarantine": id, "diff": [format!("reason does not contain {reason:?}")]}));
+                }
+                None => {
+                    lines.push(format!("  FAIL  quarantine {id}: not expected"));
+                    failures.push(json!({"quarantine": id, "diff": ["not expected"]}));
+                }
+            }
+        }
+        for id in wanted.keys() {
+            lines.push(format!(
+                "  FAIL  quarantine {id}: expected, not quarantined"
+            ));
+            failures.push(json!({"quarantine": id, "diff": ["not quarantined"]}));
+        }
+    }
+
+    let text = std::fs::read(&events).with_context(|| format!("reading {}", events.display()))?;
+    let dead_lines: Vec<(usize, &DeadLetter)> = run
+        .dead_letters
+        .iter()
+        .map(|d| (d.origin.as_ref().map_or(0, |o| line_of(&text, o.offset)), d))
+        .collect();
+    if let Some(want) = &want_dead {
+        let mut wanted = BTreeMap::new();
+        for (n, v) in want {
+            let line = field(&dead_path, *n, v, "line")?
+                .as_u64()
+                .with_context(|| format!("{}:{n}: `line` must be a number", dead_path.display()))?;
+            wanted.insert(line as usize, str_field(&dead_path, *n, v, "code")?);
+        }
+        for (line, d) in &dead_lines {
+            match wanted.remove(line) {
+                Some(code) if code == d.code => {
+                    lines.push(format!("  ok    dead letter line {line}"))
+                }
+                Some(code) => {
+                    lines.push(format!(
+                        "  FAIL  dead letter line {line}: expected code {code}, got {}",
+                        d.code
+                    ));
+                    failures.push(json!({"dead_letter": line, "diff": [format!("expected code {code}, got {}", d.code)]}));
+                }
+                None => {
+                    lines.push(format!("  FAIL  dead letter line {line}: not expected"));
+                    failures.push(json!({"dead_letter": line, "diff": ["not expected"]}));
+                }
+            }
+        }
+        for line in wanted.keys() {
+            lines.push(format!(
+                "  FAIL  dead letter line {line}: expected, not dead-lettered"
+            ));
+            failures.push(json!({"dead_letter": line, "diff": ["not dead-lettered"]}));
+        }
+    }
+
+    let t1 = Instant::now();
+    let nondeterministic = if opts.determinism {
+        Some(determinism(&run, &plugin, &entity_type).await?)
+    } else {
+        None
+    };
+    let t_det = t1.elapsed();
+    let deterministic = nondeterministic.as_ref().is_none_or(Vec::is_empty);
+    let passed = failures.is_empty() && deterministic;
+
+    let quarantine_json: Vec<Value> = run
+        .quarantined
+        .iter()
+        .map(|q| {
+            json!({"entity_id": q.key.entity_id, "event_id": q.event_id,
+                   "position": q.event_position, "kind": q.kind, "reason": q.error})
+        })
+        .collect();
+    let dead_json: Vec<Value> = dead_lines
+        .iter()
+        .map(|(line, d)| json!({"line": line, "code": d.code, "reason": d.reason, "event_id": d.event_id}))
+        .collect();
+    if opts.json {
         let summary = json!({
-            "plugin": info.info,
-            "digest": format!("sha256:{}", info.digest),
+            "plugin": plugin.info,
+            "digest": format!("sha256:{}", plugin.digest),
             "fixture": dir.display().to_string(),
             "passed": passed,
             "entities_checked": expected.len(),
-            "mismatches": mismatches.len(),
-            "mismatched": mismatches,
-            "dead_letters": big.dead_letters,
-            "quarantined": big.quarantined,
-            "duplicates": big.report.duplicates,
-            "records": big.report.records,
-            "applied": big.report.applied,
+            "mismatches": failures.len(),
+            "mismatched": failures,
+            "dead_letters": run.dead_letters.len(),
+            "dead_lettered": dead_json,
+            "quarantined": run.quarantined.iter().map(|q| q.key.entity_id.clone()).collect::<Vec<_>>(),
+            "quarantine": quarantine_json,
+            "duplicates": run.report.duplicates,
+            "records": run.report.records,
+            "applied": run.report.applied,
             "deterministic": deterministic,
-            "nondeterministic_entities": nondeterministic,
+            "determinism_checked": nondeterministic.is_some(),
+            "nondeterministic_entities": nondeterministic.clone().unwrap_or_default(),
+            "timing_ms": {"load": ms(t_load), "run": ms(t_run), "determinism": ms(t_det)},
         });
-        crate::cli::out::outln!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        crate::cli::out::outln!(
-            "refold test: {} (sha256:{}) on {}",
-            info.tag(),
-            &info.digest[..12],
-            dir.display()
-        );
-        crate::cli::out::outln!(
-            "  {} records: {} applied, {} duplicates, {} dead letters, {} quarantined {:?}",
-            big.report.records,
-            big.report.applied,
-            big.report.duplicates,
-            big.dead_letters,
-            big.quarantined.len(),
-            big.quarantined
-        );
-        for l in &lines {
-            crate::cli::out::outln!("{l}");
-        }
-        if deterministic {
-            crate::cli::out::outln!(
-                "  determinism: ok (one event per batch and one batch of all events agree)"
-            );
-        } else {
-            crate::cli::out::outln!("  determinism: FAILED for {nondeterministic:?}");
-        }
-        crate::cli::out::outln!(
-            "result: {} entities checked, {} mismatches{}",
-            expected.len(),
-            mismatches.len(),
-            if deterministic {
-                ""
-            } else {
-                ", non-deterministic"
-            }
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(passed);
+    }
+    outln!(
+        "refold test: {} (sha256:{}) on {}",
+        plugin.tag(),
+        &plugin.digest[..12],
+        dir.display()
+    );
+    outln!(
+        "  {} records: {} applied, {} duplicates, {} dead letters, {} quarantined",
+        run.report.records,
+        run.report.applied,
+        run.report.duplicates,
+        run.dead_letters.len(),
+        run.quarantined.len(),
+    );
+    for q in &run.quarantined {
+        outln!(
+            "  quarantined {} at position {} (event {}, {}): {}",
+            q.key,
+            q.event_position,
+            q.event_id,
+            q.kind,
+            q.error
         );
     }
+    for (line, d) in &dead_lines {
+        outln!("  dead letter line {line} ({}): {}", d.code, d.reason);
+    }
+    for l in &lines {
+        outln!("{l}");
+    }
+    match &nondeterministic {
+        None => outln!("  determinism: not checked (--no-determinism)"),
+        Some(bad) if bad.is_empty() => outln!(
+            "  determinism: ok (fresh instances, one long-lived instance, batches of 1, 7 and all events agree)"
+        ),
+        Some(bad) => outln!("  determinism: FAILED for {bad:?}"),
+    }
+    outln!(
+        "  timing: load {} ms, run {} ms, determinism {} ms",
+        ms(t_load),
+        ms(t_run),
+        ms(t_det)
+    );
+    outln!(
+        "result: {} entities checked, {} mismatches{}",
+        expected.len(),
+        failures.len(),
+        if deterministic {
+            ""
+        } else {
+            ", non-deterministic"
+        }
+    );
     Ok(passed)
 }
 
@@ -251,17 +593,27 @@ mod tests {
         let mut d = Vec::new();
         diff(
             "$",
-            &json!({"a": 1, "b": {"c": 2}, "x": 0}),
-            &json!({"a": 1, "b": {"c": 3}, "y": 1}),
+            &json!({"a": 1, "b": {"c": 2}, "x": 0, "a b": 1}),
+            &json!({"a": 1, "b": {"c": 3}, "y": 1, "a b": 2}),
             &mut d,
         );
         assert_eq!(
             d,
             vec![
+                "$[\"a b\"]: expected 1, got 2",
                 "$.b.c: expected 2, got 3",
                 "$.x: expected 0, missing",
                 "$.y: unexpected 1"
             ]
         );
+    }
+
+    #[test]
+    fn line_of_counts_newlines_before_the_offset() {
+        let text = b"a\nbb\nccc\n";
+        assert_eq!(line_of(text, 0), 1);
+        assert_eq!(line_of(text, 2), 2);
+        assert_eq!(line_of(text, 5), 3);
+        assert_eq!(line_of(text, 999), 4);
     }
 }
