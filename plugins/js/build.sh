@@ -7,6 +7,10 @@
 #   OUT_DIR   where the components go (default: plugins/target/components):
 #             bank-js.wasm
 #
+# componentize-js 0.23.0 imports @bytecodealliance/preview2-shim at run time
+# but lists it only as a devDependency of its own, so a clean `npm ci` lacks
+# it: package.json pins it (0.25.0) beside componentize-js.
+#
 # Installs the toolchain into plugins/js/node_modules with `npm ci` when it is
 # missing or older than package-lock.json. A second run with nothing changed
 # returns at once: see inputs_hash below.

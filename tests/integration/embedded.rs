@@ -192,6 +192,62 @@ fn refold_test_checks_projections_quarantine_and_dead_letters_and_its_options() 
 }
 
 #[test]
+fn refold_new_projects_build_and_pass_their_own_fixture() {
+    let dir = tempdir();
+    let (code, _, err) = refold(&["new", "--lang", "rust", "Bad_Name"], dir.path());
+    assert_ne!(code, 0);
+    assert!(err.contains("lowercase letters"), "{err}");
+
+    for (lang, name) in [("rust", "tally-up"), ("js", "tally-js")] {
+        let (code, out, err) = refold(&["new", "--lang", lang, name], dir.path());
+        assert_eq!(code, 0, "{lang}: {out}{err}");
+        let proj = dir.path().join(name);
+        let (code, _, err) = refold(&["new", "--lang", lang, name], dir.path());
+        assert_ne!(code, 0, "an existing directory is refused");
+        assert!(err.contains("already exists"), "{err}");
+
+        let wasm = match lang {
+            "rust" => {
+                // A target directory kept between runs: the scaffold's
+                // dependencies (serde, wit-bindgen) build once per machine.
+                let target = root().join("target/scaffold");
+                let status = std::process::Command::new("cargo")
+                    .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
+                    .env("CARGO_TARGET_DIR", &target)
+                    .current_dir(&proj)
+                    .status()
+                    .expect("running cargo");
+                assert!(status.success(), "the Rust scaffold builds");
+                target.join("wasm32-wasip2/release/tally_up.wasm")
+            }
+            _ => {
+                let status = std::process::Command::new("bash")
+                    .arg("build.sh")
+                    .current_dir(&proj)
+                    .status()
+                    .expect("running build.sh");
+                assert!(status.success(), "the JavaScript scaffold builds");
+                proj.join("tally-js.wasm")
+            }
+        };
+        let (code, out, err) = refold(
+            &[
+                "test",
+                "--plugin",
+                wasm.to_str().unwrap(),
+                "fixture",
+                "--json",
+            ],
+            &proj,
+        );
+        assert_eq!(code, 0, "{lang}: {out}{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["passed"], true, "{lang}: {v}");
+        assert_eq!(v["quarantined"], json!(["c"]), "{lang}: {v}");
+    }
+}
+
+#[test]
 fn the_committed_example_components_are_reproducible_from_source() {
     for name in ["bank", "orders"] {
         let built = std::fs::read(component(name)).unwrap();

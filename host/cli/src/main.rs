@@ -65,6 +65,9 @@ fn main() -> std::process::ExitCode {
                 })
                 .await
             }
+            Command::New { lang, name } => {
+                refold::cli::new::new(lang, &name, std::path::Path::new(".")).map(|_| true)
+            }
             Command::Inspect { file } => refold::cli::inspect::inspect(&file),
             Command::Plugin { endpoint, action } => refold::cli::dispatch_plugin(&endpoint, action)
                 .await

@@ -3,6 +3,7 @@
 pub mod demo;
 pub mod inspect;
 pub mod listen;
+pub mod new;
 
 pub(crate) mod out;
 pub mod plugin;
@@ -68,6 +69,15 @@ pub enum Command {
         /// Skip the determinism folds (faster for big fixtures).
         #[arg(long)]
         no_determinism: bool,
+    },
+    /// Create a plugin project (SDK and WIT vendored, a fixture that passes).
+    New {
+        /// The language: rust or js. (Python: no SDK yet.)
+        #[arg(long, value_enum)]
+        lang: new::Lang,
+        /// The plugin's name (lowercase, digits, '-'); also its directory and,
+        /// with '_' for '-', its entity type.
+        name: String,
     },
     /// Show what a component describes and whether it matches the WIT world.
     Inspect {
