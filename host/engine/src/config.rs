@@ -357,6 +357,21 @@ impl PluginsConfig {
         })
     }
 
+    /// Compile and validate component bytes under these limits: `describe()`
+    /// runs under the defaults, the plugin then gets its entity type's.
+    pub fn load_plugin(
+        &self,
+        engine: &refold_runtime::Engine,
+        bytes: &[u8],
+    ) -> Result<std::sync::Arc<refold_runtime::Plugin>, refold_runtime::LoadError> {
+        let plugin = refold_runtime::Plugin::load(engine, bytes, self.limits)?;
+        let limits = self.limits_for(&plugin.info.entity_type);
+        if limits == plugin.limits {
+            return Ok(plugin);
+        }
+        Ok(plugin.with_limits(limits))
+    }
+
     /// Limits for an entity type.
     pub fn limits_for(&self, entity_type: &str) -> Limits {
         self.entity_limits

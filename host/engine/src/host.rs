@@ -142,12 +142,7 @@ impl Host {
     /// from the config for the entity type the component describes
     /// (`describe()` itself runs under the default limits).
     pub fn load_plugin_bytes(&self, bytes: &[u8]) -> anyhow::Result<Arc<Plugin>> {
-        let plugin = Plugin::load(&self.engine, bytes, self.config.plugins.limits)?;
-        let limits = self.config.plugins.limits_for(&plugin.info.entity_type);
-        if limits == plugin.limits {
-            return Ok(plugin);
-        }
-        Ok(plugin.with_limits(limits))
+        Ok(self.config.plugins.load_plugin(&self.engine, bytes)?)
     }
 
     /// Warn through `/healthz` while the embedded database's disk is nearly

@@ -202,14 +202,14 @@ fn host_config(opts: &TestOptions) -> anyhow::Result<refold_engine::config::Host
     };
     if !opts.limits.is_empty() {
         let mut limits = serde_json::to_value(config.plugins.limits)?;
+        let known: Vec<String> = limits
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
         for kv in &opts.limits {
             let (k, val) = kv
                 .split_once('=')
                 .with_context(|| format!("--limit {kv}: expected KEY=VALUE"))?;
-            let known: Vec<String> = limits
-                .as_object()
-                .map(|o| o.keys().cloned().collect())
-                .unwrap_or_default();
             anyhow::ensure!(
                 known.iter().any(|n| n == k),
                 "--limit {kv}: no limit `{k}` (known: {})",
@@ -331,14 +331,10 @@ pub async fn test(opts: &TestOptions) -> anyhow::Result<bool> {
         let engine = config.plugins.engine()?;
         let bytes = std::fs::read(&opts.plugin)
             .with_context(|| format!("reading {}", opts.plugin.display()))?;
-        let p = Plugin::load(&engine, &bytes, config.plugins.limits)
-            .with_context(|| format!("loading {}", opts.plugin.display()))?;
-        let limits = config.plugins.limits_for(&p.info.entity_type);
-        if limits == p.limits {
-            p
-        } else {
-            p.with_limits(limits)
-        }
+        config
+            .plugins
+            .load_plugin(&engine, &bytes)
+            .with_context(|| format!("loading {}", opts.plugin.display()))?
     };
     let t_load = started.elapsed();
     let entity_type = plugin.info.entity_type.clone();
