@@ -9,6 +9,7 @@
 #               probe-trap-describe.wasm probe-fail-all.wasm probe-entity-orders.wasm
 #               probe-entity-dashed.wasm probe-loop-init.wasm
 #               bank-js.wasm (plugins/js/build.sh: the bank in JavaScript)
+#               bank-py.wasm (plugins/python/build.sh: the bank in Python)
 #   --examples  also copy bank.wasm and orders.wasm to examples/bank/ and
 #               examples/orders/ (the copies there are committed so that the
 #               quick start needs no wasm build); says whether they changed
@@ -121,6 +122,10 @@ fi
 # the script skips its build when its inputs are unchanged).
 bash "$here/js/build.sh" "$out" >&2
 names+=(bank-js)
+# The Python examples (componentize-py pinned in python/requirements.txt, in
+# a venv under plugins/target; skipped likewise when nothing changed).
+bash "$here/python/build.sh" "$out" >&2
+names+=(bank-py)
 
 for name in "${names[@]}"; do
   printf '%8d  %s\n' "$(wc -c <"$out/$name.wasm")" "$out/$name.wasm"

@@ -45,11 +45,11 @@ fn example_fixtures_pass_refold_test() {
 }
 
 #[test]
-fn the_bank_in_rust_and_javascript_passes_the_same_fixtures() {
+fn the_bank_in_rust_javascript_and_python_passes_the_same_fixtures() {
     // bank-js is built with componentize-js's defaults, so it imports
     // wasi:http: this also shows that the host's deny-all wasi:http lets it load.
     let mut seen = Vec::new();
-    for name in ["bank", "bank-js"] {
+    for name in ["bank", "bank-js", "bank-py"] {
         let plugin = component(name);
         let (code, out, err) = refold(
             &[
@@ -78,7 +78,8 @@ fn the_bank_in_rust_and_javascript_passes_the_same_fixtures() {
             v["quarantined"].clone(),
         ));
     }
-    assert_eq!(seen[0], seen[1], "both languages handle the log alike");
+    assert_eq!(seen[0], seen[1], "Rust and JavaScript handle the log alike");
+    assert_eq!(seen[0], seen[2], "Rust and Python handle the log alike");
 }
 
 #[test]
@@ -198,7 +199,11 @@ fn refold_new_projects_build_and_pass_their_own_fixture() {
     assert_ne!(code, 0);
     assert!(err.contains("lowercase letters"), "{err}");
 
-    for (lang, name) in [("rust", "tally-up"), ("js", "tally-js")] {
+    for (lang, name) in [
+        ("rust", "tally-up"),
+        ("python", "tally-py"),
+        ("js", "tally-js"),
+    ] {
         let (code, out, err) = refold(&["new", "--lang", lang, name], dir.path());
         assert_eq!(code, 0, "{lang}: {out}{err}");
         let proj = dir.path().join(name);
@@ -226,8 +231,8 @@ fn refold_new_projects_build_and_pass_their_own_fixture() {
                     .current_dir(&proj)
                     .status()
                     .expect("running build.sh");
-                assert!(status.success(), "the JavaScript scaffold builds");
-                proj.join("tally-js.wasm")
+                assert!(status.success(), "the {lang} scaffold builds");
+                proj.join(format!("{name}.wasm"))
             }
         };
         let (code, out, err) = refold(

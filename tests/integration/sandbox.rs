@@ -209,6 +209,67 @@ fn a_plugin_reaches_no_file_env_clock_or_randomness() {
         json!({"ok": 0}),
         "the clock is frozen: {peek}"
     );
+    // wasi:http links (toolchains import it by default) and denies.
+    assert!(
+        peek["http"]["err"]
+            .as_str()
+            .is_some_and(|e| e.contains("HttpRequestDenied")),
+        "{peek}"
+    );
+}
+
+/// Resources a plugin makes the host hold (here `wasi:http` `fields` and
+/// their headers) live outside its memory limit: past the caps, the call
+/// traps and only that entity is quarantined; a plugin within them runs on.
+#[test]
+fn a_plugin_holding_too_many_host_resources_is_stopped() {
+    let lines = vec![
+        ce("r1", "probe", "p-res", "probe.fields", json!({"n": 100})),
+        ce("r2", "probe", "p-res", "probe.fields", json!({"n": 5000})),
+        ce("r3", "probe", "p-ok", "probe.fields", json!({"n": 500})),
+        ce("r4", "probe", "p-ok", "probe.fields", json!({"n": 500})),
+        ce(
+            "h1",
+            "probe",
+            "p-hdr",
+            "probe.header",
+            json!({"bytes": 1024}),
+        ),
+        ce(
+            "h2",
+            "probe",
+            "p-hdr",
+            "probe.header",
+            json!({"bytes": 8192}),
+        ),
+    ];
+    let (_d, host) = host_with(&lines);
+    let q = quarantine_of(&host, "p-res");
+    assert_eq!(q["event_id"], "r2", "{q}");
+    assert_eq!(q["kind"], "trap", "{q}");
+    assert_eq!(
+        state_of(&host, "/v1/entities/probe/p-res", 1)["state"]["count"],
+        1
+    );
+    assert_eq!(
+        state_of(&host, "/v1/entities/probe/p-ok", 2)["state"]["count"],
+        2,
+        "resources are freed after each call"
+    );
+    // Headers are host memory too: 4 KiB per `fields`.
+    let q = quarantine_of(&host, "p-hdr");
+    assert_eq!(q["event_id"], "h2", "{q}");
+    assert!(
+        q["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("fields exceeds limit"),
+        "{q}"
+    );
+    assert_eq!(
+        state_of(&host, "/v1/entities/probe/p-hdr", 1)["state"]["count"],
+        1
+    );
 }
 
 #[test]

@@ -16,9 +16,7 @@ use refold_store::{
 };
 
 use crate::error::{other, pager_err, row_err};
-use crate::outbox::{
-    DOUBT_BUCKETS, OutboxState, Part, Planned, READY_MAX, RESCAN_AFTER, SCAN_ROWS, WRITE_BYTES,
-};
+use crate::outbox::{DOUBT_BUCKETS, OutboxState, Part, Planned, READY_MAX, SCAN_ROWS, WRITE_BYTES};
 use crate::rows::{OutboxRow, OutboxValues};
 use crate::store::CassandraStore;
 
@@ -35,7 +33,15 @@ impl CassandraStore {
         if commit.changes.is_empty() {
             return Ok(None);
         }
-        let batch = format!("{:016x}{:016x}", self.next_ts(), rand::random::<u64>());
+        // Made and marked under way under one lock with a scan's start
+        // (`scan`): a scan skips every batch of this process, those under
+        // way or in memory when it starts and those made after.
+        let batch = {
+            let mut o = self.outbox_lock();
+            let id = format!("{:016x}{:016x}", self.next_ts(), rand::random::<u64>());
+            o.inflight.insert(id.clone());
+            id
+        };
         let updates: HashMap<&EntityKey, u64> = commit
             .entities
             .iter()
@@ -105,7 +111,6 @@ impl CassandraStore {
     /// Write the records of a commit to the outbox, before its entity
     /// batches: from here on, a crash leaves them for a publisher to check.
     pub(crate) async fn write_outbox(&self, p: &Planned) -> Result<()> {
-        self.outbox_lock().inflight.insert(p.batch.clone());
         let mut chunks: Vec<&[OutboxValues]> = Vec::new();
         for rows in p.rows.values() {
             let (mut start, mut bytes) = (0, 0);
@@ -193,7 +198,7 @@ impl CassandraStore {
         part: &OutboxPartition,
         max: usize,
     ) -> Result<Vec<OutboxBatch>> {
-        let doubt = {
+        let due = {
             let o = self.outbox_lock();
             let st = o.parts.get(part).ok_or_else(|| {
                 StoreError::Other(anyhow::anyhow!(
@@ -201,13 +206,10 @@ impl CassandraStore {
                     part.name()
                 ))
             })?;
-            st.doubt
-                || st
-                    .waiting_since
-                    .is_some_and(|t| t.elapsed() >= RESCAN_AFTER)
+            st.read_due()
         };
-        if doubt {
-            let batches = self.scan(part).await?;
+        if let Some(from) = due {
+            let batches = self.scan(part, from.as_deref()).await?;
             if !batches.is_empty() {
                 return Ok(batches);
             }
@@ -285,33 +287,58 @@ impl CassandraStore {
         a.and(b)
     }
 
-    /// Read a partition in doubt from the table: every batch neither under
-    /// way here nor held in memory, each record checked against its entity,
-    /// up to `SCAN_ROWS` of them per call.
-    async fn scan(&self, part: &OutboxPartition) -> Result<Vec<OutboxBatch>> {
-        let skip: HashSet<String> = {
+    /// Read a partition from the table (all of it, or from a sweep's
+    /// `after`): every batch neither under way here nor held in memory,
+    /// each record checked against its entity, up to `SCAN_ROWS` of them
+    /// per call. Whatever it finds was not committed here and is judged in
+    /// doubt.
+    async fn scan(&self, part: &OutboxPartition, after: Option<&str>) -> Result<Vec<OutboxBatch>> {
+        let (skip, start) = {
             let o = self.outbox_lock();
             let mut s: HashSet<String> = o.inflight.iter().cloned().collect();
             if let Some(st) = o.parts.get(part) {
                 s.extend(st.ready.iter().map(|b| b.id.clone()));
             }
-            s
+            (s, self.next_ts())
+        };
+        // A batch of this process made after `start` is not in `skip` but
+        // comes from memory (or is in doubt by its own failure): read from
+        // the table too, it would be published twice. Another process's
+        // batch stamped after `start` by its clock is read by a later sweep.
+        let skipped = |id: &str| {
+            skip.contains(id)
+                || id
+                    .get(..16)
+                    .and_then(|t| i64::from_str_radix(t, 16).ok())
+                    .is_some_and(|t| t >= start)
         };
         // Paged past the rows of the skipped batches: were they counted
         // against the limit, a partition whose memory holds more rows than
         // one scan takes would never be read to its end, stay in doubt, and
         // hold back what memory holds, for good.
-        let pager = self
-            .session
-            .execute_iter(self.st.outbox_read.clone(), (&part.source, part.partition))
-            .await
-            .map_err(pager_err)?;
+        let started = (Instant::now(), start);
+        let pager = match after {
+            None => {
+                self.session
+                    .execute_iter(self.st.outbox_read.clone(), (&part.source, part.partition))
+                    .await
+            }
+            Some(after) => {
+                self.session
+                    .execute_iter(
+                        self.st.outbox_read_after.clone(),
+                        (&part.source, part.partition, after),
+                    )
+                    .await
+            }
+        }
+        .map_err(pager_err)?;
         let mut stream = pager.rows_stream::<OutboxRow>().map_err(other)?;
         let mut rows: Vec<OutboxRow> = Vec::new();
         let mut complete = true;
         while let Some(r) = stream.next().await {
             let r = r.map_err(row_err)?;
-            if skip.contains(&r.batch_id) {
+            if skipped(&r.batch_id) {
                 continue;
             }
             if rows.len() >= SCAN_ROWS {
@@ -394,7 +421,12 @@ impl CassandraStore {
             // batches are either under way elsewhere, a previous holder's,
             // or will be fenced by the commit that runs them again).
             st.waiting_since = waiting.then(Instant::now);
-            if batches.is_empty() && complete {
+            st.read_at = Some(started);
+            if !complete {
+                // A sweep that did not reach the end hands over to reads
+                // of the whole partition.
+                st.doubt = true;
+            } else if batches.is_empty() && after.is_none() {
                 st.doubt = false;
             }
         }

@@ -40,6 +40,20 @@ pub(crate) const WRITE_BYTES: usize = 32 << 10;
 pub(crate) const DOUBT_BUCKETS: i64 = 8;
 /// How soon records still in doubt are looked at again.
 pub(crate) const RESCAN_AFTER: Duration = Duration::from_secs(2);
+/// How often a held partition with nothing in doubt is swept for rows
+/// written since its last read by another process: the previous holder's
+/// commits that were queued or under way when the partition moved (its
+/// lanes learn of the move only after the read that revoked it, and
+/// finish the batches they hold), whose rows land after the new holder's
+/// first read. Without the sweep nothing would look at them again, and
+/// their records would never be published.
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How far back before the previous read a sweep starts, in the batch ids'
+/// clock (microseconds of the writer's wall clock): covers the time from
+/// a commit's planning to its outbox write, and the clock skew between
+/// hosts. Rows older than that when they land (a host paused for longer
+/// between the two) are found only by the next holder's full read.
+pub(crate) const SWEEP_MARGIN_MICROS: i64 = 5 * 60 * 1_000_000;
 
 /// What this process holds of the outbox.
 #[derive(Default)]
@@ -61,6 +75,37 @@ pub(crate) struct Part {
     pub(crate) doubt: bool,
     /// Records still in doubt were left at this scan.
     pub(crate) waiting_since: Option<Instant>,
+    /// When the last read of the table started: by this process's clock,
+    /// and in the batch ids' (wall-clock microseconds).
+    pub(crate) read_at: Option<(Instant, i64)>,
+}
+
+impl Part {
+    /// Where the next read of the table starts, if one is due: `Some(None)`
+    /// for the whole partition (something is in doubt), `Some(Some(id))`
+    /// for a sweep of the batches after `id`.
+    pub(crate) fn read_due(&self) -> Option<Option<String>> {
+        if self.doubt
+            || self
+                .waiting_since
+                .is_some_and(|t| t.elapsed() >= RESCAN_AFTER)
+        {
+            return Some(None);
+        }
+        match self.read_at {
+            Some((at, micros)) if at.elapsed() >= SWEEP_EVERY && self.waiting_since.is_none() => {
+                Some(Some(sweep_from(micros)))
+            }
+            Some(_) => None,
+            None => Some(None),
+        }
+    }
+}
+
+/// The batch id a sweep reads after, for a previous read at `micros`:
+/// batch ids start with their writer's clock in 16 hex digits.
+pub(crate) fn sweep_from(micros: i64) -> String {
+    format!("{:016x}", micros.saturating_sub(SWEEP_MARGIN_MICROS).max(0))
 }
 
 /// The outbox part of one commit.

@@ -85,6 +85,8 @@ pub(crate) struct Statements {
     pub(crate) outbox_insert: PreparedStatement,
     /// Read into [`crate::rows::OutboxRow`].
     pub(crate) outbox_read: PreparedStatement,
+    /// `outbox_read` past a batch id (a sweep's window).
+    pub(crate) outbox_read_after: PreparedStatement,
     pub(crate) outbox_delete_batch: PreparedStatement,
     pub(crate) outbox_delete_row: PreparedStatement,
     /// Read into [`crate::rows::PluginVersionRow`].
@@ -195,6 +197,8 @@ impl Statements {
                               VALUES (:source, :part, :batch_id, :entity_type, :entity_id, :change_id, :last_position, :expected_head, :certain, :event)").await?,
             outbox_read: p("SELECT batch_id, entity_type, entity_id, change_id, last_position, expected_head, certain, event
                             FROM {ks}.change_outbox WHERE source = ? AND part = ?").await?,
+            outbox_read_after: p("SELECT batch_id, entity_type, entity_id, change_id, last_position, expected_head, certain, event
+                            FROM {ks}.change_outbox WHERE source = ? AND part = ? AND batch_id > ?").await?,
             outbox_delete_batch: p("DELETE FROM {ks}.change_outbox WHERE source = ? AND part = ? AND batch_id = ?").await?,
             outbox_delete_row: p("DELETE FROM {ks}.change_outbox WHERE source = ? AND part = ? AND batch_id = ? AND entity_type = ? AND entity_id = ?").await?,
             plugin_versions_read: p("SELECT entity_type, name, version, digest, size, uploaded_at, seq FROM {ks}.plugin_versions WHERE entity_type = ?").await?,

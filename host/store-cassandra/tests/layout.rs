@@ -255,3 +255,46 @@ async fn memory_beyond_one_scan_is_handed_out(s: &dyn Storage) {
 async fn a_partition_holding_more_than_one_scan_in_memory_is_handed_out() {
     on_fresh_store(|s| async move { memory_beyond_one_scan_is_handed_out(&*s).await }).await;
 }
+
+/// The previous holder of a partition commits after the new holder's
+/// first read of it (its lanes finish the batches they hold when the
+/// partition moves): a sweep of the rows written since finds the record,
+/// which is handed out once, and the new holder's own records follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_holders_late_commit_is_swept_up() {
+    let nodes = common::nodes();
+    let keyspaces = common::Keyspaces::default();
+    let (holder, previous) = keyspaces.open_pair(&nodes, 2).await;
+    let (holder, previous): (&dyn Storage, &dyn Storage) = (&holder, &previous);
+    let outcome = AssertUnwindSafe(async {
+        let p = OutboxPartition {
+            source: "t".into(),
+            partition: 3,
+        };
+        let a = EntityKey::new("account", "late");
+        holder.outbox_claim(&p, &[]).await.unwrap();
+        assert!(drain(holder, &p).await.is_empty());
+        previous
+            .commit(recorded(&a, 0, &["l1", "l2"], 3))
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut found = Vec::new();
+        while found.is_empty() && started.elapsed() < std::time::Duration::from_secs(20) {
+            found = drain(holder, &p).await;
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert_eq!(found, vec![("late".to_string(), 2)], "never swept up");
+        holder.commit(recorded(&a, 2, &["l3"], 3)).await.unwrap();
+        assert_eq!(drain(holder, &p).await, vec![("late".to_string(), 3)]);
+        // Published rows are deleted: later sweeps find nothing again.
+        tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+        assert!(drain(holder, &p).await.is_empty());
+    })
+    .catch_unwind()
+    .await;
+    keyspaces.drop_all(&nodes).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

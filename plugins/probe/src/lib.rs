@@ -17,9 +17,11 @@
 //! | `probe.spin`  | `{"iterations": int}` | spins that many iterations (a slow, legal event), `count += 1` |
 //! | `probe.recurse` | anything          | recurses until the stack overflows                     |
 //! | `probe.grab`  | `{"mib": int}`      | tries to reserve `mib` MiB; when refused, spins forever |
+//! | `probe.fields` | `{"n": int}`       | holds `n` `wasi:http` `fields` resources at once, `count += 1` |
+//! | `probe.header` | `{"bytes": int}`   | appends a header of `bytes` bytes to a `wasi:http` `fields`, `count += 1` |
 //! | other         | anything            | nothing                                                |
 //!
-//! `peek` is `{"file", "dir", "env", "home", "args", "time", "random"}`:
+//! `peek` is `{"file", "dir", "env", "home", "args", "time", "random", "http"}`:
 //!
 //! * `file`: reading `/etc/hostname`: `{"ok": <length in bytes>}` or `{"err": <message>}`;
 //! * `dir`: listing `/` and `.`: `{"/": <result>, ".": <result>}`, each
@@ -30,7 +32,9 @@
 //! * `time`: seconds since the Unix epoch by the system clock:
 //!   `{"ok": <secs>}` or `{"err": <message>}`;
 //! * `random`: a `u64` from std's randomly seeded hasher of a constant; equal
-//!   in two peeks only if the host's randomness is not random.
+//!   in two peeks only if the host's randomness is not random;
+//! * `http`: a `wasi:http` GET to `http://127.0.0.1:1/`: `{"ok": <status>}`
+//!   or `{"err": <the error code>}`.
 //!
 //! A sandboxed host gives errors for `file` and `dir`, 0 for `env` and
 //! `args`, an error for `home`; `time` and `random` show what its clock and
@@ -47,6 +51,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use refold_sdk::serde_json::{Value, json};
 use refold_sdk::{Descriptor, Error, Event, Plugin, ProjectionOp};
 use serde::{Deserialize, Serialize};
+use wasip2::http;
 
 /// The probe's state.
 #[derive(Debug, Serialize, Deserialize)]
@@ -77,6 +82,11 @@ struct Bytes {
 #[derive(Deserialize)]
 struct Lines {
     lines: usize,
+}
+
+#[derive(Deserialize)]
+struct N {
+    n: usize,
 }
 
 #[derive(Deserialize)]
@@ -198,6 +208,20 @@ impl Plugin for Probe {
             "probe.recurse" => {
                 black_box(recurse(black_box(1)));
             }
+            "probe.fields" => {
+                let N { n } = event.data()?;
+                // Host-side resources, outside the guest's memory limit.
+                let held: Vec<_> = (0..n).map(|_| http::types::Fields::new()).collect();
+                black_box(&held);
+                state.count += 1;
+            }
+            "probe.header" => {
+                let Bytes { bytes } = event.data()?;
+                let f = http::types::Fields::new();
+                f.append("x-big", &vec![b'a'; bytes])
+                    .map_err(|e| Error::new(format!("header refused: {e:?}")))?;
+                state.count += 1;
+            }
             "probe.grab" => {
                 let Mib { mib } = event.data()?;
                 let mut v: Vec<u8> = Vec::new();
@@ -258,6 +282,28 @@ fn result<T: Into<Value>, E: ToString>(r: Result<T, E>) -> Value {
     }
 }
 
+/// A request out through `wasi:http`, and what came back.
+fn fetch() -> Value {
+    use http::types::{Fields, Method, OutgoingRequest, Scheme};
+    let req = OutgoingRequest::new(Fields::new());
+    let _ = req.set_method(&Method::Get);
+    let _ = req.set_scheme(Some(&Scheme::Http));
+    let _ = req.set_authority(Some("127.0.0.1:1"));
+    let _ = req.set_path_with_query(Some("/"));
+    match http::outgoing_handler::handle(req, None) {
+        Err(e) => json!({ "err": format!("{e:?}") }),
+        Ok(response) => {
+            response.subscribe().block();
+            match response.get() {
+                Some(Ok(Ok(r))) => json!({ "ok": r.status() }),
+                Some(Ok(Err(e))) => json!({ "err": format!("{e:?}") }),
+                Some(Err(())) => json!({ "err": "taken twice" }),
+                None => json!({ "err": "never ready" }),
+            }
+        }
+    }
+}
+
 fn peek() -> Value {
     let dir = |path: &str| result(std::fs::read_dir(path).map(|entries| entries.count() as u64));
     json!({
@@ -268,6 +314,7 @@ fn peek() -> Value {
         "args": std::env::args().count(),
         "time": result(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs())),
         "random": RandomState::new().hash_one("refold probe"),
+        "http": fetch(),
     })
 }
 

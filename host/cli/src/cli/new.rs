@@ -1,8 +1,8 @@
-//! `refold new --lang rust|js NAME`: a plugin project that builds and passes
-//! its own fixture out of the box. The SDK and the WIT are vendored into it
-//! (embedded in this binary), so it needs no checkout of this repository and
-//! builds the same offline as here; only the toolchains come from their
-//! registries (crates.io for Rust, npm for componentize-js, pinned).
+//! `refold new --lang rust|python|js NAME`: a plugin project that builds and
+//! passes its own fixture out of the box. The SDK and the WIT are vendored
+//! into it (embedded in this binary), so it needs no checkout of this
+//! repository; only the toolchains come from their registries (crates.io for
+//! Rust, PyPI for componentize-py, npm for componentize-js, pinned).
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +13,8 @@ use anyhow::Context as _;
 pub enum Lang {
     /// The `refold-sdk` crate, built with cargo for wasm32-wasip2.
     Rust,
+    /// The Python SDK, built with componentize-py.
+    Python,
     /// The JavaScript SDK, built with componentize-js.
     Js,
 }
@@ -72,6 +74,32 @@ const JS_SDK: &[(&str, &str)] = &[
         include_str!("../../../../plugins/js/refold-sdk/json.js"),
     ),
 ];
+
+const PY_SDK: &[(&str, &str)] = &[
+    (
+        "__init__.py",
+        include_str!("../../../../plugins/python/refold-sdk/refold_sdk/__init__.py"),
+    ),
+    (
+        "core.py",
+        include_str!("../../../../plugins/python/refold-sdk/refold_sdk/core.py"),
+    ),
+    (
+        "log.py",
+        include_str!("../../../../plugins/python/refold-sdk/refold_sdk/log.py"),
+    ),
+    (
+        "testing.py",
+        include_str!("../../../../plugins/python/refold-sdk/refold_sdk/testing.py"),
+    ),
+    (
+        "wit.py",
+        include_str!("../../../../plugins/python/refold-sdk/refold_sdk/wit.py"),
+    ),
+];
+
+/// The toolchain pinned exactly as refold's own Python plugins pin it.
+const PY_REQUIREMENTS: &str = include_str!("../../../../plugins/python/requirements.txt");
 
 const JS_LOCK: &str = include_str!("../../../../plugins/js/package-lock.json");
 
@@ -205,6 +233,28 @@ codegen-units = 1
                 "cargo build --release --target wasm32-wasip2".to_owned(),
                 format!("target/wasm32-wasip2/release/{crate_name}.wasm"),
             )
+        }
+        Lang::Python => {
+            for (rel, text) in PY_SDK {
+                write(&root, &format!("refold_sdk/{rel}"), text)?;
+            }
+            write(
+                &root,
+                "app.py",
+                &fill(include_str!("../../templates/plugin.py"), name),
+            )?;
+            write(
+                &root,
+                "build.sh",
+                &fill(include_str!("../../templates/build-py.sh"), name),
+            )?;
+            write(&root, "requirements.txt", PY_REQUIREMENTS)?;
+            write(
+                &root,
+                ".gitignore",
+                "/.venv\n/.build\n/*.wasm\n__pycache__/\n",
+            )?;
+            ("bash build.sh".to_owned(), format!("{name}.wasm"))
         }
         Lang::Js => {
             for (rel, text) in JS_SDK {

@@ -41,6 +41,34 @@ impl Keyspaces {
             .unwrap_or_else(|e| panic!("opening keyspace {}: {e:#}", config.keyspace))
     }
 
+    /// Two stores (two hosts') on one new keyspace.
+    // Shared by the test binaries; only the layout tests use it.
+    #[allow(dead_code)]
+    pub async fn open_pair(
+        &self,
+        nodes: &[String],
+        bucket_size: u64,
+    ) -> (CassandraStore, CassandraStore) {
+        let first = self.open(nodes, bucket_size).await;
+        let keyspace = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .cloned();
+        let config = CassandraConfig {
+            nodes: nodes.to_vec(),
+            keyspace: keyspace.unwrap_or_default(),
+            replication_factor: 1,
+            bucket_size,
+            ..CassandraConfig::default()
+        };
+        let second = CassandraStore::open(&config)
+            .await
+            .unwrap_or_else(|e| panic!("opening keyspace {} again: {e:#}", config.keyspace));
+        (first, second)
+    }
+
     /// Drop them all. Best effort: one left behind is only clutter on a
     /// test server.
     pub async fn drop_all(&self, nodes: &[String]) {
