@@ -105,6 +105,16 @@ impl PluginManager {
             match self.compiled(&a.digest).await {
                 Ok(p) => {
                     let _gate = self.gate.write().await;
+                    // The list was read before the gate: an activation made
+                    // here meanwhile (under the gate) is newer than `a`, and
+                    // applying `a` would undo it until the next poll.
+                    let now = self.current_activation(&a.entity_type).await?;
+                    if now
+                        .as_ref()
+                        .is_none_or(|n| n.seq != a.seq || n.digest != a.digest)
+                    {
+                        continue;
+                    }
                     self.host.registry.activate_in(p, &a.generation);
                     tracing::info!(entity_type = %a.entity_type, digest = %a.digest, "activation picked up from the registry");
                 }
