@@ -82,6 +82,39 @@ fn the_bank_in_rust_javascript_and_python_passes_the_same_fixtures() {
     assert_eq!(seen[0], seen[2], "Rust and Python handle the log alike");
 }
 
+/// Entities a batch defers (past its fold budget) have their events
+/// stored and are folded by later batches; when the input ends, the last
+/// batches' deferred entities are folded before the run stops. With room
+/// for one read-model operation per batch, a batch folds the entity that
+/// spends it and defers the rest (the bank writes a document per account),
+/// and the fixture still passes: nothing is left behind its head.
+#[test]
+fn a_run_that_ends_folds_what_its_batches_deferred() {
+    let dir = tempdir();
+    let config = dir.path().join("budget.toml");
+    std::fs::write(&config, "[engine]\nmax_batch_projection_ops = 1\n").unwrap();
+    let plugin = component("bank");
+    let (code, out, err) = refold(
+        &[
+            "test",
+            "--plugin",
+            plugin.to_str().unwrap(),
+            "examples/bank",
+            "--config",
+            config.to_str().unwrap(),
+            "--batch-size",
+            "7",
+            "--no-determinism",
+            "--json",
+        ],
+        &root(),
+    );
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let v: Value = serde_json::from_str(&out).expect("--json prints one JSON object");
+    assert_eq!(v["passed"], true, "{v}");
+    assert_eq!(v["mismatches"], 0, "{v}");
+}
+
 #[test]
 fn refold_test_checks_projections_quarantine_and_dead_letters_and_its_options() {
     let dir = tempdir();

@@ -166,6 +166,9 @@ impl App {
     }
 }
 
+/// Catch-up passes over deferred entities once the source ended.
+const MAX_CATCH_UP_PASSES: usize = 100_000;
+
 /// One lane of the consume loop: its own pipeline (sandboxes, state
 /// cache) over the partitions dealt to it, and its write in flight.
 struct Lane {
@@ -231,6 +234,22 @@ impl Lane {
                 self.overlap(records).await?
             };
             if settled == Settled::Shutdown {
+                return Ok(());
+            }
+        }
+        // The inbox closed: the source ended (a file read without
+        // following, `refold test`, a demo). Entities that earlier batches
+        // deferred (out of their time or output budget) are folded now, or
+        // the run would end with states behind their head. Each pass folds
+        // at least the first entity it takes; the bound is a backstop.
+        let mut passes = 0usize;
+        while self.pipeline.has_deferred() && !*self.shutdown.borrow() {
+            passes += 1;
+            if passes > MAX_CATCH_UP_PASSES {
+                tracing::warn!("entities deferred at the end of the source stay behind their head");
+                break;
+            }
+            if self.overlap(Vec::new()).await? == Settled::Shutdown {
                 return Ok(());
             }
         }

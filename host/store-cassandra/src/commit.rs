@@ -22,9 +22,9 @@ use crate::error::{applied, exec_err, other};
 use crate::intents::{Effects, Intent, ProjOp, split_utf8};
 use crate::outbox::{CHANGE_ROW_TTL, Planned};
 use crate::rows::{
-    AdvanceValues, ChangeRowValues, CheckpointValues, DeadLetterValues, DocumentKeyValues,
-    DocumentValues, EventValues, IdValues, IntentRow, IntentValues, Located, OpenBucketValues,
-    PutStateValues, QuarantineValues, StateValues,
+    AdvanceValues, ChangeRowValues, CheckpointValues, DeadLetterValues, EventValues, IdValues,
+    IntentRow, IntentValues, Located, OpenBucketValues, PutStateValues, QuarantineValues,
+    StateValues,
 };
 use crate::store::{CassandraStore, DEAD_LETTER_SHARDS, INDEX_SHARDS, shard_of};
 
@@ -244,35 +244,15 @@ impl CassandraStore {
             .map(|op| async move {
                 match &op.body {
                     Some(body) => {
-                        self.session
-                            .execute_unpaged(
-                                &self.st.projection_upsert,
-                                DocumentValues {
-                                    projection: &op.projection,
-                                    doc_key: &op.key,
-                                    body: &body.to_string(),
-                                    ts,
-                                },
-                            )
+                        self.put_document(&op.projection, &op.key, &body.to_string(), ts)
                             .await
                     }
-                    None => {
-                        self.session
-                            .execute_unpaged(
-                                &self.st.projection_delete,
-                                DocumentKeyValues {
-                                    projection: &op.projection,
-                                    doc_key: &op.key,
-                                    ts,
-                                },
-                            )
-                            .await
-                    }
+                    None => self.delete_document(&op.projection, &op.key, ts).await,
                 }
             })
             .collect();
         let (released, quarantined, documents) =
-            tokio::join!(self.all(releases), self.all(quarantines), self.all(futs));
+            tokio::join!(self.all(releases), self.all(quarantines), self.each(futs));
         released.and(quarantined).and(documents)
     }
 

@@ -7,7 +7,7 @@ use futures::{StreamExt as _, stream};
 
 use refold_store::{EntityKey, Result};
 
-use crate::rows::{DocumentKeyValues, DocumentRow, DocumentValues};
+use crate::rows::DocumentRow;
 use crate::store::{CassandraStore, INDEX_SHARDS};
 
 impl CassandraStore {
@@ -51,18 +51,9 @@ impl CassandraStore {
     async fn delete_documents(&self, docs: &[DocumentRow], ts: i64) -> Result<()> {
         let futs: Vec<_> = docs
             .iter()
-            .map(|d| {
-                self.session.execute_unpaged(
-                    &self.st.projection_delete,
-                    DocumentKeyValues {
-                        projection: &d.projection,
-                        doc_key: &d.doc_key,
-                        ts,
-                    },
-                )
-            })
+            .map(|d| self.delete_document(&d.projection, &d.doc_key, ts))
             .collect();
-        self.all(futs).await
+        self.each(futs).await
     }
 
     pub(crate) async fn drop_namespace_inner(&self, ns: &str) -> Result<()> {
@@ -108,53 +99,19 @@ impl CassandraStore {
             .iter()
             .map(|d| async move {
                 let live = &d.projection[..d.projection.len() - suffix_len];
-                let r = self
-                    .session
-                    .execute_unpaged(&self.st.projection_read, (live, &d.doc_key))
+                let old: Option<(Option<String>,)> = self
+                    .one(&self.st.projection_read, (live, &d.doc_key))
                     .await?;
-                let old: Option<(Option<String>,)> = r
-                    .into_rows_result()
-                    .ok()
-                    .and_then(|rows| rows.maybe_first_row().ok().flatten());
                 if let Some((Some(old),)) = old {
                     let keep = format!("{live}@{archive}");
-                    self.session
-                        .execute_unpaged(
-                            &self.st.projection_upsert,
-                            DocumentValues {
-                                projection: &keep,
-                                doc_key: &d.doc_key,
-                                body: &old,
-                                ts,
-                            },
-                        )
-                        .await?;
+                    self.put_document(&keep, &d.doc_key, &old, ts).await?;
                 }
                 if let Some(b) = &d.body {
-                    self.session
-                        .execute_unpaged(
-                            &self.st.projection_upsert,
-                            DocumentValues {
-                                projection: live,
-                                doc_key: &d.doc_key,
-                                body: b,
-                                ts: ts2,
-                            },
-                        )
-                        .await?;
+                    self.put_document(live, &d.doc_key, b, ts2).await?;
                 }
-                self.session
-                    .execute_unpaged(
-                        &self.st.projection_delete,
-                        DocumentKeyValues {
-                            projection: &d.projection,
-                            doc_key: &d.doc_key,
-                            ts: ts2,
-                        },
-                    )
-                    .await
+                self.delete_document(&d.projection, &d.doc_key, ts2).await
             })
             .collect();
-        self.all(futs).await
+        self.each(futs).await
     }
 }

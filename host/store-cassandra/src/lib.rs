@@ -29,6 +29,7 @@
 mod changes;
 mod commit;
 pub mod config;
+mod documents;
 mod error;
 mod generations;
 mod intents;

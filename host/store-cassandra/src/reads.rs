@@ -327,6 +327,19 @@ impl EventStore for CassandraStore {
             .await?;
         Ok(ids.into_iter().collect())
     }
+
+    async fn entity_page(
+        &self,
+        entity_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Paged<String>>> {
+        let after: (i32, String) = after.map(decode_cursor).transpose()?.unwrap_or_default();
+        self.read("listing entities", || {
+            self.entity_page_inner(entity_type, after.clone(), limit)
+        })
+        .await
+    }
 }
 
 #[async_trait]
@@ -343,6 +356,19 @@ impl StateStore for CassandraStore {
             Ok(row
                 .and_then(|(b,)| b)
                 .map(|b| serde_json::from_str(&b).unwrap_or(Value::Null)))
+        })
+        .await
+    }
+
+    async fn projection_page(
+        &self,
+        name: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Paged<(String, Value)>>> {
+        let after: (i32, String) = after.map(decode_cursor).transpose()?.unwrap_or_default();
+        self.read("listing a projection", || {
+            self.projection_page_inner(name, after.clone(), limit)
         })
         .await
     }

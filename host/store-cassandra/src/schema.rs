@@ -48,6 +48,17 @@ const SCHEMA: &[&str] = &[
         body       text,
         PRIMARY KEY ((projection, doc_key))
     ) WITH comment = 'refold: read-model documents'",
+    // The keys of each projection's documents, for listing them in pages:
+    // `projections` is one partition per document, which only a full-table
+    // scan could list. Written beside every document write, at the same
+    // client timestamp, so that an upsert and a delete order the same way
+    // in both tables.
+    "CREATE TABLE IF NOT EXISTS {ks}.projection_index (
+        projection text,
+        shard      int,
+        doc_key    text,
+        PRIMARY KEY ((projection, shard), doc_key)
+    ) WITH comment = 'refold: keys of the documents of a projection (for listings)'",
     "CREATE TABLE IF NOT EXISTS {ks}.dead_letters (
         shard       int,
         id          text,

@@ -35,6 +35,11 @@ pub(crate) struct Statements {
     pub(crate) index_insert: PreparedStatement,
     pub(crate) index_read: PreparedStatement,
     pub(crate) index_drop: PreparedStatement,
+    pub(crate) index_page: PreparedStatement,
+    pub(crate) doc_index_insert: PreparedStatement,
+    pub(crate) doc_index_delete: PreparedStatement,
+    pub(crate) doc_index_page: PreparedStatement,
+    pub(crate) doc_index_get: PreparedStatement,
     /// Bound by [`crate::rows::DocumentValues`].
     pub(crate) projection_upsert: PreparedStatement,
     /// Bound by [`crate::rows::DocumentKeyValues`].
@@ -153,6 +158,11 @@ impl Statements {
             index_insert: p("INSERT INTO {ks}.entity_index (entity_type, shard, entity_id) VALUES (?, ?, ?)").await?,
             index_read: p("SELECT entity_id FROM {ks}.entity_index WHERE entity_type = ? AND shard = ?").await?,
             index_drop: p("DELETE FROM {ks}.entity_index WHERE entity_type = ? AND shard = ?").await?,
+            index_page: p("SELECT entity_id FROM {ks}.entity_index WHERE entity_type = ? AND shard = ? AND entity_id > ? LIMIT ?").await?,
+            doc_index_insert: p("INSERT INTO {ks}.projection_index (projection, shard, doc_key) VALUES (?, ?, ?) USING TIMESTAMP ?").await?,
+            doc_index_delete: p("DELETE FROM {ks}.projection_index USING TIMESTAMP ? WHERE projection = ? AND shard = ? AND doc_key = ?").await?,
+            doc_index_page: p("SELECT doc_key FROM {ks}.projection_index WHERE projection = ? AND shard = ? AND doc_key > ? LIMIT ?").await?,
+            doc_index_get: p("SELECT doc_key FROM {ks}.projection_index WHERE projection = ? AND shard = ? AND doc_key = ?").await?,
             projection_upsert: p("INSERT INTO {ks}.projections (projection, doc_key, body) VALUES (:projection, :doc_key, :body) USING TIMESTAMP :ts").await?,
             projection_delete: p("DELETE FROM {ks}.projections USING TIMESTAMP :ts WHERE projection = :projection AND doc_key = :doc_key").await?,
             projection_read: p("SELECT body FROM {ks}.projections WHERE projection = ? AND doc_key = ?").await?,

@@ -111,6 +111,13 @@ impl CassandraStore {
         if n > 0 {
             tracing::info!(intents = n, "re-applied the effects of interrupted commits");
         }
+        let n = store
+            .backfill_document_index()
+            .await
+            .context("indexing the documents of an older release")?;
+        if n > 0 {
+            tracing::info!(documents = n, "indexed the documents of an older release");
+        }
         Ok(store)
     }
 
@@ -227,6 +234,18 @@ impl CassandraStore {
         let mut s = stream::iter(futs).buffer_unordered(self.concurrency);
         while let Some(r) = s.next().await {
             r.map_err(exec_err)?;
+        }
+        Ok(())
+    }
+
+    /// Like [`all`](Self::all), for steps of several requests each.
+    pub(crate) async fn each<F>(&self, futs: Vec<F>) -> Result<(), StoreError>
+    where
+        F: Future<Output = Result<(), StoreError>>,
+    {
+        let mut s = stream::iter(futs).buffer_unordered(self.concurrency);
+        while let Some(r) = s.next().await {
+            r?;
         }
         Ok(())
     }

@@ -298,3 +298,78 @@ async fn a_previous_holders_late_commit_is_swept_up() {
         std::panic::resume_unwind(panic);
     }
 }
+
+/// A keyspace of an older release has documents and no key index: the
+/// first start of this release indexes them (once, marked as done), so
+/// that listings show documents written before the index existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_written_before_the_key_index_are_listed_after_a_start() {
+    let nodes = common::nodes();
+    let keyspaces = common::Keyspaces::default();
+    let old = keyspaces.open(&nodes, 2).await;
+    let outcome = AssertUnwindSafe(async {
+        let upsert = |key: &str| refold_store::ProjectionWrite::Upsert {
+            projection: "balances".into(),
+            key: key.into(),
+            body: serde_json::json!({"key": key}),
+        };
+        old.commit(refold_store::Commit {
+            projections: (0..40).map(|i| upsert(&format!("k{i:02}"))).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        // What a keyspace of the older release looks like: no index rows,
+        // and no mark that the backfill ran.
+        let session = scylla::client::session_builder::SessionBuilder::new()
+            .known_nodes(&nodes)
+            .build()
+            .await
+            .unwrap();
+        session
+            .query_unpaged(
+                format!("TRUNCATE {}.projection_index", keyspaces.last()),
+                (),
+            )
+            .await
+            .unwrap();
+        let list = |s: std::sync::Arc<dyn Storage>| async move {
+            let mut keys = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page = s
+                    .projection_page("balances", after.as_deref(), 7)
+                    .await
+                    .unwrap();
+                let Some(last) = page.last() else { break };
+                after = Some(last.cursor.clone());
+                keys.extend(page.into_iter().map(|p| p.item.0));
+            }
+            keys.sort();
+            keys
+        };
+        let old: std::sync::Arc<dyn Storage> = std::sync::Arc::new(old);
+        assert!(list(old.clone()).await.is_empty(), "the index is gone");
+        let new: std::sync::Arc<dyn Storage> =
+            std::sync::Arc::new(keyspaces.reopen(&nodes, 2).await);
+        let want: Vec<String> = (0..40).map(|i| format!("k{i:02}")).collect();
+        assert_eq!(list(new.clone()).await, want);
+        // Deleted later: gone from the listing as from the table.
+        new.commit(refold_store::Commit {
+            projections: vec![refold_store::ProjectionWrite::Delete {
+                projection: "balances".into(),
+                key: "k00".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(list(new).await.len(), 39);
+    })
+    .catch_unwind()
+    .await;
+    keyspaces.drop_all(&nodes).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

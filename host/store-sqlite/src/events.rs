@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use refold_store::{EntityKey, EventIdentity, EventStore, Result, StoredEvent};
+use refold_store::{
+    EntityKey, EventIdentity, EventStore, Paged, Result, StoredEvent, decode_cursor, encode_cursor,
+};
 use rusqlite::{OptionalExtension, named_params};
 
 use crate::open::SqliteStore;
@@ -104,6 +106,38 @@ impl EventStore for SqliteStore {
                 "SELECT DISTINCT entity_id FROM events WHERE entity_type = :entity_type ORDER BY entity_id",
             )?;
             let rows = st.query_map(named_params! {":entity_type": t}, |r| r.get("entity_id"))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn entity_page(
+        &self,
+        entity_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Paged<String>>> {
+        // The cursor is the last id seen; "" sorts before every id. The
+        // entities table has a row for every entity with an event (a
+        // commit writes both), keyed for this range read.
+        let after: String = after.map(decode_cursor).transpose()?.unwrap_or_default();
+        let t = entity_type.to_string();
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT entity_id FROM entities WHERE entity_type = :entity_type AND entity_id > :after
+                 ORDER BY entity_id LIMIT :limit",
+            )?;
+            let rows = st.query_map(
+                named_params! {":entity_type": t, ":after": after, ":limit": limit},
+                |r| {
+                    let id: String = r.get("entity_id")?;
+                    Ok(Paged {
+                        cursor: encode_cursor(&id),
+                        item: id,
+                    })
+                },
+            )?;
             rows.collect()
         })
         .await

@@ -61,6 +61,36 @@ impl StateStore for SqliteStore {
         .await
     }
 
+    async fn projection_page(
+        &self,
+        name: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Paged<(String, Value)>>> {
+        // The cursor is the last key seen; "" sorts before every key.
+        let after: String = after.map(decode_cursor).transpose()?.unwrap_or_default();
+        let n = name.to_string();
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT key, body FROM projections WHERE projection = :projection AND key > :after
+                 ORDER BY key LIMIT :limit",
+            )?;
+            let rows = st.query_map(
+                named_params! {":projection": n, ":after": after, ":limit": limit},
+                |r| {
+                    let key: String = r.get("key")?;
+                    Ok(Paged {
+                        cursor: encode_cursor(&key),
+                        item: (key, rows::projection_body(r)?),
+                    })
+                },
+            )?;
+            rows.collect()
+        })
+        .await
+    }
+
     async fn dead_letter_page(
         &self,
         after: Option<&str>,

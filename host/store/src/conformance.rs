@@ -756,6 +756,77 @@ pub async fn listings_page_through_everything_once(s: &dyn Storage) {
     assert_eq!(keys.len(), 11);
     assert_eq!(s.quarantined().await.unwrap().len(), 11);
 
+    // Entities of a type: 13 accounts with events, and a ledger that must
+    // not show among them. Ids with characters that sort before letters.
+    let ids: Vec<String> = (0..13).map(|i| format!("acc {i:02}/x")).collect();
+    for id in &ids {
+        s.commit(batch(&account(id), 1, 2)).await.unwrap();
+    }
+    s.commit(batch(&EntityKey::new("ledger", "l-1"), 1, 1))
+        .await
+        .unwrap();
+    let mut seen = HashSet::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.entity_page("account", after.as_deref(), 4).await.unwrap();
+        assert!(page.len() <= 4);
+        let Some(last) = page.last() else { break };
+        after = Some(last.cursor.clone());
+        for p in page {
+            assert!(seen.insert(p.item), "listed twice");
+        }
+    }
+    assert_eq!(seen, ids.iter().cloned().collect::<HashSet<_>>());
+
+    // Documents of one projection: 17 written, one of them deleted, and
+    // another projection's documents that must not show.
+    let mut writes: Vec<ProjectionWrite> = (0..17)
+        .map(|i| upsert("balances", &format!("k{i:02}"), json!({"i": i})))
+        .collect();
+    writes.extend((0..3).map(|i| upsert("owners", &format!("k{i:02}"), json!({"o": i}))));
+    s.commit(Commit {
+        projections: writes,
+        ..Commit::default()
+    })
+    .await
+    .unwrap();
+    s.commit(Commit {
+        projections: vec![ProjectionWrite::Delete {
+            projection: "balances".into(),
+            key: "k05".into(),
+        }],
+        ..Commit::default()
+    })
+    .await
+    .unwrap();
+    let mut docs = HashMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s
+            .projection_page("balances", after.as_deref(), 5)
+            .await
+            .unwrap();
+        assert!(page.len() <= 5);
+        let Some(last) = page.last() else { break };
+        after = Some(last.cursor.clone());
+        for p in page {
+            let (k, body) = p.item;
+            assert!(docs.insert(k, body).is_none(), "listed twice");
+        }
+    }
+    assert_eq!(docs.len(), 16, "{docs:?}");
+    assert!(
+        !docs.contains_key("k05"),
+        "a deleted document is not listed"
+    );
+    assert_eq!(docs["k16"], json!({"i": 16}));
+    assert!(
+        s.projection_page("nothing", None, 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
     // Not hex, and well-formed but of a shape no backend issues (a store
     // cannot tell a forged cursor of its own shape from one it issued).
     let forged = encode_cursor(&"forged");
@@ -765,6 +836,16 @@ pub async fn listings_page_through_everything_once(s: &dyn Storage) {
         let e = s.quarantine_page(Some(cursor), 5).await.unwrap_err();
         assert!(matches!(e, StoreError::BadCursor(_)), "{cursor}: {e:#}");
     }
+    let e = s
+        .entity_page("account", Some("not-hex"), 5)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::BadCursor(_)), "{e:#}");
+    let e = s
+        .projection_page("balances", Some("not-hex"), 5)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::BadCursor(_)), "{e:#}");
 }
 
 // ---- positions --------------------------------------------------------------

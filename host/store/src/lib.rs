@@ -202,6 +202,15 @@ pub trait EventStore: Send + Sync {
     async fn event_ids(&self, key: &EntityKey, upto: u64) -> Result<Vec<String>>;
     /// Ids of all entities of a type that have events, in no promised order.
     async fn entity_ids(&self, entity_type: &str) -> Result<Vec<String>>;
+    /// One page of the ids of a type's entities that have events, like
+    /// [`StateStore::dead_letter_page`] (SQLite: by id; Cassandra: by
+    /// shard, then id).
+    async fn entity_page(
+        &self,
+        entity_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Paged<String>>>;
 }
 
 /// Entity states, projections, dead letters, quarantine and checkpoints.
@@ -211,6 +220,15 @@ pub trait StateStore: Send + Sync {
     async fn load(&self, keys: &[EntityKey]) -> Result<HashMap<EntityKey, EntityRecord>>;
     /// One document of a projection.
     async fn projection(&self, name: &str, key: &str) -> Result<Option<Value>>;
+    /// One page of a projection's documents as (key, document), like
+    /// [`StateStore::dead_letter_page`] (SQLite: by key; Cassandra: by
+    /// shard of the key, then key).
+    async fn projection_page(
+        &self,
+        name: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Paged<(String, Value)>>>;
     /// One page of dead letters: those after the cursor `after` (from the
     /// start when `None`), at most `limit`, in the store's listing order
     /// (SQLite: arrival; Cassandra: by shard, then id), each with the cursor

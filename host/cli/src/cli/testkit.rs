@@ -64,6 +64,10 @@ pub struct FixtureRun {
     pub dead_letters: Vec<DeadLetter>,
     /// Quarantined entities.
     pub quarantined: Vec<QuarantineRecord>,
+    /// Entities not quarantined whose state ended behind their head
+    /// (position, head): events stored and never folded, which a run that
+    /// reached the end of its input must not leave.
+    pub behind: Vec<(EntityKey, u64, u64)>,
     /// The store the run wrote (for projections and histories).
     pub store: Arc<SqliteStore>,
 }
@@ -85,9 +89,13 @@ pub async fn run_fixture(
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let report = app.consume(Box::new(source), rx, |_| {}).await?;
     let mut states = BTreeMap::new();
+    let mut behind = Vec::new();
     for (entity_type, _) in app.host.registry.snapshot().iter() {
         let found = entities_of(&*app.host.storage, entity_type, usize::MAX).await?;
         for (k, rec) in found.records {
+            if rec.position < rec.head && !rec.quarantined {
+                behind.push((k.clone(), rec.position, rec.head));
+            }
             if let Some(s) = rec.state {
                 states.insert(k, s);
             }
@@ -100,6 +108,7 @@ pub async fn run_fixture(
         report,
         dead_letters,
         quarantined,
+        behind,
         store,
     })
 }
@@ -476,6 +485,13 @@ pub async fn test(opts: &TestOptions) -> anyhow::Result<bool> {
             ));
             failures.push(json!({"dead_letter": line, "diff": ["not dead-lettered"]}));
         }
+    }
+
+    for (key, position, head) in &run.behind {
+        lines.push(format!(
+            "  FAIL  {key}: folded to position {position} of {head}: the run ended with events stored and not folded"
+        ));
+        failures.push(json!({"entity": key.to_string(), "diff": [format!("folded to position {position} of {head}")]}));
     }
 
     let t1 = Instant::now();

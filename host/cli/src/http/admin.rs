@@ -11,12 +11,14 @@ use axum::http::{StatusCode, header};
 use serde::Deserialize;
 
 use crate::http::error::{ApiError, ApiResult};
+use crate::http::guards::{ListQuery, page};
 use crate::http::state::Api;
 use crate::http::types::{
     ActivateRequest, Activated, Fixture, HttpLimits, Installed, Limits, PluginLimits, PluginList,
     PluginType, RebuildList, RebuildStatus, Resubmitted, Retried, RolledBack,
 };
 use refold_engine::manager::SwapMode;
+use refold_store::Paged;
 use refold_types::EntityKey;
 
 /// The parameters of an upload.
@@ -133,6 +135,48 @@ pub async fn list_type(
     Path(entity_type): Path<String>,
 ) -> ApiResult<Json<PluginType>> {
     Ok(Json(describe_type(&api, &entity_type).await?))
+}
+
+/// `GET /v1/plugins/{type}/versions[?after=DIGEST&limit=N]`: the stored
+/// versions of an entity type, oldest first, a page at a time; the cursor
+/// is the digest of the last version of the page.
+pub async fn versions(
+    State(api): State<Api>,
+    Path(entity_type): Path<String>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<axum::response::Response> {
+    let Query(q) = q?;
+    let limit = q.limit(&api.guards);
+    // Version rows are metadata (the bytes are kept apart), a few hundred
+    // bytes each: read whole, then cut to the page.
+    let all = api
+        .host()
+        .plugin_store
+        .plugin_versions(&entity_type)
+        .await?;
+    let start = match q.after.as_deref() {
+        None | Some("") => 0,
+        Some(d) => all
+            .iter()
+            .position(|v| v.digest == d)
+            .map(|i| i + 1)
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("after: no version {d} of entity type {entity_type}"),
+                )
+            })?,
+    };
+    let items = all
+        .into_iter()
+        .skip(start)
+        .take(limit + 1)
+        .map(|v| Paged {
+            cursor: v.digest.clone(),
+            item: v,
+        })
+        .collect();
+    page(items, limit, api.guards.max_page_bytes)
 }
 
 /// `GET /v1/plugins`: every entity type with a stored activation or a

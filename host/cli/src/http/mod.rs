@@ -38,7 +38,13 @@ pub fn router(api: Api) -> Router {
     // path is a 404 whatever the credentials. The token is checked before
     // a query slot is taken (the later layer runs first).
     let queries = Router::new()
+        .route("/v1/entities/{entity_type}", get(query::entities))
         .route("/v1/entities/{entity_type}/{entity_id}", get(query::entity))
+        .route(
+            "/v1/entities/{entity_type}/{entity_id}/events",
+            get(query::entity_events),
+        )
+        .route("/v1/projections/{name}", get(query::projection_documents))
         .route("/v1/projections/{name}/{key}", get(query::projection))
         .route("/v1/dead-letters", get(query::dead_letters))
         .route("/v1/quarantine", get(query::quarantine))
@@ -68,6 +74,7 @@ pub fn router(api: Api) -> Router {
             "/v1/plugins/{entity_type}",
             put(admin::upload).layer(max_upload).get(admin::list_type),
         )
+        .route("/v1/plugins/{entity_type}/versions", get(admin::versions))
         .route("/v1/plugins/{entity_type}/activate", post(admin::activate))
         .route("/v1/plugins/{entity_type}/rollback", post(admin::rollback))
         .route("/v1/rebuilds", get(admin::rebuilds))

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::guards::{ListQuery, page};
 use crate::http::state::Api;
-use crate::http::types::ProjectionDocument;
+use crate::http::types::{EntityItem, ProjectionDocument};
 use refold_engine::query::{EntityView, StateAt};
+use refold_store::Paged;
 use refold_types::EntityKey;
 
 /// `GET /healthz`: 200 when healthy, 503 when not, with the report.
@@ -84,6 +85,110 @@ pub async fn projection(
             format!("no document {key} in projection {name}"),
         )),
     }
+}
+
+/// `GET /v1/entities/{type}[?after=CURSOR&limit=N]`: the entities of a
+/// type that have events, `{"entity_id"}` each, in the store's order.
+pub async fn entities(
+    State(api): State<Api>,
+    Path(entity_type): Path<String>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q?;
+    let limit = q.limit(&api.guards);
+    let fetched = api
+        .host()
+        .storage
+        .entity_page(&entity_type, q.after.as_deref(), limit + 1)
+        .await?;
+    let items = fetched
+        .into_iter()
+        .map(|p| Paged {
+            cursor: p.cursor,
+            item: EntityItem { entity_id: p.item },
+        })
+        .collect();
+    page(items, limit, api.guards.max_page_bytes)
+}
+
+/// The parameters of an entity's event listing.
+#[derive(Debug, Default, Deserialize)]
+pub struct EventsQuery {
+    /// The first position wanted (default 1); the `next` of the previous
+    /// page.
+    pub from: Option<String>,
+    /// Events wanted, capped to `http.max_page_items`.
+    pub limit: Option<usize>,
+}
+
+/// `GET /v1/entities/{type}/{id}/events[?from=POSITION&limit=N]`: the
+/// entity's stored events in position order; `next` is the position to
+/// pass as `from` for the following page.
+pub async fn entity_events(
+    State(api): State<Api>,
+    Path((entity_type, entity_id)): Path<(String, String)>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q?;
+    let limit = q
+        .limit
+        .unwrap_or(api.guards.max_page_items)
+        .clamp(1, api.guards.max_page_items);
+    let from = match q.from.as_deref() {
+        None | Some("") => 1,
+        Some(s) => s.parse::<u64>().map_err(|_| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("from must be a position (a whole number), not {s:?}"),
+            )
+        })?,
+    }
+    .max(1);
+    let key = EntityKey::new(entity_type, entity_id);
+    // Positions of an entity follow each other from 1, so a page is the
+    // range after `from - 1`, one more than asked to tell whether more follow.
+    let after = from - 1;
+    let upto = after.saturating_add(limit as u64 + 1);
+    let events = api.host().storage.history(&key, after, Some(upto)).await?;
+    let items = events
+        .into_iter()
+        .map(|e| Paged {
+            cursor: (e.position + 1).to_string(),
+            item: e,
+        })
+        .collect();
+    page(items, limit, api.guards.max_page_bytes)
+}
+
+/// `GET /v1/projections/{name}[?after=CURSOR&limit=N]`: a projection's
+/// documents, each as `{"projection", "key", "document"}`.
+pub async fn projection_documents(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q?;
+    let limit = q.limit(&api.guards);
+    let fetched = api
+        .host()
+        .storage
+        .projection_page(&name, q.after.as_deref(), limit + 1)
+        .await?;
+    let items = fetched
+        .into_iter()
+        .map(|p| {
+            let (key, document) = p.item;
+            Paged {
+                cursor: p.cursor,
+                item: ProjectionDocument {
+                    projection: name.clone(),
+                    key,
+                    document,
+                },
+            }
+        })
+        .collect();
+    page(items, limit, api.guards.max_page_bytes)
 }
 
 /// `GET /v1/dead-letters[?after=CURSOR&limit=N]`.

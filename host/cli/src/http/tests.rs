@@ -321,6 +321,135 @@ async fn listings_are_paged_by_cursor() {
     assert_eq!(v, json!({"items": [], "count": 0, "next": null}));
 }
 
+/// Three accounts with two events each, in one batch.
+async fn three_accounts(app: &App) {
+    let mut records = Vec::new();
+    for (i, acc) in ["acc-b", "acc-a", "acc-c"].iter().enumerate() {
+        for (j, (ty, data)) in [
+            ("account.opened", json!({"owner": acc})),
+            ("account.deposited", json!({"amount": 10})),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let ce = json!({"specversion": "1.0", "id": format!("{acc}-{j}"), "source": "/test",
+                "type": ty, "subject": acc, "entitytype": "account", "data": data});
+            records.push(record((i * 2 + j) as i64, ce.to_string().into_bytes()));
+        }
+    }
+    let report = Pipeline::for_host(&app.host)
+        .process(&records)
+        .await
+        .expect("the batch commits");
+    assert_eq!(report.applied, 6, "{report:?}");
+}
+
+/// Every item of a listing, page by page with `limit`, and the pages.
+async fn all_pages(r: &Router, path: &str, cursor: &str, limit: usize) -> (Vec<Value>, usize) {
+    let (mut items, mut pages) = (Vec::new(), 0);
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let mut next: Option<String> = None;
+    loop {
+        let url = match &next {
+            None => format!("{path}{sep}limit={limit}"),
+            Some(n) => format!("{path}{sep}limit={limit}&{cursor}={n}"),
+        };
+        let (s, v) = get(r, &url, Some(ADMIN)).await;
+        assert_eq!(s, StatusCode::OK, "{url}: {v}");
+        pages += 1;
+        items.extend(v["items"].as_array().cloned().unwrap_or_default());
+        match v["next"].as_str() {
+            Some(n) => next = Some(n.to_string()),
+            None => break,
+        }
+        assert!(pages < 100, "{url}: the listing does not end");
+    }
+    (items, pages)
+}
+
+#[tokio::test]
+async fn entities_events_documents_and_versions_are_listed_in_pages() {
+    let app = app(None);
+    three_accounts(&app).await;
+    let r = server(&app, HttpConfig::default(), admin_token());
+
+    let (items, pages) = all_pages(&r, "/v1/entities/account", "after", 2).await;
+    let ids: Vec<&str> = items
+        .iter()
+        .filter_map(|i| i["entity_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["acc-a", "acc-b", "acc-c"]);
+    assert_eq!(pages, 2);
+    let (items, _) = all_pages(&r, "/v1/entities/ledger", "after", 2).await;
+    assert!(items.is_empty(), "a type with no entities lists none");
+
+    let (items, pages) = all_pages(&r, "/v1/entities/account/acc-a/events", "from", 1).await;
+    let positions: Vec<u64> = items
+        .iter()
+        .filter_map(|e| e["position"].as_u64())
+        .collect();
+    assert_eq!(positions, [1, 2]);
+    assert_eq!(pages, 2);
+    assert_eq!(items[0]["event_type"], "account.opened");
+    assert_eq!(items[1]["data"], json!({"amount": 10}));
+    let (s, v) = get(&r, "/v1/entities/account/acc-a/events?from=2", None).await;
+    assert_eq!((s, v["count"].as_u64()), (StatusCode::OK, Some(1)), "{v}");
+    let (s, v) = get(&r, "/v1/entities/account/acc-a/events?from=two", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    let (items, _) = all_pages(&r, "/v1/projections/balances", "after", 2).await;
+    let keys: Vec<&str> = items.iter().filter_map(|d| d["key"].as_str()).collect();
+    assert_eq!(keys.len(), 3, "{items:?}");
+    assert!(
+        items
+            .iter()
+            .all(|d| d["projection"] == "balances" && d["document"]["balance"] == 10)
+    );
+
+    // A version stored through the API (the configured file is not).
+    let bytes = std::fs::read(bank_wasm()).expect("bank.wasm");
+    let (s, _, v) = call(
+        &r,
+        Method::PUT,
+        "/v1/plugins/account?mode=none",
+        Some(ADMIN),
+        Body::from(bytes),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (items, _) = all_pages(&r, "/v1/plugins/account/versions", "after", 1).await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["name"], "bank");
+    let (s, _) = get(&r, "/v1/plugins/account/versions", None).await;
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "versions are behind the admin token"
+    );
+    let (s, v) = get(&r, "/v1/plugins/account/versions?after=nope", Some(ADMIN)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    // The hard maximum: a page never holds more than `max_page_items`.
+    let small = HttpConfig {
+        max_page_items: 1,
+        ..HttpConfig::default()
+    };
+    let capped = server(&app, small, admin_token());
+    for path in [
+        "/v1/entities/account?limit=1000",
+        "/v1/entities/account/acc-a/events?limit=1000",
+        "/v1/projections/balances?limit=1000",
+    ] {
+        let (s, v) = get(&capped, path, None).await;
+        assert_eq!(
+            (s, v["count"].as_u64()),
+            (StatusCode::OK, Some(1)),
+            "{path}: {v}"
+        );
+        assert!(v["next"].is_string(), "{path}: {v}");
+    }
+}
+
 #[tokio::test]
 async fn an_upload_over_the_limit_is_a_413() {
     let app = app(Some(1000));

@@ -33,6 +33,13 @@ pub struct ProjectionDocument {
     pub document: Value,
 }
 
+/// An item of `GET /v1/entities/{type}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntityItem {
+    /// The entity's id (its state: `GET /v1/entities/{type}/{id}`).
+    pub entity_id: String,
+}
+
 /// `GET /v1/plugins/{type}`: the versions of one entity type.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PluginType {

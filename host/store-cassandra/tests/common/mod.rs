@@ -50,6 +50,14 @@ impl Keyspaces {
         bucket_size: u64,
     ) -> (CassandraStore, CassandraStore) {
         let first = self.open(nodes, bucket_size).await;
+        let second = self.reopen(nodes, bucket_size).await;
+        (first, second)
+    }
+
+    /// Another store on the keyspace opened last (another host's, or the
+    /// same host's after a restart).
+    #[allow(dead_code)]
+    pub async fn reopen(&self, nodes: &[String], bucket_size: u64) -> CassandraStore {
         let keyspace = self
             .0
             .lock()
@@ -63,10 +71,20 @@ impl Keyspaces {
             bucket_size,
             ..CassandraConfig::default()
         };
-        let second = CassandraStore::open(&config)
+        CassandraStore::open(&config)
             .await
-            .unwrap_or_else(|e| panic!("opening keyspace {} again: {e:#}", config.keyspace));
-        (first, second)
+            .unwrap_or_else(|e| panic!("opening keyspace {} again: {e:#}", config.keyspace))
+    }
+
+    /// The name of the keyspace opened last.
+    #[allow(dead_code)]
+    pub fn last(&self) -> String {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Drop them all. Best effort: one left behind is only clutter on a
