@@ -77,7 +77,7 @@ pub enum QueryError {
 
 /// The current state of an entity, as `GET /v1/entities/{type}/{id}`
 /// answers it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EntityView {
     /// Entity type.
     pub entity_type: String,
@@ -98,7 +98,7 @@ pub struct EntityView {
 }
 
 /// The state of an entity at a past position, as `?at=` answers it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StateAt {
     /// Entity type.
     pub entity_type: String,

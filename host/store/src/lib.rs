@@ -74,7 +74,7 @@ impl EntityRecord {
 }
 
 /// A dead letter: input that could not become an event, with its reason.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     /// Stable id (derived from the origin, so re-reading after a crash does
     /// not duplicate it).
@@ -96,7 +96,7 @@ pub struct DeadLetter {
 }
 
 /// Why an entity is quarantined.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QuarantineRecord {
     /// The entity.
     pub key: EntityKey,

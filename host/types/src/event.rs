@@ -10,7 +10,9 @@ use serde_json::Value;
 
 /// Identifies one entity: its type (the CloudEvents extension `entitytype`)
 /// and its id (the CloudEvents `subject`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 pub struct EntityKey {
     /// Entity type, owned by one plugin.
     pub entity_type: String,
@@ -96,6 +98,18 @@ impl Default for RawJson {
         RawJson::null()
     }
 }
+
+/// Any JSON value, in the API's description: the text is whatever was sent.
+impl utoipa::PartialSchema for RawJson {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::Object::builder()
+            .schema_type(utoipa::openapi::schema::SchemaType::AnyValue)
+            .description(Some("any JSON value, as it was received"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for RawJson {}
 
 impl Serialize for RawJson {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -7,7 +7,19 @@ use serde::{Deserialize, Serialize};
 /// The generation a state belongs to: the base one (every state folded
 /// before any rebuild), or the id a rebuild gave its lineage. Kept as text
 /// in both stores, the base generation as the empty string.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(transparent)]
 pub struct Generation(String);
 

@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::event::{EntityKey, RawJson};
 
 /// Which plugin version produced a state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PluginRef {
     /// Plugin name.
     pub name: String,
@@ -19,7 +19,7 @@ pub struct PluginRef {
 }
 
 /// Where a record came from: source name, partition and offset.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Origin {
     /// Source name (a file path, or a Kafka topic).
     pub source: String,
@@ -30,7 +30,7 @@ pub struct Origin {
 }
 
 /// A raw event as kept in the event store.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StoredEvent {
     /// Its entity.
     pub key: EntityKey,

@@ -14,15 +14,18 @@ use crate::http::error::{ApiError, ApiResult};
 use crate::http::guards::{ListQuery, page};
 use crate::http::state::Api;
 use crate::http::types::{
-    ActivateRequest, Activated, Fixture, HttpLimits, Installed, Limits, PluginLimits, PluginList,
-    PluginType, RebuildList, RebuildStatus, Resubmitted, Retried, RolledBack,
+    ActivateRequest, Activated, ErrorBody, Fixture, HttpLimits, Installed, Limits, Page,
+    PluginLimits, PluginList, PluginType, RebuildList, RebuildStatus, Resubmitted, Retried,
+    RolledBack,
 };
 use refold_engine::manager::SwapMode;
-use refold_store::Paged;
+use refold_store::{Activation, Paged, PluginVersion};
 use refold_types::EntityKey;
+use utoipa::IntoParams;
 
 /// The parameters of an upload.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UploadQuery {
     /// `forward` (default), `rebuild`, or `none` to only store it.
     mode: Option<String>,
@@ -55,6 +58,7 @@ fn too_large(size: Option<u64>, limit: usize) -> ApiError {
 
 /// `PUT /v1/plugins/{type}[?mode=forward|rebuild|none]`: validate, store
 /// and (unless `none`) activate a component.
+#[utoipa::path(put, path = "/v1/plugins/{entity_type}", tag = "admin", security(("admin_token" = [])), params(("entity_type" = String, Path, description = "the entity type"), UploadQuery), request_body(content = String, content_type = "application/wasm", description = "the component's bytes"), responses((status = 201, body = Installed), (status = 400, description = "not a valid component, or it failed its sample fold", body = ErrorBody), (status = 413, description = "over `plugins.max_upload_bytes`", body = ErrorBody), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
 pub async fn upload(
     State(api): State<Api>,
     Path(entity_type): Path<String>,
@@ -95,6 +99,7 @@ pub async fn upload(
 
 /// `GET /v1/admin/limits`: what this host accepts, so that a client can
 /// refuse locally what would be refused here (`refold plugin push` does).
+#[utoipa::path(get, path = "/v1/admin/limits", tag = "admin", security(("admin_token" = [])), responses((status = 200, body = Limits), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
 pub async fn limits(State(api): State<Api>) -> Json<Limits> {
     let h = &api.http;
     Json(Limits {
@@ -130,6 +135,7 @@ async fn describe_type(api: &Api, entity_type: &str) -> ApiResult<PluginType> {
 }
 
 /// `GET /v1/plugins/{type}`.
+#[utoipa::path(get, path = "/v1/plugins/{entity_type}", tag = "admin", security(("admin_token" = [])), params(("entity_type" = String, Path, description = "the entity type")), responses((status = 200, body = PluginType), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
 pub async fn list_type(
     State(api): State<Api>,
     Path(entity_type): Path<String>,
@@ -140,6 +146,7 @@ pub async fn list_type(
 /// `GET /v1/plugins/{type}/versions[?after=DIGEST&limit=N]`: the stored
 /// versions of an entity type, oldest first, a page at a time; the cursor
 /// is the digest of the last version of the page.
+#[utoipa::path(get, path = "/v1/plugins/{entity_type}/versions", tag = "admin", security(("admin_token" = [])), params(("entity_type" = String, Path, description = "the entity type"), ListQuery), responses((status = 200, description = "a page of the stored versions, oldest first", body = Page<PluginVersion>), (status = 400, description = "a cursor that names no version", body = ErrorBody), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
 pub async fn versions(
     State(api): State<Api>,
     Path(entity_type): Path<String>,
@@ -181,6 +188,7 @@ pub async fn versions(
 
 /// `GET /v1/plugins`: every entity type with a stored activation or a
 /// running plugin.
+#[utoipa::path(get, path = "/v1/plugins", tag = "admin", security(("admin_token" = [])), responses((status = 200, body = PluginList), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
 pub async fn list_all(State(api): State<Api>) -> ApiResult<Json<PluginList>> {
     let mut types: Vec<String> = api
         .host()
@@ -204,6 +212,7 @@ pub async fn list_all(State(api): State<Api>) -> ApiResult<Json<PluginList>> {
 }
 
 /// `POST /v1/plugins/{type}/activate` with `{"digest", "mode"}`.
+#[utoipa::path(post, path = "/v1/plugins/{entity_type}/activate", tag = "admin", security(("admin_token" = [])), params(("entity_type" = String, Path, description = "the entity type")), request_body = ActivateRequest, responses((status = 200, body = Activated), (status = 404, description = "no such version", body = ErrorBody), (status = 409, description = "a conflicting change", body = ErrorBody), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
 pub async fn activate(
     State(api): State<Api>,
     Path(entity_type): Path<String>,
@@ -223,6 +232,7 @@ pub async fn activate(
 }
 
 /// `POST /v1/plugins/{type}/rollback`.
+#[utoipa::path(post, path = "/v1/plugins/{entity_type}/rollback", tag = "admin", security(("admin_token" = [])), params(("entity_type" = String, Path, description = "the entity type")), responses((status = 200, description = "the activation now in force", body = Activation), (status = 409, description = "nothing to roll back to", body = ErrorBody), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
 pub async fn rollback(
     State(api): State<Api>,
     Path(entity_type): Path<String>,
@@ -231,6 +241,7 @@ pub async fn rollback(
 }
 
 /// `GET /v1/rebuilds`.
+#[utoipa::path(get, path = "/v1/rebuilds", tag = "admin", security(("admin_token" = [])), responses((status = 200, body = RebuildList), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
 pub async fn rebuilds(State(api): State<Api>) -> ApiResult<Json<RebuildList>> {
     let all = api.plugins().rebuild_list().await?;
     Ok(Json(RebuildList { rebuilds: all }))
@@ -238,6 +249,7 @@ pub async fn rebuilds(State(api): State<Api>) -> ApiResult<Json<RebuildList>> {
 
 /// `GET /v1/rebuilds/{id}`: live from this host, else as stored, so that
 /// it is still known after a restart.
+#[utoipa::path(get, path = "/v1/rebuilds/{id}", tag = "admin", security(("admin_token" = [])), params(("id" = String, Path, description = "the rebuild")), responses((status = 200, body = RebuildStatus), (status = 404, description = "no such rebuild", body = ErrorBody), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
 pub async fn rebuild(
     State(api): State<Api>,
     Path(id): Path<String>,
@@ -249,6 +261,7 @@ pub async fn rebuild(
 }
 
 /// `POST /v1/quarantine/{type}/{id}/retry`.
+#[utoipa::path(post, path = "/v1/quarantine/{entity_type}/{entity_id}/retry", tag = "admin", security(("admin_token" = [])), params(("entity_type" = String, Path, description = "the entity type"), ("entity_id" = String, Path, description = "the entity id")), responses((status = 200, body = Retried), (status = 404, description = "not quarantined", body = ErrorBody), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
 pub async fn retry(
     State(api): State<Api>,
     Path((t, id)): Path<(String, String)>,
@@ -257,6 +270,7 @@ pub async fn retry(
 }
 
 /// `GET /v1/quarantine/{type}/{id}/fixture`.
+#[utoipa::path(get, path = "/v1/quarantine/{entity_type}/{entity_id}/fixture", tag = "admin", security(("admin_token" = [])), params(("entity_type" = String, Path, description = "the entity type"), ("entity_id" = String, Path, description = "the entity id")), responses((status = 200, body = Fixture), (status = 404, description = "not quarantined", body = ErrorBody), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
 pub async fn fixture(
     State(api): State<Api>,
     Path((t, id)): Path<(String, String)>,
@@ -266,6 +280,7 @@ pub async fn fixture(
 
 /// `POST /v1/dead-letters/{id}/resubmit`, with a corrected record as the
 /// body or none to send the original again.
+#[utoipa::path(post, path = "/v1/dead-letters/{id}/resubmit", tag = "admin", security(("admin_token" = [])), params(("id" = String, Path, description = "the dead letter")), request_body(content = Object, description = "a corrected record (optional: none sends the original again)"), responses((status = 200, body = Resubmitted), (status = 404, description = "no such dead letter", body = ErrorBody), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
 pub async fn resubmit(
     State(api): State<Api>,
     Path(id): Path<String>,

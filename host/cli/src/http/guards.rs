@@ -62,7 +62,8 @@ pub async fn limit_queries(
 }
 
 /// The paging parameters of a listing.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// The `next` of the previous page.
     pub after: Option<String>,

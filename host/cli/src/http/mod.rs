@@ -7,14 +7,19 @@
 //! and in time (503 beyond), so that readers cannot take the memory or the
 //! cores ingest needs.
 //!
+//! Every route is registered with its OpenAPI description
+//! (`utoipa_axum::routes!` over the handlers' `#[utoipa::path]`), so the
+//! document served at `/v1/openapi.json` ([`openapi`]) is the router's own.
+//!
 //! Modules depend one way: this one on the handlers ([`query`],
-//! [`admin`]), the handlers on [`auth`], [`guards`], [`state`], [`error`]
-//! and [`types`].
+//! [`admin`]) and [`openapi`], the handlers on [`auth`], [`guards`],
+//! [`state`], [`error`] and [`types`].
 
 pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod guards;
+pub mod openapi;
 pub mod query;
 pub mod state;
 pub mod types;
@@ -22,32 +27,34 @@ pub mod types;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware;
-use axum::routing::{get, post, put};
+use axum::routing::get;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt as _};
+use utoipa_axum::routes;
 
 use crate::http::error::ApiError;
 use crate::http::state::Api;
 
-/// Every route: the query routes, the admin routes, and a JSON 404 (or
-/// 405) for anything else.
-pub fn router(api: Api) -> Router {
+/// Every described route over `api`: the query routes, the admin routes,
+/// health and metrics, with their OpenAPI description.
+fn described(api: &Api) -> OpenApiRouter<Api> {
     // `route_layer`: the checks run only for these routes, so an unknown
     // path is a 404 whatever the credentials. The token is checked before
     // a query slot is taken (the later layer runs first).
-    let queries = Router::new()
-        .route("/v1/entities/{entity_type}", get(query::entities))
-        .route("/v1/entities/{entity_type}/{entity_id}", get(query::entity))
-        .route(
-            "/v1/entities/{entity_type}/{entity_id}/events",
-            get(query::entity_events),
-        )
-        .route("/v1/projections/{name}", get(query::projection_documents))
-        .route("/v1/projections/{name}/{key}", get(query::projection))
-        .route("/v1/dead-letters", get(query::dead_letters))
-        .route("/v1/quarantine", get(query::quarantine))
+    let queries = OpenApiRouter::new()
+        .routes(routes!(query::entities))
+        .routes(routes!(query::entity))
+        .routes(routes!(query::entity_events))
+        .routes(routes!(query::projection_documents))
+        .routes(routes!(query::projection))
+        .routes(routes!(query::dead_letters))
+        .routes(routes!(query::quarantine))
         .route_layer(middleware::from_fn_with_state(
             api.guards.clone(),
             guards::limit_queries,
@@ -58,8 +65,8 @@ pub fn router(api: Api) -> Router {
         ));
     // The change feed's long polls wait for commits: they hold no query
     // slot, or a few listeners would starve every other reader.
-    let feed = Router::new()
-        .route("/v1/changes", get(query::changes))
+    let feed = OpenApiRouter::new()
+        .routes(routes!(query::changes))
         .route_layer(middleware::from_fn_with_state(
             api.clone(),
             auth::require_read_token,
@@ -67,39 +74,61 @@ pub fn router(api: Api) -> Router {
     // The upload takes components up to `plugins.max_upload_bytes` rather
     // than axum's default of 2 MiB; `upload` answers past it.
     let max_upload = DefaultBodyLimit::max(api.host().config.plugins.max_upload_bytes);
-    let admin = Router::new()
-        .route("/v1/admin/limits", get(admin::limits))
-        .route("/v1/plugins", get(admin::list_all))
-        .route(
-            "/v1/plugins/{entity_type}",
-            put(admin::upload).layer(max_upload).get(admin::list_type),
-        )
-        .route("/v1/plugins/{entity_type}/versions", get(admin::versions))
-        .route("/v1/plugins/{entity_type}/activate", post(admin::activate))
-        .route("/v1/plugins/{entity_type}/rollback", post(admin::rollback))
-        .route("/v1/rebuilds", get(admin::rebuilds))
-        .route("/v1/rebuilds/{id}", get(admin::rebuild))
-        .route(
-            "/v1/quarantine/{entity_type}/{entity_id}/retry",
-            post(admin::retry),
-        )
-        .route(
-            "/v1/quarantine/{entity_type}/{entity_id}/fixture",
-            get(admin::fixture),
-        )
-        .route("/v1/dead-letters/{id}/resubmit", post(admin::resubmit))
+    let admin = OpenApiRouter::new()
+        .routes(routes!(admin::limits))
+        .routes(routes!(admin::list_all))
+        .routes(routes!(admin::upload).layer(max_upload))
+        .routes(routes!(admin::list_type))
+        .routes(routes!(admin::versions))
+        .routes(routes!(admin::activate))
+        .routes(routes!(admin::rollback))
+        .routes(routes!(admin::rebuilds))
+        .routes(routes!(admin::rebuild))
+        .routes(routes!(admin::retry))
+        .routes(routes!(admin::fixture))
+        .routes(routes!(admin::resubmit))
         // `route_layer`: only these routes need the token; an unknown path
         // is a 404 for anyone.
         .route_layer(middleware::from_fn_with_state(
             api.clone(),
             auth::require_admin_token,
         ));
-    Router::new()
-        .route("/healthz", get(query::healthz))
-        .route("/metrics", get(query::metrics))
+    OpenApiRouter::with_openapi(openapi::Base::openapi())
+        .routes(routes!(query::healthz))
+        .routes(routes!(query::metrics))
         .merge(queries)
         .merge(feed)
         .merge(admin)
+}
+
+/// The OpenAPI document of every route [`router`] serves under `/v1` and
+/// of health and metrics.
+pub fn document(api: &Api) -> utoipa::openapi::OpenApi {
+    openapi::finish(described(api).into_openapi())
+}
+
+/// Every route: the described ones, the OpenAPI document, and a JSON 404
+/// (or 405) for anything else.
+pub fn router(api: Api) -> Router {
+    let (routes, doc) = described(&api).split_for_parts();
+    // Serialised once: the document does not change while the host runs.
+    let doc: Arc<str> = match serde_json::to_string(&openapi::finish(doc)) {
+        Ok(s) => s.into(),
+        Err(e) => format!("{{\"error\":\"internal\",\"message\":\"{e}\"}}").into(),
+    };
+    routes
+        .route(
+            openapi::PATH,
+            get(move || {
+                let doc = doc.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "application/json")],
+                        doc.to_string(),
+                    )
+                }
+            }),
+        )
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .with_state(api)

@@ -13,12 +13,14 @@ use serde::{Deserialize, Serialize};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::guards::{ListQuery, page};
 use crate::http::state::Api;
-use crate::http::types::{EntityItem, ProjectionDocument};
+use crate::http::types::{ChangesPage, EntityItem, ErrorBody, Page, ProjectionDocument};
 use refold_engine::query::{EntityView, StateAt};
-use refold_store::Paged;
+use refold_store::{DeadLetter, Paged, QuarantineRecord, StoredEvent};
 use refold_types::EntityKey;
+use utoipa::{IntoParams, ToSchema};
 
 /// `GET /healthz`: 200 when healthy, 503 when not, with the report.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "healthy: the report", body = Object), (status = 503, description = "not healthy: the report with the reasons", body = Object)))]
 pub async fn healthz(State(api): State<Api>) -> Response {
     let (ok, body) = api.host().health.report();
     let status = if ok {
@@ -30,6 +32,7 @@ pub async fn healthz(State(api): State<Api>) -> Response {
 }
 
 /// `GET /metrics`, in the Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(api): State<Api>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -39,14 +42,15 @@ pub async fn metrics(State(api): State<Api>) -> Response {
 }
 
 /// The parameters of an entity query.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AtQuery {
     /// A past position: the state after the event there.
     at: Option<u64>,
 }
 
 /// An entity now, or at a past position.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum EntityAnswer {
     /// Without `?at=`.
@@ -56,6 +60,7 @@ pub enum EntityAnswer {
 }
 
 /// `GET /v1/entities/{type}/{id}[?at=POSITION]`.
+#[utoipa::path(get, path = "/v1/entities/{entity_type}/{entity_id}", tag = "query", params(("entity_type" = String, Path, description = "the entity type"), ("entity_id" = String, Path, description = "the entity id"), AtQuery), responses((status = 200, description = "the entity now (`EntityView`), or at `?at=` (`StateAt`)", body = EntityAnswer), (status = 404, description = "no such entity, or no such position", body = ErrorBody), (status = 429, description = "too many replays at once", body = ErrorBody), (status = 503, description = "the replay ran out of time", body = ErrorBody), (status = 400, description = "a bad parameter or cursor", body = ErrorBody), (status = 401, description = "no or a wrong token", body = ErrorBody)))]
 pub async fn entity(
     State(api): State<Api>,
     Path((entity_type, entity_id)): Path<(String, String)>,
@@ -70,6 +75,7 @@ pub async fn entity(
 }
 
 /// `GET /v1/projections/{name}/{key}`.
+#[utoipa::path(get, path = "/v1/projections/{name}/{key}", tag = "query", params(("name" = String, Path, description = "the projection"), ("key" = String, Path, description = "the document key")), responses((status = 200, body = ProjectionDocument), (status = 404, description = "no such document", body = ErrorBody), (status = 400, description = "a bad parameter or cursor", body = ErrorBody), (status = 401, description = "no or a wrong token", body = ErrorBody)))]
 pub async fn projection(
     State(api): State<Api>,
     Path((name, key)): Path<(String, String)>,
@@ -89,6 +95,7 @@ pub async fn projection(
 
 /// `GET /v1/entities/{type}[?after=CURSOR&limit=N]`: the entities of a
 /// type that have events, `{"entity_id"}` each, in the store's order.
+#[utoipa::path(get, path = "/v1/entities/{entity_type}", tag = "query", params(("entity_type" = String, Path, description = "the entity type"), ListQuery), responses((status = 200, description = "a page of the entities of the type", body = Page<EntityItem>), (status = 400, description = "a bad parameter or cursor", body = ErrorBody), (status = 401, description = "no or a wrong token", body = ErrorBody)))]
 pub async fn entities(
     State(api): State<Api>,
     Path(entity_type): Path<String>,
@@ -112,7 +119,8 @@ pub async fn entities(
 }
 
 /// The parameters of an entity's event listing.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// The first position wanted (default 1); the `next` of the previous
     /// page.
@@ -124,6 +132,7 @@ pub struct EventsQuery {
 /// `GET /v1/entities/{type}/{id}/events[?from=POSITION&limit=N]`: the
 /// entity's stored events in position order; `next` is the position to
 /// pass as `from` for the following page.
+#[utoipa::path(get, path = "/v1/entities/{entity_type}/{entity_id}/events", tag = "query", params(("entity_type" = String, Path, description = "the entity type"), ("entity_id" = String, Path, description = "the entity id"), EventsQuery), responses((status = 200, description = "a page of the entity's stored events; `next` is the next `from`", body = Page<StoredEvent>), (status = 400, description = "a bad parameter or cursor", body = ErrorBody), (status = 401, description = "no or a wrong token", body = ErrorBody)))]
 pub async fn entity_events(
     State(api): State<Api>,
     Path((entity_type, entity_id)): Path<(String, String)>,
@@ -162,6 +171,7 @@ pub async fn entity_events(
 
 /// `GET /v1/projections/{name}[?after=CURSOR&limit=N]`: a projection's
 /// documents, each as `{"projection", "key", "document"}`.
+#[utoipa::path(get, path = "/v1/projections/{name}", tag = "query", params(("name" = String, Path, description = "the projection"), ListQuery), responses((status = 200, description = "a page of the projection's documents", body = Page<ProjectionDocument>), (status = 400, description = "a bad parameter or cursor", body = ErrorBody), (status = 401, description = "no or a wrong token", body = ErrorBody)))]
 pub async fn projection_documents(
     State(api): State<Api>,
     Path(name): Path<String>,
@@ -192,6 +202,7 @@ pub async fn projection_documents(
 }
 
 /// `GET /v1/dead-letters[?after=CURSOR&limit=N]`.
+#[utoipa::path(get, path = "/v1/dead-letters", tag = "query", params(ListQuery), responses((status = 200, description = "a page of dead letters", body = Page<DeadLetter>), (status = 400, description = "a bad parameter or cursor", body = ErrorBody), (status = 401, description = "no or a wrong token", body = ErrorBody)))]
 pub async fn dead_letters(
     State(api): State<Api>,
     q: Result<Query<ListQuery>, QueryRejection>,
@@ -207,6 +218,7 @@ pub async fn dead_letters(
 }
 
 /// `GET /v1/quarantine[?after=CURSOR&limit=N]`.
+#[utoipa::path(get, path = "/v1/quarantine", tag = "query", params(ListQuery), responses((status = 200, description = "a page of quarantine records", body = Page<QuarantineRecord>), (status = 400, description = "a bad parameter or cursor", body = ErrorBody), (status = 401, description = "no or a wrong token", body = ErrorBody)))]
 pub async fn quarantine(
     State(api): State<Api>,
     q: Result<Query<ListQuery>, QueryRejection>,
@@ -222,7 +234,8 @@ pub async fn quarantine(
 }
 
 /// `GET /v1/changes` parameters.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ChangesQuery {
     /// The `next` of the previous answer (0 or absent: from the oldest
     /// record kept).
@@ -239,6 +252,7 @@ pub struct ChangesQuery {
 /// `wait`, a request that finds nothing waits for the next commit that
 /// adds records (a long poll); it holds no query slot meanwhile. The
 /// cursor is the store's, so it stays valid across restarts.
+#[utoipa::path(get, path = "/v1/changes", tag = "query", params(ChangesQuery), responses((status = 200, body = ChangesPage), (status = 410, description = "the records after the cursor were pruned", body = ErrorBody), (status = 429, description = "too many open long polls", body = ErrorBody), (status = 400, description = "a bad parameter or cursor", body = ErrorBody), (status = 401, description = "no or a wrong token", body = ErrorBody)))]
 pub async fn changes(
     State(api): State<Api>,
     q: Result<Query<ChangesQuery>, QueryRejection>,

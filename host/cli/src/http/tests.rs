@@ -650,3 +650,143 @@ async fn the_change_feed_pages_by_cursor_and_long_polls() {
         (StatusCode::OK, 1)
     );
 }
+
+/// `(METHOD, path)` with every `{parameter}` written `{}`.
+fn normal(method: &str, path: &str) -> (String, String) {
+    let mut out = String::new();
+    let mut inside = false;
+    for c in path.split('?').next().unwrap_or_default().chars() {
+        match c {
+            '{' => {
+                inside = true;
+                out.push_str("{}");
+            }
+            '}' => inside = false,
+            _ if inside => {}
+            _ => out.push(c),
+        }
+    }
+    (method.to_uppercase(), out)
+}
+
+/// The operations of the served OpenAPI document.
+async fn documented(r: &Router) -> std::collections::BTreeSet<(String, String)> {
+    let (s, doc) = get(r, "/v1/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK, "{doc}");
+    assert!(
+        doc["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1")),
+        "{}",
+        doc["openapi"]
+    );
+    // Every reference resolves: a type named in an answer is described.
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    refs(&doc, &mut found);
+    assert!(found.len() > 20, "{found:?}");
+    for r in &found {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or(r);
+        assert!(
+            doc["components"]["schemas"].get(name).is_some(),
+            "{r} is not described: {}",
+            doc["components"]["schemas"]
+        );
+    }
+    let entity = &doc["components"]["schemas"]["EntityView"]["properties"];
+    assert!(
+        entity.get("position").is_some() && entity.get("state").is_some(),
+        "{entity}"
+    );
+    let mut ops = std::collections::BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in ["get", "put", "post", "delete", "patch"] {
+            if item.get(method).is_some() {
+                ops.insert(normal(method, path));
+            }
+        }
+    }
+    ops
+}
+
+/// Every operation the document describes is served (a request to it is
+/// not the router's 404 or 405), and every `/v1` route the README lists is
+/// described and the other way round: a handler added without its
+/// description, or a description without its route, fails here.
+#[tokio::test]
+async fn the_openapi_document_matches_the_router_and_the_readme() {
+    let app = app(None);
+    let r = server(&app, HttpConfig::default(), admin_token());
+    let ops = documented(&r).await;
+    assert!(ops.len() >= 20, "{ops:?}");
+    for (method, path) in &ops {
+        let concrete = path.replace("{}", "x");
+        let (s, _, v) = call(
+            &r,
+            Method::from_bytes(method.as_bytes()).unwrap(),
+            &concrete,
+            Some(ADMIN),
+            Body::empty(),
+        )
+        .await;
+        let message = v["message"].as_str().unwrap_or_default();
+        let fallback = (s == StatusCode::NOT_FOUND && message.starts_with("no route"))
+            || (s == StatusCode::METHOD_NOT_ALLOWED && message.contains("does not take"));
+        assert!(
+            !fallback,
+            "{method} {path} is documented but not routed: {s} {v}"
+        );
+    }
+    // And an undocumented path is the router's 404: the probe above tells
+    // the two apart.
+    let (s, v) = get(&r, "/v1/not-a-route", Some(ADMIN)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(error(&v).message.starts_with("no route"), "{v}");
+
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .expect("README.md");
+    let mut listed = std::collections::BTreeSet::new();
+    for line in readme.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let [_, method, paths, ..] = cells.as_slice() else {
+            continue;
+        };
+        if !["GET", "PUT", "POST", "DELETE", "PATCH"].contains(method) {
+            continue;
+        }
+        for (i, part) in paths.split('`').enumerate() {
+            if i % 2 == 1 && part.starts_with('/') {
+                listed.insert(normal(method, part));
+            }
+        }
+    }
+    let v1 = |set: &std::collections::BTreeSet<(String, String)>| {
+        set.iter()
+            .filter(|(_, p)| p.starts_with("/v1/") && p != "/v1/openapi.json")
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let (doc, readme) = (v1(&ops), v1(&listed));
+    let missing: Vec<_> = readme.difference(&doc).collect();
+    let unlisted: Vec<_> = doc.difference(&readme).collect();
+    assert!(
+        missing.is_empty(),
+        "in the README, not in the document: {missing:?}"
+    );
+    assert!(
+        unlisted.is_empty(),
+        "in the document, not in the README: {unlisted:?}"
+    );
+}

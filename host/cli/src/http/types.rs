@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use refold_engine::manager::SwapMode;
 pub use refold_engine::manager::{
@@ -14,7 +15,7 @@ pub use refold_engine::manager::{
 use refold_store::plugins::{Activation, PluginVersion};
 
 /// Every error: `{"error": code, "message": text}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// Named after the status (`not_found`, `too_large`, ...).
     pub error: String,
@@ -23,7 +24,7 @@ pub struct ErrorBody {
 }
 
 /// `GET /v1/projections/{name}/{key}`: one document of a read model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ProjectionDocument {
     /// The projection.
     pub projection: String,
@@ -34,14 +35,14 @@ pub struct ProjectionDocument {
 }
 
 /// An item of `GET /v1/entities/{type}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct EntityItem {
     /// The entity's id (its state: `GET /v1/entities/{type}/{id}`).
     pub entity_id: String,
 }
 
 /// `GET /v1/plugins/{type}`: the versions of one entity type.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PluginType {
     /// Entity type.
     pub entity_type: String,
@@ -54,14 +55,14 @@ pub struct PluginType {
 }
 
 /// `GET /v1/plugins`: every entity type known, stored or running.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PluginList {
     /// By entity type, sorted.
     pub plugins: Vec<PluginType>,
 }
 
 /// The body of `POST /v1/plugins/{type}/activate`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ActivateRequest {
     /// The version to activate.
     pub digest: String,
@@ -70,7 +71,7 @@ pub struct ActivateRequest {
 }
 
 /// `POST /v1/plugins/{type}/activate`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Activated {
     /// Entity type.
     pub entity_type: String,
@@ -86,14 +87,14 @@ pub struct Activated {
 pub type RolledBack = Activation;
 
 /// `GET /v1/rebuilds`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RebuildList {
     /// Every rebuild known.
     pub rebuilds: Vec<RebuildStatus>,
 }
 
 /// `GET /v1/admin/limits`: what this host accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Limits {
     /// `[plugins]`.
     pub plugins: PluginLimits,
@@ -102,14 +103,14 @@ pub struct Limits {
 }
 
 /// The `[plugins]` limits a client can check locally.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PluginLimits {
     /// The largest component an upload takes.
     pub max_upload_bytes: usize,
 }
 
 /// The `[http]` limits of queries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HttpLimits {
     /// Items per listing page at most.
     pub max_page_items: usize,
@@ -121,4 +122,34 @@ pub struct HttpLimits {
     pub max_concurrent_replays: usize,
     /// Time budget of one replay, in milliseconds.
     pub replay_timeout_ms: u64,
+}
+
+/// A listing page: `next` is the cursor of the following page (`?after=`,
+/// or `?from=` for an entity's events), `null` on the last.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    /// The items, at most `http.max_page_items` and `http.max_page_bytes`.
+    pub items: Vec<T>,
+    /// How many.
+    pub count: usize,
+    /// The cursor of the following page.
+    pub next: Option<String>,
+}
+
+/// `GET /v1/changes`: change records in commit order.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChangesPage {
+    /// The records.
+    pub changes: Vec<ChangeItem>,
+    /// Pass as `?after=` for what follows.
+    pub next: u64,
+}
+
+/// One change record with its cursor.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChangeItem {
+    /// Its place in the feed.
+    pub cursor: u64,
+    /// The record, a CloudEvent.
+    pub event: Value,
 }

@@ -13,7 +13,7 @@ use refold_types::event::{EntityKey, RawJson};
 use refold_types::{Generation, PluginRef};
 
 /// How a new version takes over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SwapMode {
     /// From the next batch on; states already computed stay.
@@ -65,7 +65,7 @@ pub enum InstallError {
 }
 
 /// Outcome of an install.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Installed {
     /// The stored version.
     pub version: PluginVersion,
@@ -78,7 +78,7 @@ pub struct Installed {
 }
 
 /// What the validation fold did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SampleReport {
     /// Entities folded.
     pub entities: usize,
@@ -87,7 +87,7 @@ pub struct SampleReport {
 }
 
 /// Progress of a rebuild.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RebuildStatus {
     /// Rebuild id.
     pub id: String,
@@ -173,7 +173,7 @@ impl RebuildStatus {
 }
 
 /// Outcome of a retry of a quarantined entity.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Retried {
     /// Entity type.
     pub entity_type: String,
@@ -196,7 +196,7 @@ pub struct Retried {
 }
 
 /// A quarantined case as a fixture for `refold test`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Fixture {
     /// Entity type.
     pub entity_type: String,
@@ -215,7 +215,7 @@ pub struct Fixture {
 }
 
 /// One expected state of a fixture.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExpectedState {
     /// Entity type.
     pub entity_type: String,
@@ -226,7 +226,7 @@ pub struct ExpectedState {
 }
 
 /// Outcome of a re-submission of a dead letter.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Resubmitted {
     /// The dead letter's id.
     pub dead_letter: String,
