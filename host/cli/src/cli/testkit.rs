@@ -243,8 +243,6 @@ fn line_of(text: &[u8], offset: i64) -> usize {
     text[..end].iter().filter(|b| **b == b'\n').count() + 1
 }
 
-/// The outcome of folding an entity's history one way: its state and the
-/// position of the event that failed, if one did.
 /// The state a fold ended with, and where and why it failed, if it did.
 type Folded = (Value, Option<(u64, String)>);
 
@@ -301,11 +299,7 @@ fn disagreement(
             _ => want.filter(|w| *w != state).map(|_| {
                 let mut got = state.to_string();
                 if got.len() > 300 {
-                    let mut end = 300;
-                    while !got.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    got.truncate(end);
+                    got.truncate(got.floor_char_boundary(300));
                     got.push('…');
                 }
                 format!("{way}: ended with another state: {got}")

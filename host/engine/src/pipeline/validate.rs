@@ -79,11 +79,7 @@ pub(crate) fn dead_letter(r: &SourceRecord, why: &Rejection) -> DeadLetter {
     let mut payload = String::from_utf8_lossy(&r.payload).into_owned();
     if payload.len() > 64 << 10 {
         // Keep the dead letter listable; the head of the record shows what it was.
-        let mut cut = 64 << 10;
-        while !payload.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        payload.truncate(cut);
+        payload.truncate(payload.floor_char_boundary(64 << 10));
         payload.push_str("…(truncated)");
     }
     DeadLetter {
