@@ -445,7 +445,7 @@ async fn deliver(
         tracing::warn!(error = %format!("{e:#}"), "committing source offsets failed; the batch may be re-read");
     }
     for c in &d.checkpoints {
-        host.metrics.progressed(&c.source, c.partition);
+        host.metrics.progressed(&c.source, c.partition, c.offset);
         host.health.progressed(&c.source, c.partition);
     }
     report_lag(host, source);

@@ -38,6 +38,7 @@ pub struct Metrics {
     stage_seconds: HistogramVec,
     lag: IntGaugeVec,
     last_progress: GaugeVec,
+    offset: IntGaugeVec,
     plugin_memory: IntGaugeVec,
     plugin_cpu: GaugeVec,
     plugin_calls: IntGaugeVec,
@@ -227,6 +228,18 @@ impl Metrics {
                     Opts::new(
                         "refold_partition_last_progress_seconds",
                         "Unix time of the last committed batch of a partition"
+                    ),
+                    &["source", "partition"]
+                )
+            ),
+            // In the unit of the lag, so that a reader (the console) derives
+            // a partition's throughput beside its lag from two scrapes.
+            offset: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "refold_partition_committed_offset",
+                        "Next offset to read (records for Kafka, bytes for files) of a partition's last committed batch"
                     ),
                     &["source", "partition"]
                 )
@@ -422,12 +435,12 @@ impl Metrics {
             .with_label_values(&[source, &partition.to_string()])
             .set(lag);
     }
-    /// A partition made progress now.
-    pub fn progressed(&self, source: &str, partition: i32) {
+    /// A partition's batch up to `offset` was committed now.
+    pub fn progressed(&self, source: &str, partition: i32, offset: i64) {
         let now = refold_types::clock::unix_ms() as f64 / 1000.0;
-        self.last_progress
-            .with_label_values(&[source, &partition.to_string()])
-            .set(now);
+        let l = [source, &partition.to_string()];
+        self.last_progress.with_label_values(&l).set(now);
+        self.offset.with_label_values(&l).set(offset);
     }
     /// Sandbox counters (cumulative per sandbox).
     pub fn sandbox(&self, entity_type: &str, version: &str, s: &CallStats) {

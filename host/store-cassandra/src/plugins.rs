@@ -124,7 +124,48 @@ impl PluginStore for CassandraStore {
                 a.entity_type
             )));
         }
+        // After the conditional write won: the history never holds an
+        // activation that lost. A failure here leaves a gap in it, which is
+        // logged, not the activation's failure: it is recorded.
+        let kept = serde_json::to_string(a).map_err(|e| StoreError::Other(e.into()))?;
+        if let Err(e) = self
+            .run(&self.st.history_insert, (&a.entity_type, a.seq, kept))
+            .await
+        {
+            tracing::warn!(entity_type = %a.entity_type, seq = a.seq, error = %e,
+                "keeping an activation in its history failed; the history has a gap there");
+        }
         Ok(())
+    }
+
+    async fn activation_history(
+        &self,
+        entity_type: &str,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<Activation>> {
+        let current = self.activation(entity_type).await?;
+        let n = limit.clamp(1, i32::MAX as usize) as i32;
+        let kept: Vec<(String,)> = self
+            .read("reading an activation history", || async {
+                self.page(
+                    &self.st.history_page,
+                    (entity_type, before.unwrap_or(i64::MAX), n),
+                )
+                .await
+            })
+            .await?;
+        let kept = kept
+            .iter()
+            .map(|(j,)| {
+                serde_json::from_str(j).map_err(|e| {
+                    StoreError::Corrupt(format!("an activation_history entry: {e}"))
+                })
+            })
+            .collect::<Result<Vec<Activation>>>()?;
+        Ok(refold_store::plugins::merge_history(
+            kept, current, before, limit,
+        ))
     }
 
     async fn put_rebuild(

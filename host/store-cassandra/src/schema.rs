@@ -126,6 +126,13 @@ const SCHEMA: &[&str] = &[
         previous_generation text,
         rolled_back  list<text>
     ) WITH comment = 'refold: the active plugin version of each entity type'",
+    "CREATE TABLE IF NOT EXISTS {ks}.activation_history (
+        entity_type text,
+        seq         bigint,
+        activation  text,
+        PRIMARY KEY ((entity_type), seq)
+    ) WITH CLUSTERING ORDER BY (seq DESC)
+      AND comment = 'refold: every activation of each entity type, as JSON, newest first'",
     "CREATE TABLE IF NOT EXISTS {ks}.rebuilds (
         id             text PRIMARY KEY,
         entity_type    text,

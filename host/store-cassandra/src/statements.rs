@@ -108,6 +108,10 @@ pub(crate) struct Statements {
     pub(crate) activations_read: PreparedStatement,
     /// Read into [`crate::rows::ActivationRow`].
     pub(crate) activation_get: PreparedStatement,
+    /// `activation_history`: keep one activation.
+    pub(crate) history_insert: PreparedStatement,
+    /// `activation_history`: a page, newest first, below a `seq`.
+    pub(crate) history_page: PreparedStatement,
     /// Bound by [`crate::rows::RebuildValues`].
     pub(crate) rebuild_insert: PreparedStatement,
     /// Bound by [`crate::rows::RebuildUpdateValues`].
@@ -224,6 +228,8 @@ impl Statements {
                                  FROM {ks}.activations").await?,
             activation_get: p("SELECT entity_type, digest, previous, mode, seq, activated_at, generation, previous_generation, rolled_back
                                FROM {ks}.activations WHERE entity_type = ?").await?,
+            history_insert: p("INSERT INTO {ks}.activation_history (entity_type, seq, activation) VALUES (?, ?, ?)").await?,
+            history_page: p("SELECT activation FROM {ks}.activation_history WHERE entity_type = ? AND seq < ? LIMIT ?").await?,
             rebuild_insert: p("INSERT INTO {ks}.rebuilds (id, entity_type, digest, generation, state, entities_done, entities_total, events_done, events_total,
                                                           quarantined, error, owner, started_at, finished_at, heartbeat_ms)
                                VALUES (:id, :entity_type, :digest, :generation, :state, :entities_done, :entities_total, :events_done, :events_total,

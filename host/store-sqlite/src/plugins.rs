@@ -105,28 +105,43 @@ impl PluginStore for SqliteStore {
                     (":previous_generation", &previous_generation),
                     (":rolled_back", &rolled_back),
                 ];
-                if a.seq <= 1 {
+                let tx = c.transaction()?;
+                let changed = if a.seq <= 1 {
                     // The first of its entity type: only if there is none.
-                    c.execute(
+                    tx.execute(
                         "INSERT OR IGNORE INTO activations (entity_type, digest, previous, mode, seq,
                                 activated_at, generation, previous_generation, rolled_back)
                          VALUES (:entity_type, :digest, :previous, :mode, :seq,
                                  :activated_at, :generation, :previous_generation, :rolled_back)",
                         &row[..],
-                    )
+                    )?
                 } else {
                     // The successor: only over the predecessor it was built on.
                     let predecessor = a.seq - 1;
                     let mut fenced = row.to_vec();
                     fenced.push((":predecessor", &predecessor));
-                    c.execute(
+                    tx.execute(
                         "UPDATE activations SET digest = :digest, previous = :previous, mode = :mode,
                                 seq = :seq, activated_at = :activated_at, generation = :generation,
                                 previous_generation = :previous_generation, rolled_back = :rolled_back
                          WHERE entity_type = :entity_type AND seq = :predecessor",
                         fenced.as_slice(),
-                    )
+                    )?
+                };
+                // In the same transaction: the history has an entry for
+                // every activation recorded, and none for a fenced one.
+                if changed == 1 {
+                    let kept = serde_json::to_string(&a).map_err(|e| {
+                        rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+                    })?;
+                    tx.execute(
+                        "INSERT OR REPLACE INTO activation_history (entity_type, seq, activation)
+                         VALUES (?1, ?2, ?3)",
+                        rusqlite::params![a.entity_type, a.seq, kept],
+                    )?;
                 }
+                tx.commit()?;
+                Ok(changed)
             })
             .await?;
         if changed != 1 {
@@ -135,6 +150,41 @@ impl PluginStore for SqliteStore {
             )));
         }
         Ok(())
+    }
+
+    async fn activation_history(
+        &self,
+        entity_type: &str,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<Activation>> {
+        let t = entity_type.to_string();
+        let current = self.activation(entity_type).await?;
+        let n = limit.min(i64::MAX as usize) as i64;
+        let kept: Vec<String> = self
+            .read(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT activation FROM activation_history
+                     WHERE entity_type = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+                )?;
+                let rows = st.query_map(
+                    rusqlite::params![t, before.unwrap_or(i64::MAX), n],
+                    |r| r.get(0),
+                )?;
+                rows.collect()
+            })
+            .await?;
+        let kept = kept
+            .iter()
+            .map(|j| {
+                serde_json::from_str(j).map_err(|e| {
+                    StoreError::Corrupt(format!("an activation_history entry: {e}"))
+                })
+            })
+            .collect::<Result<Vec<Activation>>>()?;
+        Ok(refold_store::plugins::merge_history(
+            kept, current, before, limit,
+        ))
     }
 
     async fn put_rebuild(

@@ -84,6 +84,12 @@ CREATE TABLE IF NOT EXISTS activations (
     previous_generation TEXT,
     rolled_back  TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS activation_history (
+    entity_type TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    activation  TEXT NOT NULL,
+    PRIMARY KEY (entity_type, seq)
+);
 CREATE TABLE IF NOT EXISTS rebuilds (
     id             TEXT PRIMARY KEY,
     entity_type    TEXT NOT NULL,

@@ -51,6 +51,7 @@ where
         snapshots_answer_the_latest_at_or_before,
         plugin_versions_round_trip,
         activations_are_conditional_on_their_predecessor,
+        every_activation_is_kept_in_its_history,
         rebuild_records_are_compare_and_set_on_their_heartbeat,
     );
 }
@@ -1042,6 +1043,63 @@ pub async fn activations_are_conditional_on_their_predecessor(s: &dyn Storage) {
         "sorted by entity type"
     );
     assert_eq!(all[0], rebuilt);
+}
+
+/// Every activation recorded is kept, newest first, paged by `seq`; a
+/// fenced one is not; types do not mix.
+pub async fn every_activation_is_kept_in_its_history(s: &dyn Storage) {
+    assert!(
+        s.activation_history("ledger", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mut written = Vec::new();
+    for seq in 1..=5 {
+        let a = Activation {
+            previous: (seq > 1).then(|| format!("d{}", seq - 1)),
+            mode: if seq == 3 {
+                ActivationMode::Rebuild
+            } else {
+                ActivationMode::Forward
+            },
+            ..activation("ledger", &format!("d{seq}"), seq)
+        };
+        s.put_activation(&a).await.unwrap();
+        written.push(a);
+        if seq == 2 {
+            assert_fenced(
+                s.put_activation(&activation("ledger", "lost", 2)).await,
+                "a second activation 2",
+            );
+        }
+    }
+    s.put_activation(&activation("other", "o1", 1))
+        .await
+        .unwrap();
+    written.reverse();
+    assert_eq!(
+        s.activation_history("ledger", None, 100).await.unwrap(),
+        written,
+        "every one, newest first, every field, the fenced one not"
+    );
+    let first = s.activation_history("ledger", None, 2).await.unwrap();
+    assert_eq!(first, written[..2]);
+    let rest = s
+        .activation_history("ledger", Some(first[1].seq), 100)
+        .await
+        .unwrap();
+    assert_eq!(rest, written[2..], "the page below seq 4");
+    assert!(
+        s.activation_history("ledger", Some(1), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.activation_history("other", None, 10).await.unwrap(),
+        [activation("other", "o1", 1)]
+    );
 }
 
 fn rebuild(id: &str, state: RebuildState, heartbeat_ms: i64) -> RebuildRecord {

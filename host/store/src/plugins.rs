@@ -186,6 +186,27 @@ pub struct RebuildRecord {
     pub heartbeat_ms: i64,
 }
 
+/// The history of `entity_type` from the stored entries and the current
+/// activation: newest first, `seq` below `before`, at most `limit`. The
+/// current activation stands for its `seq` whatever the history holds.
+pub fn merge_history(
+    mut kept: Vec<Activation>,
+    current: Option<Activation>,
+    before: Option<i64>,
+    limit: usize,
+) -> Vec<Activation> {
+    if let Some(c) = current
+        && before.is_none_or(|b| c.seq < b)
+    {
+        kept.retain(|a| a.seq != c.seq);
+        kept.push(c);
+    }
+    kept.retain(|a| before.is_none_or(|b| a.seq < b));
+    kept.sort_by(|a, b| b.seq.cmp(&a.seq));
+    kept.truncate(limit);
+    kept
+}
+
 /// Persistence of the plugin registry.
 #[async_trait]
 pub trait PluginStore: Send + Sync {
@@ -204,6 +225,19 @@ pub trait PluginStore: Send + Sync {
     /// activating at once cannot both win: the loser gets
     /// [`StoreError::Fenced`](super::StoreError::Fenced).
     async fn put_activation(&self, a: &Activation) -> crate::error::Result<()>;
+    /// Past and current activations of an entity type, newest first, those
+    /// with `seq` below `before` (all when `None`), at most `limit`.
+    /// [`put_activation`](Self::put_activation) keeps each one it records;
+    /// the current one is always listed, even when it was recorded before
+    /// the history was kept. Where the store cannot write both in one
+    /// transaction (Cassandra), a writer that died between the two leaves
+    /// a gap in `seq`, never a wrong entry.
+    async fn activation_history(
+        &self,
+        entity_type: &str,
+        before: Option<i64>,
+        limit: usize,
+    ) -> crate::error::Result<Vec<Activation>>;
     /// Write a rebuild record. `expected_heartbeat` `None`: create it (not
     /// written if the id exists). `Some(h)`: replace it only if the stored
     /// record's `heartbeat_ms` is still `h`: a compare-and-set, so that an

@@ -186,6 +186,40 @@ pub async fn versions(
     page(items, limit, api.guards.max_page_bytes)
 }
 
+/// `GET /v1/plugins/{type}/activations[?after=SEQ&limit=N]`: the
+/// activations of an entity type, newest first; the cursor is the `seq`
+/// of the last activation of the page.
+#[utoipa::path(get, path = "/v1/plugins/{entity_type}/activations", tag = "admin", security(("admin_token" = [])), params(("entity_type" = String, Path, description = "the entity type"), ListQuery), responses((status = 200, description = "a page of the activations, newest first", body = Page<Activation>), (status = 400, description = "a cursor that is not a sequence number", body = ErrorBody), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]
+pub async fn activations(
+    State(api): State<Api>,
+    Path(entity_type): Path<String>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<axum::response::Response> {
+    let Query(q) = q?;
+    let limit = q.limit(&api.guards);
+    let before = match q.after.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(c.parse::<i64>().map_err(|_| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("after: {c:?} is not an activation's seq"),
+            )
+        })?),
+    };
+    let items = api
+        .host()
+        .plugin_store
+        .activation_history(&entity_type, before, limit + 1)
+        .await?
+        .into_iter()
+        .map(|a| Paged {
+            cursor: a.seq.to_string(),
+            item: a,
+        })
+        .collect();
+    page(items, limit, api.guards.max_page_bytes)
+}
+
 /// `GET /v1/plugins`: every entity type with a stored activation or a
 /// running plugin.
 #[utoipa::path(get, path = "/v1/plugins", tag = "admin", security(("admin_token" = [])), responses((status = 200, body = PluginList), (status = 401, description = "no or a wrong admin token", body = ErrorBody)))]

@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod guards;
 pub mod openapi;
@@ -80,6 +81,7 @@ fn described(api: &Api) -> OpenApiRouter<Api> {
         .routes(routes!(admin::upload).layer(max_upload))
         .routes(routes!(admin::list_type))
         .routes(routes!(admin::versions))
+        .routes(routes!(admin::activations))
         .routes(routes!(admin::activate))
         .routes(routes!(admin::rollback))
         .routes(routes!(admin::rebuilds))
@@ -107,7 +109,7 @@ pub fn document(api: &Api) -> utoipa::openapi::OpenApi {
     openapi::finish(described(api).into_openapi())
 }
 
-/// Every route: the described ones, the OpenAPI document, and a JSON 404
+/// Every route: the described ones, the OpenAPI document, the console, and a JSON 404
 /// (or 405) for anything else.
 pub fn router(api: Api) -> Router {
     let (routes, doc) = described(&api).split_for_parts();
@@ -129,6 +131,7 @@ pub fn router(api: Api) -> Router {
                 }
             }),
         )
+        .merge(console::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .with_state(api)
