@@ -82,6 +82,17 @@ pub fn refold(args: &[&str], cwd: &Path) -> (i32, String, String) {
     )
 }
 
+/// The sha256 digest of a component file, as `refold inspect` gives it (hex).
+pub fn digest_of(p: &Path) -> String {
+    let (_, out, _) = refold(&["inspect", p.to_str().unwrap()], &root());
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string()
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

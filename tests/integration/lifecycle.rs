@@ -51,16 +51,6 @@ fn running_digest(host: &Host, t: &str) -> String {
     Admin::new(host, TOKEN).running_digest(t)
 }
 
-fn digest_of(p: &Path) -> String {
-    let (_, out, _) = refold(&["inspect", p.to_str().unwrap()], &root());
-    let v: Value = serde_json::from_str(&out).unwrap();
-    v["digest"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("sha256:")
-        .to_string()
-}
-
 /// Wait until every expected account has exactly the reference balance,
 /// transactions, owner and open flag.
 fn assert_bank_states(

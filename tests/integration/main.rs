@@ -5,6 +5,7 @@
 mod api;
 mod cluster;
 mod common;
+mod console;
 mod embedded;
 mod follow;
 mod integrity;

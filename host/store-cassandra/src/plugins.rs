@@ -158,9 +158,8 @@ impl PluginStore for CassandraStore {
         let kept = kept
             .iter()
             .map(|(j,)| {
-                serde_json::from_str(j).map_err(|e| {
-                    StoreError::Corrupt(format!("an activation_history entry: {e}"))
-                })
+                serde_json::from_str(j)
+                    .map_err(|e| StoreError::Corrupt(format!("an activation_history entry: {e}")))
             })
             .collect::<Result<Vec<Activation>>>()?;
         Ok(refold_store::plugins::merge_history(

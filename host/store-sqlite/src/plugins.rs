@@ -167,19 +167,18 @@ impl PluginStore for SqliteStore {
                     "SELECT activation FROM activation_history
                      WHERE entity_type = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
                 )?;
-                let rows = st.query_map(
-                    rusqlite::params![t, before.unwrap_or(i64::MAX), n],
-                    |r| r.get(0),
-                )?;
+                let rows = st
+                    .query_map(rusqlite::params![t, before.unwrap_or(i64::MAX), n], |r| {
+                        r.get(0)
+                    })?;
                 rows.collect()
             })
             .await?;
         let kept = kept
             .iter()
             .map(|j| {
-                serde_json::from_str(j).map_err(|e| {
-                    StoreError::Corrupt(format!("an activation_history entry: {e}"))
-                })
+                serde_json::from_str(j)
+                    .map_err(|e| StoreError::Corrupt(format!("an activation_history entry: {e}")))
             })
             .collect::<Result<Vec<Activation>>>()?;
         Ok(refold_store::plugins::merge_history(

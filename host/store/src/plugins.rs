@@ -202,7 +202,7 @@ pub fn merge_history(
         kept.push(c);
     }
     kept.retain(|a| before.is_none_or(|b| a.seq < b));
-    kept.sort_by(|a, b| b.seq.cmp(&a.seq));
+    kept.sort_by_key(|a| std::cmp::Reverse(a.seq));
     kept.truncate(limit);
     kept
 }
@@ -251,4 +251,48 @@ pub trait PluginStore: Send + Sync {
     ) -> crate::error::Result<bool>;
     /// Every stored rebuild record, in no promised order.
     async fn rebuilds(&self) -> crate::error::Result<Vec<RebuildRecord>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seq: i64, digest: &str) -> Activation {
+        Activation {
+            entity_type: "t".into(),
+            digest: digest.into(),
+            previous: None,
+            mode: ActivationMode::Forward,
+            generation: Generation::default(),
+            previous_generation: None,
+            seq,
+            activated_at: String::new(),
+            rolled_back: Vec::new(),
+        }
+    }
+
+    fn seqs(v: &[Activation]) -> Vec<i64> {
+        v.iter().map(|a| a.seq).collect()
+    }
+
+    #[test]
+    fn the_current_activation_stands_for_its_seq_and_pages_go_back() {
+        // The history lost seq 3's row (a failed write after the win) and
+        // holds a stale copy of seq 2: the current row wins for its seq.
+        let kept = vec![at(1, "a"), at(2, "stale"), at(4, "d")];
+        let current = Some(at(2, "b"));
+        let all = merge_history(kept.clone(), current.clone(), None, 10);
+        assert_eq!(seqs(&all), [4, 2, 1]);
+        assert_eq!(all[1].digest, "b");
+        assert_eq!(
+            seqs(&merge_history(kept.clone(), current.clone(), None, 2)),
+            [4, 2]
+        );
+        assert_eq!(
+            seqs(&merge_history(kept.clone(), current.clone(), Some(2), 10)),
+            [1]
+        );
+        assert!(merge_history(kept, current, Some(1), 10).is_empty());
+        assert!(merge_history(Vec::new(), None, None, 10).is_empty());
+    }
 }

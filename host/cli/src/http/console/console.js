@@ -16,6 +16,8 @@ function el(tag, attrs, ...children) {
     if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
     else if (k === "class") e.className = v;
     else if (k === "dataset") Object.assign(e.dataset, v);
+    // Through the CSSOM: the CSP refuses style attributes in markup.
+    else if (k === "style") Object.assign(e.style, v);
     else if (v === true) e.setAttribute(k, "");
     else e.setAttribute(k, String(v));
   }
@@ -276,13 +278,15 @@ views.plugins = async (root) => {
       el("button", { class: "primary", type: "button", onclick: () => askTokens("The admin token of this host.").then((ok) => ok && render()) }, "Enter the admin token")));
     return;
   }
-  const plugins = await pluginList();
-  root.append(uploadCard(plugins.map((p) => p.entity_type)));
+  const [plugins, limits] = await Promise.all([pluginList(), api("/v1/admin/limits", { admin: true })]);
+  root.append(uploadCard(plugins.map((p) => p.entity_type), limits.plugins.max_upload_bytes));
   if (!plugins.length) root.append(el("p", { class: "muted" }, "No plugin is stored or running."));
   for (const p of plugins) root.append(await pluginCard(p));
 };
 
-function uploadCard(types) {
+// `maxBytes`: the host's upload limit, checked here first so that an
+// oversized file is refused before it is sent.
+function uploadCard(types, maxBytes) {
   const type = el("input", { id: "upload-type", list: "known-types", required: true, placeholder: "entity type", value: types[0] || "" });
   const file = el("input", { id: "upload-file", type: "file", accept: ".wasm,application/wasm", required: true });
   const mode = el("select", { id: "upload-mode" },
@@ -294,6 +298,10 @@ function uploadCard(types) {
     ev.preventDefault();
     const f = file.files[0];
     if (!f || !type.value) return;
+    if (f.size > maxBytes) {
+      out.replaceChildren(el("span", { class: "error-text" }, `refused here: ${f.name} is ${fmtNum(f.size)} bytes, over this host's limit of ${fmtNum(maxBytes)} (plugins.max_upload_bytes)`));
+      return;
+    }
     out.textContent = "uploading " + f.name + " (" + fmtNum(f.size) + " bytes)…";
     try {
       const r = await api("/v1/plugins/" + enc(type.value) + "?mode=" + enc(mode.value),
@@ -396,7 +404,7 @@ views.rebuilds = async (root) => {
     return el("tr", { dataset: { rebuild: r.id } },
       el("td", { class: "mono" }, r.id), el("td", {}, r.entity_type), el("td", { class: "mono" }, short(r.digest)),
       el("td", {}, el("span", { class: "badge " + (r.state === "done" ? "ok" : r.state === "failed" ? "bad" : "warn") }, r.state)),
-      el("td", {}, el("div", { class: "bar", title: pct.toFixed(1) + "%" }, el("span", { style: "width:" + pct.toFixed(1) + "%" })),
+      el("td", {}, el("div", { class: "bar", title: pct.toFixed(1) + "%" }, el("span", { style: { width: pct.toFixed(1) + "%" } })),
         el("div", { class: "muted" }, `${fmtNum(r.events_done)} / ${fmtNum(r.events_total)} events, ${fmtNum(r.entities_done)} / ${fmtNum(r.entities_total)} entities`)),
       el("td", {}, rate ? fmtNum(rate) + " ev/s" : "—"), el("td", {}, r.state === "done" ? "—" : fmtSecs(eta)),
       el("td", {}, r.quarantined), el("td", { class: "error-text" }, r.error || ""));
@@ -609,6 +617,15 @@ function poll() {
   if (again && !$("#signin").open) return render();
   if (route().name !== "overview") sampleMetrics().catch(() => {});
 }
+
+// Whatever the policy blocks is a defect of this page: say so rather than
+// leave a part of it silently undrawn (and count it, for the browser test).
+let violations = 0;
+document.addEventListener("securitypolicyviolation", (e) => {
+  violations++;
+  document.documentElement.dataset.cspViolations = String(violations);
+  flash("the page's security policy blocked " + e.violatedDirective + " (" + (e.blockedURI || "inline") + ")", true);
+});
 
 document.addEventListener("DOMContentLoaded", () => {
   showSignedIn();

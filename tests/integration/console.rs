@@ -1,0 +1,457 @@
+//! The operator console in a real browser: headless Chromium driven over
+//! WebDriver (chromedriver). An operator signs in, sees the bank plugin and
+//! the quarantined entities, pushes a fixed version and retries a
+//! quarantined entity from the page, uploads a new version and rolls it back
+//! from the page, rebuilds from the page and follows the rebuild, reads an
+//! entity now and at a past position, and reads dead
+//! letters whose payloads try to script the page. Every step is checked
+//! against the API; screenshots go to `target/console-screenshots/`.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::error::CmdError;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+const TOKEN: &str = "console-admin";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A program on `PATH` (or the path in `env`, when set).
+fn program(env: &str, names: &[&str]) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|d| names.iter().map(move |n| d.join(n)))
+        .find(|p| p.is_file())
+}
+
+/// chromedriver and one headless Chromium session; both end on drop.
+struct Browser {
+    rt: tokio::runtime::Runtime,
+    client: Option<Client>,
+    driver: Child,
+    shots: PathBuf,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let driver_bin = program("REFOLD_TEST_CHROMEDRIVER", &["chromedriver"]).expect(
+            "chromedriver is missing: the console test needs Chromium and chromedriver \
+             (Debian: apt-get install chromium chromium-driver; deploy/local/test installs them)",
+        );
+        let port = free_port();
+        let driver = Command::new(&driver_bin)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", driver_bin.display()));
+        let url = format!("http://127.0.0.1:{port}");
+        wait_for(WAIT, "chromedriver /status", || {
+            http()
+                .get(format!("{url}/status"))
+                .send()
+                .ok()
+                .filter(|r| r.status().is_success())
+        });
+        let mut options = json!({
+            "args": [
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--window-size=1280,1000",
+            ],
+        });
+        if let Some(bin) = program(
+            "REFOLD_TEST_CHROMIUM",
+            &["chromium", "chromium-browser", "google-chrome"],
+        ) {
+            options["binary"] = json!(bin.display().to_string());
+        }
+        let mut caps = serde_json::Map::new();
+        caps.insert("goog:chromeOptions".into(), options);
+        // A confirm() stays open until the test answers it.
+        caps.insert("unhandledPromptBehavior".into(), json!("ignore"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = rt
+            .block_on(
+                ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+                    .capabilities(caps)
+                    .connect(&url),
+            )
+            .expect("a Chromium session through chromedriver");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root().join("target"));
+        let shots = target.join("console-screenshots");
+        std::fs::create_dir_all(&shots).unwrap();
+        Browser {
+            rt,
+            client: Some(client),
+            driver,
+            shots,
+        }
+    }
+
+    fn c(&self) -> &Client {
+        self.client.as_ref().unwrap()
+    }
+
+    fn run<T>(&self, what: &str, f: impl Future<Output = Result<T, CmdError>>) -> T {
+        self.rt
+            .block_on(f)
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+
+    fn goto(&self, url: &str) {
+        self.run(url, self.c().goto(url));
+    }
+
+    /// Poll until `css` matches an element whose text satisfies `ok`; the
+    /// text. A view redraws whole every poll, so an element may go stale
+    /// between looks: every look starts again from the document.
+    fn text_of(&self, css: &str, ok: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        let mut last;
+        loop {
+            let got = self.rt.block_on(async {
+                let e = self.c().find(Locator::Css(css)).await?;
+                e.text().await
+            });
+            match got {
+                Ok(t) if ok(&t) => return t,
+                Ok(t) => last = format!("text {t:?}"),
+                Err(e) => last = e.to_string(),
+            }
+            if start.elapsed() > WAIT {
+                let page = self.rt.block_on(self.c().source()).unwrap_or_default();
+                panic!(
+                    "{css}: not as expected within {WAIT:?} (last: {last}); page:\n{}",
+                    &page[..page.floor_char_boundary(6000)]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Wait for `css` to match.
+    fn present(&self, css: &str) {
+        self.text_of(css, |_| true);
+    }
+
+    /// How many elements match `css` now.
+    fn count(&self, css: &str) -> usize {
+        self.run(css, self.c().find_all(Locator::Css(css))).len()
+    }
+
+    /// Click the element `css` matches, once it does.
+    fn click(&self, css: &str) {
+        let start = Instant::now();
+        loop {
+            let r = self.rt.block_on(async {
+                let e = self.c().find(Locator::Css(css)).await?;
+                e.click().await
+            });
+            match r {
+                Ok(()) => return,
+                Err(e) if start.elapsed() > WAIT => panic!("clicking {css}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// Type `text` into the input `css` after clearing it.
+    fn fill(&self, css: &str, text: &str) {
+        self.present(css);
+        self.run(css, async {
+            let e = self.c().find(Locator::Css(css)).await?;
+            if e.attr("type").await?.as_deref() != Some("file") {
+                e.clear().await?;
+            }
+            e.send_keys(text).await
+        });
+    }
+
+    fn eval(&self, script: &str) -> Value {
+        self.run(script, self.c().execute(script, vec![]))
+    }
+
+    fn shot(&self, name: &str) -> PathBuf {
+        let png = self.run("screenshot", self.c().screenshot());
+        assert!(png.starts_with(b"\x89PNG"), "{name}: not a PNG");
+        let p = self.shots.join(format!("{name}.png"));
+        std::fs::write(&p, png).unwrap();
+        p
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            let _ = self.rt.block_on(c.close());
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// Sign in through the page's dialog, which the first admin view asks for.
+fn sign_in(b: &Browser) {
+    b.present("#signin[open]");
+    b.fill("#admin-token", TOKEN);
+    b.click("#signin-ok");
+}
+
+fn upload(b: &Browser, entity_type: &str, file: &Path) {
+    b.fill("#upload-type", entity_type);
+    b.fill("#upload-file", file.to_str().unwrap());
+    b.run("upload mode", async {
+        let mode = b.c().find(Locator::Css("#upload-mode")).await?;
+        mode.select_by_value("forward").await
+    });
+    b.click("#upload-submit");
+}
+
+fn quarantined(host: &Host, id: &str) -> bool {
+    let (_, q) = host.get("/v1/quarantine");
+    q["items"]
+        .as_array()
+        .is_some_and(|i| i.iter().any(|i| i["key"]["entity_id"] == id))
+}
+
+#[test]
+fn an_operator_retries_and_rolls_back_from_the_console() {
+    let dir = tempdir();
+    let events = dir.path().join("events.jsonl");
+    std::fs::copy(root().join("examples/bank/events.jsonl"), &events).unwrap();
+    // A record that is not JSON and tries to script whoever reads it.
+    append(
+        &events,
+        &["<img src=x onerror=\"document.title='scripted'\"> {".to_string()],
+    );
+    let host = Host::start(
+        &embedded_config(
+            dir.path(),
+            std::slice::from_ref(&events),
+            &[component("bank"), component("probe-fail-all")],
+            &format!("[admin]\ntoken = \"{TOKEN}\"\n"),
+        ),
+        dir.path(),
+        &[],
+    );
+    append(
+        &events,
+        &[
+            ce("q1", "probe", "p-q", "probe.count", json!({})),
+            ce("q2", "probe", "p-q", "probe.count", json!({})),
+        ],
+    );
+    wait_for(WAIT, "p-q and acc-5 quarantined", || {
+        (quarantined(&host, "p-q") && quarantined(&host, "acc-5")).then_some(())
+    });
+    let expected: std::collections::BTreeMap<String, Value> =
+        std::fs::read_to_string(root().join("examples/bank/expected.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    v["entity_id"].as_str().unwrap().to_string(),
+                    v["state"].clone(),
+                )
+            })
+            .collect();
+    wait_for_accounts(&host, &expected, WAIT);
+    let admin = Admin::new(&host, TOKEN);
+    let bank_v1 = digest_of(&component("bank"));
+    let bank_v2 = digest_of(&component("bank-v2"));
+    let probe_fixed = digest_of(&component("probe"));
+    assert_eq!(admin.running_digest("account"), bank_v1);
+
+    let b = Browser::start();
+    let mut shots = Vec::new();
+
+    // `/` leads to the console; the overview draws health and the file
+    // partition from /metrics.
+    b.goto(&format!("{}/", host.base));
+    let url = b.run("url", b.c().current_url());
+    assert_eq!(url.path(), "/ui/", "{url}");
+    b.present("#view[data-view=overview] #health-verdict");
+    b.text_of("#health", |t| t == "healthy" || t == "unhealthy");
+    b.present("#partitions .card.partition .lag");
+    // Two samples, two seconds apart, draw the lines.
+    b.present("#partitions .card.partition svg.chart polyline");
+    shots.push(b.shot("overview"));
+
+    // Plugins need the admin token, asked once through the page.
+    b.goto(&format!("{}/ui/#/plugins", host.base));
+    b.click("#view[data-view=plugins] button.primary");
+    sign_in(&b);
+    let running = b.text_of(
+        ".card.plugin[data-entity-type=account] .running-digest",
+        |t| !t.is_empty(),
+    );
+    assert_eq!(running, bank_v1);
+    b.present(".card.plugin[data-entity-type=probe]");
+    shots.push(b.shot("plugins"));
+
+    // Both quarantined entities are listed with their reasons.
+    b.goto(&format!("{}/ui/#/quarantine", host.base));
+    let why = b.text_of(
+        ".card.quarantined[data-entity=\"probe/p-q\"] .reason",
+        |t| !t.is_empty(),
+    );
+    assert!(why.contains("always fails"), "{why}");
+    b.present(".card.quarantined[data-entity=\"account/acc-5\"]");
+    shots.push(b.shot("quarantine"));
+
+    // Push the fixed probe from the file picker, then Retry from the page:
+    // the held events fold and the entity leaves quarantine.
+    b.goto(&format!("{}/ui/#/plugins", host.base));
+    upload(&b, "probe", &component("probe"));
+    wait_for(WAIT, "fixed probe running", || {
+        (admin.running_digest("probe") == probe_fixed).then_some(())
+    });
+    b.text_of(
+        ".card.plugin[data-entity-type=probe] .running-digest",
+        |t| t == probe_fixed,
+    );
+    b.goto(&format!("{}/ui/#/quarantine", host.base));
+    b.click(".card.quarantined[data-entity=\"probe/p-q\"] .retry");
+    wait_for(WAIT, "p-q out of quarantine", || {
+        (!quarantined(&host, "p-q")).then_some(())
+    });
+    let (_, s) = host.get("/v1/entities/probe/p-q");
+    assert_eq!(s["state"]["count"], 2, "{s}");
+    assert_eq!(s["quarantined"], false, "{s}");
+    let start = Instant::now();
+    while b.count(".card.quarantined[data-entity=\"probe/p-q\"]") > 0 {
+        assert!(start.elapsed() < WAIT, "the page still lists p-q");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    b.present(".card.quarantined[data-entity=\"account/acc-5\"]");
+    shots.push(b.shot("quarantine-after-retry"));
+
+    // Upload bank v2, then roll back from the page (it asks to confirm).
+    b.goto(&format!("{}/ui/#/plugins", host.base));
+    upload(&b, "account", &component("bank-v2"));
+    wait_for(WAIT, "bank v2 running", || {
+        (admin.running_digest("account") == bank_v2).then_some(())
+    });
+    b.text_of(
+        ".card.plugin[data-entity-type=account] .running-digest",
+        |t| t == bank_v2,
+    );
+    b.click(".card.plugin[data-entity-type=account] .rollback");
+    let asked = b.run("confirm text", b.c().get_alert_text());
+    assert!(asked.contains("Roll account back"), "{asked}");
+    b.run("confirm", b.c().accept_alert());
+    wait_for(WAIT, "bank v1 running again", || {
+        (admin.running_digest("account") == bank_v1).then_some(())
+    });
+    b.text_of(
+        ".card.plugin[data-entity-type=account] .running-digest",
+        |t| t == bank_v1,
+    );
+    // The history shows upload and rollback, newest first.
+    let history = b.text_of(
+        ".card.plugin[data-entity-type=account] table.history",
+        |t| t.contains("rollback"),
+    );
+    assert!(history.contains("forward"), "{history}");
+    shots.push(b.shot("plugins-after-rollback"));
+
+    // Rebuild every account from its history with the active version; the
+    // rebuilds view shows it done, and the states are exactly as before.
+    b.click(".card.plugin[data-entity-type=account] .rebuild");
+    let asked = b.run("confirm text", b.c().get_alert_text());
+    assert!(asked.contains("Rebuild every account"), "{asked}");
+    b.run("confirm", b.c().accept_alert());
+    let rebuild = wait_for(WAIT, "the rebuild done", || {
+        let r = admin.get("/v1/rebuilds");
+        r["rebuilds"]
+            .as_array()?
+            .iter()
+            .find(|r| r["entity_type"] == "account" && r["state"] == "done")
+            .cloned()
+    });
+    b.goto(&format!("{}/ui/#/rebuilds", host.base));
+    let row = format!("tr[data-rebuild=\"{}\"]", rebuild["id"].as_str().unwrap());
+    b.text_of(&row, |t| t.contains("done"));
+    let bar = b.eval(&format!(
+        "return document.querySelector('{row} .bar span').style.width"
+    ));
+    assert_eq!(bar, json!("100%"));
+    shots.push(b.shot("rebuilds"));
+    wait_for_accounts(&host, &expected, WAIT);
+    assert_eq!(admin.running_digest("account"), bank_v1);
+
+    // An entity now and at a past position, as the API answers them.
+    b.goto(&format!("{}/ui/#/entity/account/acc-1", host.base));
+    let now: Value =
+        serde_json::from_str(&b.text_of("#state-now", |t| t.starts_with('{'))).unwrap();
+    assert_eq!(now, expected["acc-1"]);
+    b.eval("const s = document.querySelector('#at'); s.value = 1; s.dispatchEvent(new Event('input'));");
+    b.present("#state-at[data-position=\"1\"]");
+    let at1: Value = serde_json::from_str(&b.text_of("#state-at", |t| t.starts_with('{'))).unwrap();
+    let (_, api_at1) = host.get("/v1/entities/account/acc-1?at=1");
+    assert_eq!(at1, api_at1["state"]);
+    assert_ne!(at1, now);
+    shots.push(b.shot("entity"));
+
+    // Dead letters: every one listed, payloads shown as text, never run.
+    let dl = admin.get("/v1/dead-letters?limit=100")["items"]
+        .as_array()
+        .map_or(0, Vec::len);
+    // The example's five, and the record above.
+    assert_eq!(dl, 6);
+    b.goto(&format!("{}/ui/#/dead-letters", host.base));
+    b.present(".card.dead-letter");
+    let start = Instant::now();
+    while b.count(".card.dead-letter") < dl {
+        assert!(
+            start.elapsed() < WAIT,
+            "the page lists fewer than {dl} dead letters"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(b.count(".card.dead-letter"), dl);
+    assert_eq!(b.count("#view img"), 0);
+    assert_eq!(b.eval("return document.title"), json!("refold console"));
+    let payloads = b.eval(
+        "return [...document.querySelectorAll('.card.dead-letter .payload')].map(p => p.textContent)",
+    );
+    assert!(
+        payloads
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("<img src=x")),
+        "{payloads}"
+    );
+    shots.push(b.shot("dead-letters"));
+
+    // Nothing the page drew was blocked by its own security policy.
+    assert_eq!(
+        b.eval("return document.documentElement.dataset.cspViolations || '0'"),
+        json!("0")
+    );
+    for s in &shots {
+        assert!(
+            std::fs::metadata(s).unwrap().len() > 1000,
+            "{}",
+            s.display()
+        );
+    }
+}
