@@ -213,7 +213,9 @@ fn sign_in(b: &Browser) {
     b.click("#signin-ok");
 }
 
-fn upload(b: &Browser, entity_type: &str, file: &Path) {
+/// Upload `file` for `entity_type` through the page's file picker (mode
+/// forward), and wait until the host runs it and the page says so.
+fn upload(b: &Browser, admin: &Admin, entity_type: &str, file: &Path) {
     b.fill("#upload-type", entity_type);
     b.fill("#upload-file", file.to_str().unwrap());
     b.run("upload mode", async {
@@ -221,6 +223,34 @@ fn upload(b: &Browser, entity_type: &str, file: &Path) {
         mode.select_by_value("forward").await
     });
     b.click("#upload-submit");
+    let digest = digest_of(file);
+    wait_for(WAIT, &format!("{} running", file.display()), || {
+        (admin.running_digest(entity_type) == digest).then_some(())
+    });
+    b.text_of(
+        &format!(".card.plugin[data-entity-type={entity_type}] .running-digest"),
+        |t| t == digest,
+    );
+}
+
+/// Answer the confirm() the page opened, after checking what it asks.
+fn confirm(b: &Browser, asks: &str) {
+    let asked = b.run("confirm text", b.c().get_alert_text());
+    assert!(asked.contains(asks), "{asked}");
+    b.run("confirm", b.c().accept_alert());
+}
+
+/// Wait until the number of elements `css` matches satisfies `ok`.
+fn count_until(b: &Browser, css: &str, ok: impl Fn(usize) -> bool) -> usize {
+    let start = Instant::now();
+    loop {
+        let n = b.count(css);
+        if ok(n) {
+            return n;
+        }
+        assert!(start.elapsed() < WAIT, "{css}: {n} elements after {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn quarantined(host: &Host, id: &str) -> bool {
@@ -275,8 +305,6 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
     wait_for_accounts(&host, &expected, WAIT);
     let admin = Admin::new(&host, TOKEN);
     let bank_v1 = digest_of(&component("bank"));
-    let bank_v2 = digest_of(&component("bank-v2"));
-    let probe_fixed = digest_of(&component("probe"));
     assert_eq!(admin.running_digest("account"), bank_v1);
 
     let b = Browser::start();
@@ -319,14 +347,7 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
     // Push the fixed probe from the file picker, then Retry from the page:
     // the held events fold and the entity leaves quarantine.
     b.goto(&format!("{}/ui/#/plugins", host.base));
-    upload(&b, "probe", &component("probe"));
-    wait_for(WAIT, "fixed probe running", || {
-        (admin.running_digest("probe") == probe_fixed).then_some(())
-    });
-    b.text_of(
-        ".card.plugin[data-entity-type=probe] .running-digest",
-        |t| t == probe_fixed,
-    );
+    upload(&b, &admin, "probe", &component("probe"));
     b.goto(&format!("{}/ui/#/quarantine", host.base));
     b.click(".card.quarantined[data-entity=\"probe/p-q\"] .retry");
     wait_for(WAIT, "p-q out of quarantine", || {
@@ -335,28 +356,17 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
     let (_, s) = host.get("/v1/entities/probe/p-q");
     assert_eq!(s["state"]["count"], 2, "{s}");
     assert_eq!(s["quarantined"], false, "{s}");
-    let start = Instant::now();
-    while b.count(".card.quarantined[data-entity=\"probe/p-q\"]") > 0 {
-        assert!(start.elapsed() < WAIT, "the page still lists p-q");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    count_until(&b, ".card.quarantined[data-entity=\"probe/p-q\"]", |n| {
+        n == 0
+    });
     b.present(".card.quarantined[data-entity=\"account/acc-5\"]");
     shots.push(b.shot("quarantine-after-retry"));
 
     // Upload bank v2, then roll back from the page (it asks to confirm).
     b.goto(&format!("{}/ui/#/plugins", host.base));
-    upload(&b, "account", &component("bank-v2"));
-    wait_for(WAIT, "bank v2 running", || {
-        (admin.running_digest("account") == bank_v2).then_some(())
-    });
-    b.text_of(
-        ".card.plugin[data-entity-type=account] .running-digest",
-        |t| t == bank_v2,
-    );
+    upload(&b, &admin, "account", &component("bank-v2"));
     b.click(".card.plugin[data-entity-type=account] .rollback");
-    let asked = b.run("confirm text", b.c().get_alert_text());
-    assert!(asked.contains("Roll account back"), "{asked}");
-    b.run("confirm", b.c().accept_alert());
+    confirm(&b, "Roll account back");
     wait_for(WAIT, "bank v1 running again", || {
         (admin.running_digest("account") == bank_v1).then_some(())
     });
@@ -375,9 +385,7 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
     // Rebuild every account from its history with the active version; the
     // rebuilds view shows it done, and the states are exactly as before.
     b.click(".card.plugin[data-entity-type=account] .rebuild");
-    let asked = b.run("confirm text", b.c().get_alert_text());
-    assert!(asked.contains("Rebuild every account"), "{asked}");
-    b.run("confirm", b.c().accept_alert());
+    confirm(&b, "Rebuild every account");
     let rebuild = wait_for(WAIT, "the rebuild done", || {
         let r = admin.get("/v1/rebuilds");
         r["rebuilds"]
@@ -417,15 +425,7 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
     // The example's five, and the record above.
     assert_eq!(dl, 6);
     b.goto(&format!("{}/ui/#/dead-letters", host.base));
-    b.present(".card.dead-letter");
-    let start = Instant::now();
-    while b.count(".card.dead-letter") < dl {
-        assert!(
-            start.elapsed() < WAIT,
-            "the page lists fewer than {dl} dead letters"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    count_until(&b, ".card.dead-letter", |n| n >= dl);
     assert_eq!(b.count(".card.dead-letter"), dl);
     assert_eq!(b.count("#view img"), 0);
     assert_eq!(b.eval("return document.title"), json!("refold console"));

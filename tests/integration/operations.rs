@@ -61,16 +61,6 @@ fn running(host: &Host, t: &str) -> String {
         .to_string()
 }
 
-fn sha256(p: &Path) -> String {
-    let (_, out, _) = refold(&["inspect", p.to_str().unwrap()], &root());
-    let v: Value = serde_json::from_str(&out).unwrap();
-    v["digest"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("sha256:")
-        .to_string()
-}
-
 /// `src` with a custom section of `pad` bytes appended: the same plugin
 /// under a new digest (a component's custom sections do not change it).
 fn padded(src: &Path, dest: &Path, pad: usize) {
@@ -133,11 +123,11 @@ fn a_rollback_is_not_undone_by_the_directory_after_a_restart_and_a_new_file_stil
     std::fs::create_dir_all(&pdir).unwrap();
     std::fs::copy(component("bank"), pdir.join("account.wasm")).unwrap();
     let cfg = config(dir.path(), &events, &pdir, "", "");
-    let v1 = sha256(&component("bank"));
-    let v2 = sha256(&component("bank-v2"));
+    let v1 = digest_of(&component("bank"));
+    let v2 = digest_of(&component("bank-v2"));
     let v3_file = dir.path().join("bank-v3.wasm");
     padded(&component("bank-v2"), &v3_file, 16);
-    let v3 = sha256(&v3_file);
+    let v3 = digest_of(&v3_file);
     assert!(v3 != v2 && v3 != v1);
 
     let mut host = Host::start(&cfg, dir.path(), &[]);
@@ -218,7 +208,7 @@ fn an_entity_type_with_a_dash_installs_from_the_directory() {
     let next = dir.path().join("next.wasm");
     padded(&component("probe-entity-dashed"), &next, 8);
     drop_in(&next, &pdir.join("probe-dashed@next.wasm"));
-    wait_running(&host, "probe-dashed", &sha256(&next), "the @-named file");
+    wait_running(&host, "probe-dashed", &digest_of(&next), "the @-named file");
     let (_, dl) = host.get("/v1/dead-letters");
     assert_eq!(dl["count"], 0, "{dl}");
 }
@@ -240,7 +230,7 @@ fn a_watched_file_over_the_upload_limit_is_refused_naming_the_key() {
     let pdir = dir.path().join("plugins.d");
     std::fs::create_dir_all(&pdir).unwrap();
     std::fs::copy(component("bank"), pdir.join("account.wasm")).unwrap();
-    let v1 = sha256(&component("bank"));
+    let v1 = digest_of(&component("bank"));
     let v1_len = std::fs::metadata(component("bank")).unwrap().len();
     let v2_len = std::fs::metadata(component("bank-v2")).unwrap().len();
     let limit = v1_len.max(v2_len) + 1024;
@@ -326,7 +316,7 @@ fn a_rebuild_killed_mid_way_is_cleaned_up_at_the_next_start_and_its_status_kept(
 
     let cfg = config(dir.path(), &events, &pdir, "", &extra(5000));
     let mut host = Host::start(&cfg, dir.path(), &[]);
-    let digest = sha256(&component("probe"));
+    let digest = digest_of(&component("probe"));
     let (c, v) = admin(
         &host,
         "POST",
