@@ -322,6 +322,13 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
     b.present("#partitions .card.partition svg.chart polyline");
     shots.push(b.shot("overview"));
 
+    // Queries need no token on a host without a read token: no dialog.
+    b.goto(&format!("{}/ui/#/entity/account/acc-2", host.base));
+    let now: Value =
+        serde_json::from_str(&b.text_of("#state-now", |t| t.starts_with('{'))).unwrap();
+    assert_eq!(now, expected["acc-2"]);
+    assert_eq!(b.count("#signin[open]"), 0);
+
     // Plugins need the admin token, asked once through the page.
     b.goto(&format!("{}/ui/#/plugins", host.base));
     b.click("#view[data-view=plugins] button.primary");
@@ -454,4 +461,52 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
             s.display()
         );
     }
+}
+
+#[test]
+fn the_console_asks_for_the_read_token_a_host_sets_and_keeps_it_for_the_tab() {
+    let dir = tempdir();
+    let events = dir.path().join("events.jsonl");
+    std::fs::copy(root().join("examples/bank/events.jsonl"), &events).unwrap();
+    let host = Host::start(
+        &embedded_config(
+            dir.path(),
+            std::slice::from_ref(&events),
+            &[component("bank")],
+            &format!("[admin]\ntoken = \"{TOKEN}\"\n[http]\nread_token = \"reader\"\n"),
+        ),
+        dir.path(),
+        &[],
+    );
+    let b = Browser::start();
+    // Without the token the page asks for it, saying why, and shows no
+    // state until it has it.
+    b.goto(&format!("{}/ui/#/entity/account/acc-1", host.base));
+    let why = b.text_of("#signin[open] #signin-why", |t| !t.is_empty());
+    assert!(why.contains("read token"), "{why}");
+    assert_eq!(b.count("#state-now"), 0);
+    b.fill("#read-token", "reader");
+    b.click("#signin-ok");
+    let state = b.text_of("#state-now", |t| t.starts_with('{'));
+    let http = reqwest::blocking::Client::new();
+    let api: Value = http
+        .get(format!("{}/v1/entities/account/acc-1", host.base))
+        .bearer_auth("reader")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&state).unwrap(), api["state"]);
+    // The tab keeps it: another view asks nothing.
+    b.goto(&format!("{}/ui/#/dead-letters", host.base));
+    count_until(&b, ".card.dead-letter", |n| n == 5);
+    assert_eq!(b.count("#signin[open]"), 0);
+    // A read token opens no admin action: the plugins view asks for the
+    // admin token instead of listing anything.
+    b.goto(&format!("{}/ui/#/plugins", host.base));
+    b.text_of("#view[data-view=plugins]", |t| {
+        t.contains("need the admin token")
+    });
+    assert_eq!(b.count(".card.plugin"), 0);
+    b.shot("read-token");
 }
