@@ -285,6 +285,10 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
         &[
             ce("q1", "probe", "p-q", "probe.count", json!({})),
             ce("q2", "probe", "p-q", "probe.count", json!({})),
+            // No subject: a dead letter, corrected from the page below.
+            json!({"specversion": "1.0", "id": "d-edit", "source": "/t", "type": "probe.count",
+                "entitytype": "probe", "data": {}})
+            .to_string(),
         ],
     );
     wait_for(WAIT, "p-q and acc-5 quarantined", || {
@@ -429,8 +433,8 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
     let dl = admin.get("/v1/dead-letters?limit=100")["items"]
         .as_array()
         .map_or(0, Vec::len);
-    // The example's five, and the record above.
-    assert_eq!(dl, 6);
+    // The example's five, and the two records above.
+    assert_eq!(dl, 7);
     b.goto(&format!("{}/ui/#/dead-letters", host.base));
     count_until(&b, ".card.dead-letter", |n| n >= dl);
     assert_eq!(b.count(".card.dead-letter"), dl);
@@ -448,6 +452,33 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
         "{payloads}"
     );
     shots.push(b.shot("dead-letters"));
+
+    // Correct the record without a subject in the page and resubmit it:
+    // it becomes an event of its entity and leaves the dead letters.
+    let id = admin.get("/v1/dead-letters?limit=100")["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["payload"].as_str().is_some_and(|p| p.contains("d-edit")))
+        .expect("the d-edit dead letter")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let card = format!(".card.dead-letter[data-id=\"{id}\"]");
+    b.click(&format!("{card} .start-edit"));
+    let fixed = json!({"specversion": "1.0", "id": "d-edit", "source": "/t", "type": "probe.count",
+        "subject": "p-e", "entitytype": "probe", "data": {}});
+    b.fill(&format!("{card} textarea.edit"), &fixed.to_string());
+    b.click(&format!("{card} .send-edited"));
+    let s = wait_for(WAIT, "p-e folded", || {
+        let (c, v) = host.get("/v1/entities/probe/p-e");
+        (c == 200 && v["position"] == 1).then_some(v)
+    });
+    assert_eq!(s["state"]["count"], 1, "{s}");
+    count_until(&b, ".card.dead-letter", |n| n == dl - 1);
+    assert_eq!(b.count(&card), 0);
+    let left = admin.get("/v1/dead-letters?limit=100");
+    assert_eq!(left["items"].as_array().unwrap().len(), dl - 1, "{left}");
 
     // Nothing the page drew was blocked by its own security policy.
     assert_eq!(

@@ -518,7 +518,7 @@ function deadLetterCard(d) {
     el("pre", { class: "payload" }, d.payload),
     el("div", { class: "row" },
       el("button", { type: "button", class: "resubmit", onclick: () => resubmit(undefined) }, "Resubmit as is"),
-      el("button", { type: "button", onclick: () => {
+      el("button", { type: "button", class: "start-edit", onclick: () => {
         editing.add(d.id);
         let text = d.payload;
         try { text = json(JSON.parse(d.payload)); } catch (_) { /* not JSON: edit the text */ }
