@@ -1,11 +1,13 @@
 //! The operator console in a real browser: headless Chromium driven over
 //! WebDriver (chromedriver). An operator signs in, sees the bank plugin and
-//! the quarantined entities, pushes a fixed version and retries a
-//! quarantined entity from the page, uploads a new version and rolls it back
-//! from the page, rebuilds from the page and follows the rebuild, reads an
-//! entity now and at a past position, and reads dead
-//! letters whose payloads try to script the page. Every step is checked
-//! against the API; screenshots go to `target/console-screenshots/`.
+//! the quarantined entities, downloads a quarantined case as a fixture that
+//! `refold test` reproduces, pushes a fixed version and retries a
+//! quarantined entity from the page, uploads a new version and rolls it
+//! back, rebuilds and follows the rebuild, reads an entity now and at a past
+//! position, reads dead letters whose payloads try to script the page, and
+//! corrects one and resubmits it. A host with a read token has the page ask
+//! for it. Every step is checked against the API; screenshots go to
+//! `target/console-screenshots/`.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,7 @@ struct Browser {
     client: Option<Client>,
     driver: Child,
     shots: PathBuf,
+    downloads: tempfile::TempDir,
 }
 
 impl Browser {
@@ -70,6 +73,14 @@ impl Browser {
                 "--window-size=1280,1000",
             ],
         });
+        // Downloads (the quarantine's fixture: two files from one click)
+        // land in a directory of this browser's, without asking.
+        let downloads = tempdir();
+        options["prefs"] = json!({
+            "download.default_directory": downloads.path().display().to_string(),
+            "download.prompt_for_download": false,
+            "profile.default_content_setting_values.automatic_downloads": 1,
+        });
         if let Some(bin) = program(
             "REFOLD_TEST_CHROMIUM",
             &["chromium", "chromium-browser", "google-chrome"],
@@ -101,6 +112,7 @@ impl Browser {
             client: Some(client),
             driver,
             shots,
+            downloads,
         }
     }
 
@@ -181,6 +193,18 @@ impl Browser {
             }
             e.send_keys(text).await
         });
+    }
+
+    /// Wait until the browser has finished downloading `name`; its path.
+    fn downloaded(&self, name: &str) -> PathBuf {
+        let p = self.downloads.path().join(name);
+        wait_for(WAIT, &format!("download {name}"), || {
+            let partial = std::fs::read_dir(self.downloads.path())
+                .ok()?
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".crdownload"));
+            (p.is_file() && !partial).then(|| p.clone())
+        })
     }
 
     fn eval(&self, script: &str) -> Value {
@@ -354,6 +378,33 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
     assert!(why.contains("always fails"), "{why}");
     b.present(".card.quarantined[data-entity=\"account/acc-5\"]");
     shots.push(b.shot("quarantine"));
+
+    // The fixture download is a case `refold test` reproduces.
+    b.click(".card.quarantined[data-entity=\"account/acc-5\"] .fixture");
+    let fx = dir.path().join("fixture");
+    std::fs::create_dir_all(&fx).unwrap();
+    std::fs::copy(
+        b.downloaded("account-acc-5-events.jsonl"),
+        fx.join("events.jsonl"),
+    )
+    .unwrap();
+    std::fs::copy(
+        b.downloaded("account-acc-5-expected.jsonl"),
+        fx.join("expected.jsonl"),
+    )
+    .unwrap();
+    let (_, out, err) = refold(
+        &[
+            "test",
+            "--plugin",
+            component("bank").to_str().unwrap(),
+            fx.to_str().unwrap(),
+            "--json",
+        ],
+        dir.path(),
+    );
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    assert_eq!(v["quarantined"], json!(["acc-5"]), "{out}{err}");
 
     // Push the fixed probe from the file picker, then Retry from the page:
     // the held events fold and the entity leaves quarantine.
