@@ -335,6 +335,21 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
     let bank_v1 = digest_of(&component("bank"));
     assert_eq!(admin.running_digest("account"), bank_v1);
 
+    // The host keeps each partition's recent past: the file's committed
+    // offset reaches its length (bytes, for files) with no lag.
+    let len = std::fs::metadata(&events).unwrap().len() as i64;
+    wait_for(
+        WAIT,
+        "the file committed to its end in /v1/partitions",
+        || {
+            let (_, t) = host.get("/v1/partitions");
+            t["partitions"].as_array()?.iter().find_map(|p| {
+                let last = p["samples"].as_array()?.last()?;
+                (last["committed_offset"] == len && last["lag"] == 0).then_some(())
+            })
+        },
+    );
+
     let b = Browser::start();
     let mut shots = Vec::new();
 
@@ -346,7 +361,7 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
     b.present("#view[data-view=overview] #health-verdict");
     b.text_of("#health", |t| t == "healthy" || t == "unhealthy");
     b.present("#partitions .card.partition .lag");
-    // Two samples, two seconds apart, draw the lines.
+    // Two of the host's five-second steps draw the lines.
     b.present("#partitions .card.partition svg.chart polyline");
     shots.push(b.shot("overview"));
 

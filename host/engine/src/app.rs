@@ -447,6 +447,7 @@ async fn deliver(
     for c in &d.checkpoints {
         host.metrics.progressed(&c.source, c.partition, c.offset);
         host.health.progressed(&c.source, c.partition);
+        host.trend.progressed(&c.source, c.partition, c.offset);
     }
     report_lag(host, source);
     on_batch(&d.report);
@@ -587,6 +588,7 @@ fn report_lag(host: &Host, source: &dyn EventSource) {
     for l in source.lag() {
         host.metrics.set_lag(&l.source, l.partition, l.lag);
         host.health.lag(&l.source, l.partition, l.lag);
+        host.trend.lag(&l.source, l.partition, l.lag);
     }
 }
 

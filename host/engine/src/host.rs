@@ -34,6 +34,8 @@ pub struct Host {
     pub metrics: Arc<Metrics>,
     /// Liveness.
     pub health: Arc<Health>,
+    /// Each partition's lag and committed offset over the last minutes.
+    pub trend: Arc<crate::trend::Trend>,
     /// Woken after every commit that added change records (the change
     /// feed's long polls wait on it).
     pub changes: Arc<tokio::sync::Notify>,
@@ -114,6 +116,8 @@ impl Host {
             health: Arc::new(Health::new(Duration::from_secs(
                 config.engine.stall_seconds,
             ))),
+            // Ten minutes in five-second steps.
+            trend: Arc::new(crate::trend::Trend::new(Duration::from_secs(5), 120)),
             config: Arc::new(config),
             storage,
             plugin_store,

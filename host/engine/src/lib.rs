@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod query;
 pub mod registry;
 pub mod snapshot;
+pub mod trend;
 
 pub use app::App;
 pub use config::HostConfig;

@@ -49,6 +49,7 @@ fn described(api: &Api) -> OpenApiRouter<Api> {
     // path is a 404 whatever the credentials. The token is checked before
     // a query slot is taken (the later layer runs first).
     let queries = OpenApiRouter::new()
+        .routes(routes!(query::partitions))
         .routes(routes!(query::entities))
         .routes(routes!(query::entity))
         .routes(routes!(query::entity_events))

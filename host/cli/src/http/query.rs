@@ -1,4 +1,4 @@
-//! The query handlers: health, metrics, entities (now and `?at=`),
+//! The query handlers: health, metrics, partitions, entities (now and `?at=`),
 //! projections, dead letters and quarantine listings. Each one parses the
 //! request, asks the engine or the store, and writes the typed answer as
 //! JSON.
@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::guards::{ListQuery, page};
 use crate::http::state::Api;
-use crate::http::types::{ChangesPage, EntityItem, ErrorBody, Page, ProjectionDocument};
+use crate::http::types::{
+    ChangesPage, EntityItem, ErrorBody, Page, Partitions, ProjectionDocument,
+};
 use refold_engine::query::{EntityView, StateAt};
 use refold_store::{DeadLetter, Paged, QuarantineRecord, StoredEvent};
 use refold_types::EntityKey;
@@ -39,6 +41,18 @@ pub async fn metrics(State(api): State<Api>) -> Response {
         api.host().metrics.render(),
     )
         .into_response()
+}
+
+/// `GET /v1/partitions`: each partition's lag and committed offset over
+/// the last minutes (what the console charts), from memory: no store read.
+#[utoipa::path(get, path = "/v1/partitions", tag = "query", responses((status = 200, body = Partitions), (status = 401, description = "no or a wrong token", body = ErrorBody)))]
+pub async fn partitions(State(api): State<Api>) -> Json<Partitions> {
+    let t = &api.host().trend;
+    Json(Partitions {
+        step_seconds: t.step().as_secs(),
+        window_seconds: t.window().as_secs(),
+        partitions: t.snapshot(),
+    })
 }
 
 /// The parameters of an entity query.

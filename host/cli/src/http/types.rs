@@ -12,6 +12,7 @@ use refold_engine::manager::SwapMode;
 pub use refold_engine::manager::{
     ExpectedState, Fixture, Installed, RebuildStatus, Resubmitted, Retried, SampleReport,
 };
+pub use refold_engine::trend::{PartitionTrend, Sample};
 use refold_store::plugins::{Activation, PluginVersion};
 
 /// Every error: `{"error": code, "message": text}`.
@@ -21,6 +22,18 @@ pub struct ErrorBody {
     pub error: String,
     /// What went wrong, for a person.
     pub message: String,
+}
+
+/// `GET /v1/partitions`: every partition's lag and committed offset over
+/// the last minutes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Partitions {
+    /// The length of one sample's step.
+    pub step_seconds: u64,
+    /// How far back the samples reach.
+    pub window_seconds: u64,
+    /// By source and partition.
+    pub partitions: Vec<PartitionTrend>,
 }
 
 /// `GET /v1/projections/{name}/{key}`: one document of a read model.

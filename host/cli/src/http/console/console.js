@@ -130,12 +130,11 @@ function parseMetrics(text) {
   return out;
 }
 
-// The last ten minutes of samples, one every POLL_MS.
+// Events committed per second, sampled while this page is open (the
+// partitions' own history comes from the host: /v1/partitions).
 const POLL_MS = 2000;
 const KEEP = (10 * 60 * 1000) / POLL_MS;
 const series = {
-  // partition key -> [{t, lag, offset}]
-  partitions: new Map(),
   committed: [],
   push(list, s) { list.push(s); if (list.length > KEEP) list.splice(0, list.length - KEEP); },
 };
@@ -144,21 +143,8 @@ async function sampleMetrics() {
   const r = await fetch("/metrics");
   if (!r.ok) throw new ApiError(r.status, "metrics: " + r.status);
   const m = parseMetrics(await r.text());
-  const t = Date.now();
-  const parts = new Map();
-  for (const s of m) {
-    if (s.name !== "refold_partition_lag" && s.name !== "refold_partition_committed_offset") continue;
-    const key = s.labels.source + "#" + s.labels.partition;
-    const p = parts.get(key) || { t };
-    if (s.name === "refold_partition_lag") p.lag = s.value; else p.offset = s.value;
-    parts.set(key, p);
-  }
-  for (const [key, p] of parts) {
-    if (!series.partitions.has(key)) series.partitions.set(key, []);
-    series.push(series.partitions.get(key), p);
-  }
   const c = m.find((s) => s.name === "refold_events_committed_total");
-  if (c) series.push(series.committed, { t, offset: c.value });
+  if (c) series.push(series.committed, { t: Date.now(), offset: c.value });
   return m;
 }
 
@@ -247,10 +233,11 @@ views.overview = async (root) => {
   root.append(el("div", { class: "card" },
     el("h3", {}, "Events committed per second: ", el("span", { id: "committed-rate" }, fmtNum(now))),
     chart(committed, "", "events committed per second, last minutes")));
-  const parts = [...series.partitions.keys()].sort();
+  const trend = await api("/v1/partitions");
   const grid = el("div", { class: "grid", id: "partitions" });
-  for (const key of parts) {
-    const list = series.partitions.get(key);
+  for (const p of trend.partitions) {
+    const key = p.source + "#" + p.partition;
+    const list = p.samples.map((s) => ({ t: s.at_ms, lag: s.lag ?? undefined, offset: s.committed_offset ?? undefined }));
     const last = list[list.length - 1] || {};
     const hp = (h && h.partitions && h.partitions[key]) || {};
     const thr = rates(list, "offset");
@@ -258,13 +245,13 @@ views.overview = async (root) => {
     grid.append(el("div", { class: "card partition", dataset: { partition: key } },
       el("h3", {}, key, " ", hp.stalled ? el("span", { class: "badge bad" }, "stalled") : null),
       el("div", { class: "muted" }, "lag ", el("b", { class: "lag" }, fmtNum(last.lag)),
-        " · consumed ", el("b", {}, fmtNum(thr.length ? thr[thr.length - 1].v : null)), "/s",
+        " · committed ", el("b", { class: "throughput" }, fmtNum(thr.length ? thr[thr.length - 1].v : null)), "/s",
         " · idle ", fmtSecs(hp.idle_seconds), "  (records for Kafka, bytes for files)"),
       el("div", { class: "muted" }, "throughput"), chart(thr, "", key + " throughput"),
       el("div", { class: "muted" }, "lag"), chart(lag, "lag", key + " lag")));
   }
-  root.append(el("h2", {}, "Partitions (last ten minutes, while this page is open)"));
-  root.append(parts.length ? grid : el("p", { class: "muted" }, "No partition has reported yet."));
+  root.append(el("h2", {}, `Partitions (the last ${fmtSecs(trend.window_seconds)}, in ${trend.step_seconds} s steps)`));
+  root.append(trend.partitions.length ? grid : el("p", { class: "muted" }, "No partition has reported yet."));
 };
 views.overview.poll = true;
 
