@@ -93,6 +93,23 @@ pub fn digest_of(p: &Path) -> String {
         .to_string()
 }
 
+/// `refold test --plugin PLUGIN FIXTURE --json`: its report (`null` when it
+/// printed none) and what it wrote.
+pub fn refold_test(plugin: &Path, fixture: &Path, cwd: &Path) -> (Value, String) {
+    let (_, out, err) = refold(
+        &[
+            "test",
+            "--plugin",
+            plugin.to_str().unwrap(),
+            fixture.to_str().unwrap(),
+            "--json",
+        ],
+        cwd,
+    );
+    let v = serde_json::from_str(&out).unwrap_or(Value::Null);
+    (v, format!("{out}{err}"))
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -408,18 +408,8 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
         fx.join("expected.jsonl"),
     )
     .unwrap();
-    let (_, out, err) = refold(
-        &[
-            "test",
-            "--plugin",
-            component("bank").to_str().unwrap(),
-            fx.to_str().unwrap(),
-            "--json",
-        ],
-        dir.path(),
-    );
-    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-    assert_eq!(v["quarantined"], json!(["acc-5"]), "{out}{err}");
+    let (v, out) = refold_test(&component("bank"), &fx, dir.path());
+    assert_eq!(v["quarantined"], json!(["acc-5"]), "{out}");
 
     // Push the fixed probe from the file picker, then Retry from the page:
     // the held events fold and the entity leaves quarantine.

@@ -391,19 +391,8 @@ fn a_quarantined_entity_is_retried_after_a_fixed_version_is_pushed() {
         dir.path(),
     );
     assert_eq!(c, 0, "{out}{err}");
-    let (c, out, _) = refold(
-        &[
-            "test",
-            "--plugin",
-            component("probe-fail-all").to_str().unwrap(),
-            fx.to_str().unwrap(),
-            "--json",
-        ],
-        dir.path(),
-    );
-    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    let (v, out) = refold_test(&component("probe-fail-all"), &fx, dir.path());
     assert_eq!(v["quarantined"], json!(["p-q"]), "{out}");
-    let _ = c;
 
     // Push the fixed version, retry, and the held events apply.
     let (c, v) = put_plugin(&host, "probe", &component("probe"), "forward", Some(TOKEN));

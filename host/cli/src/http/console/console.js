@@ -47,7 +47,7 @@ function fmtNum(n) {
 function fmtSecs(s) {
   if (s === null || s === undefined) return "—";
   if (s < 60) return Math.round(s) + " s";
-  if (s < 3600) return Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
+  if (s < 3600) return Math.floor(s / 60) + " min" + (Math.round(s % 60) ? " " + Math.round(s % 60) + " s" : "");
   return Math.floor(s / 3600) + " h " + Math.round((s % 3600) / 60) + " min";
 }
 
