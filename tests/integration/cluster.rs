@@ -766,6 +766,13 @@ fn a_rebalance_moves_partitions_without_loss_or_double_apply() {
         })
     })
     .unwrap_or_else(|| panic!("host A folded nothing:\n{}", tail(&a.log_text(), 40)));
+    let reported = |h: &Host| -> Vec<String> {
+        let (_, v) = h.get("/healthz");
+        v["partitions"]
+            .as_object()
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default()
+    };
     let b = Host::start(&cfg, c.path(), &[]);
     // The group rebalances: A gives up partitions, B gets some while A runs.
     poll(Duration::from_secs(30), || {
@@ -801,6 +808,52 @@ fn a_rebalance_moves_partitions_without_loss_or_double_apply() {
         panic!(
             "host A kept the cache of the partitions it gave up:\n{}",
             tail(&a.log_text(), 40)
+        )
+    });
+    // A reports only the partitions it still reads: one it gave up with
+    // lag would look stalled here for good while B reads it. Its health,
+    // its lag gauges and its trend name the same partitions, fewer than
+    // all of them (which it read alone).
+    let lagged = |h: &Host| -> Vec<String> {
+        let mut v: Vec<String> = h
+            .metrics()
+            .lines()
+            .filter(|l| l.starts_with("refold_partition_lag{"))
+            .filter_map(|l| {
+                let part = l.split("partition=\"").nth(1)?.split('"').next()?;
+                let src = l.split("source=\"").nth(1)?.split('"').next()?;
+                Some(format!("{src}#{part}"))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let trended = |h: &Host| -> Vec<String> {
+        let (_, t) = h.get("/v1/partitions");
+        t["partitions"]
+            .as_array()
+            .map(|p| {
+                p.iter()
+                    .map(|p| format!("{}#{}", p["source"].as_str().unwrap_or(""), p["partition"]))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    poll(Duration::from_secs(20), || {
+        let mut now = reported(&a);
+        now.sort();
+        let trend = trended(&a);
+        (now.len() < PARTITIONS as usize
+            && now == lagged(&a)
+            && trend.iter().all(|t| now.contains(t)))
+        .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "host A reports {:?} (lag gauges {:?}, trend {:?}) after giving up partitions",
+            reported(&a),
+            lagged(&a),
+            trended(&a)
         )
     });
     std::thread::sleep(Duration::from_secs(2));

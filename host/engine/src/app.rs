@@ -127,6 +127,11 @@ impl App {
             // to forget is never followed by a record of it from this read.
             let revoked = source.revoked();
             if !revoked.is_empty() {
+                host.health.forget(&revoked);
+                host.trend.forget(&revoked);
+                for (topic, partition) in &revoked {
+                    host.metrics.forget_partition(topic, *partition);
+                }
                 for inbox in &inboxes {
                     if inbox.send(Work::Forget(revoked.clone())).await.is_err() {
                         break 'read;

@@ -67,12 +67,24 @@ impl Health {
         e.0 = lag;
     }
 
+    /// A batch of the partition was committed. Only a partition the
+    /// source reports (its lag comes first) is tracked: a batch of a
+    /// partition revoked meanwhile commits late and must not bring it back.
     pub fn progressed(&self, source: &str, partition: i32) {
         let mut p = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
-        let e = p
-            .entry((source.to_string(), partition))
-            .or_insert((0, Instant::now()));
-        e.1 = Instant::now();
+        if let Some(e) = p.get_mut(&(source.to_string(), partition)) {
+            e.1 = Instant::now();
+        }
+    }
+
+    /// This host no longer reads these partitions (revoked in a
+    /// rebalance): they leave the report. Kept, a partition revoked with
+    /// lag would look stalled here for good while another host reads it.
+    pub fn forget(&self, partitions: &[(String, i32)]) {
+        let mut p = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        for k in partitions {
+            p.remove(k);
+        }
     }
 
     pub fn beat(&self) {
@@ -134,5 +146,28 @@ impl Health {
                 "partitions": parts,
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revoked_partition_no_longer_counts_as_stalled() {
+        let h = Health::new(Duration::ZERO);
+        h.lag("orders", 3, 40);
+        h.lag("orders", 4, 0);
+        std::thread::sleep(Duration::from_millis(5));
+        let (ok, report) = h.report();
+        assert!(!ok, "{report}");
+        assert_eq!(report["partitions"]["orders#3"]["stalled"], true);
+        h.forget(&[("orders".to_string(), 3)]);
+        // Its last batch commits after the revocation.
+        h.progressed("orders", 3);
+        let (ok, report) = h.report();
+        assert!(ok, "{report}");
+        assert!(report["partitions"].get("orders#3").is_none());
+        assert_eq!(report["partitions"]["orders#4"]["stalled"], false);
     }
 }

@@ -442,6 +442,14 @@ impl Metrics {
         self.last_progress.with_label_values(&l).set(now);
         self.offset.with_label_values(&l).set(offset);
     }
+    /// This host no longer reads the partition: its gauges go, so that
+    /// a scrape does not show a revoked partition's last lag as current.
+    pub fn forget_partition(&self, source: &str, partition: i32) {
+        let l = [source, &partition.to_string()];
+        let _ = self.lag.remove_label_values(&l);
+        let _ = self.last_progress.remove_label_values(&l);
+        let _ = self.offset.remove_label_values(&l);
+    }
     /// Sandbox counters (cumulative per sandbox).
     pub fn sandbox(&self, entity_type: &str, version: &str, s: &CallStats) {
         let l = [entity_type, version];

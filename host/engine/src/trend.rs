@@ -63,22 +63,42 @@ impl Trend {
 
     /// The partition's lag now.
     pub fn lag(&self, source: &str, partition: i32, lag: i64) {
-        self.update(source, partition, now_ms(), |s| s.lag = Some(lag));
+        self.update(source, partition, now_ms(), true, |s| s.lag = Some(lag));
     }
 
-    /// The partition committed up to `offset`.
+    /// The partition committed up to `offset`. Only a partition the source
+    /// reports (its lag comes first) is kept: a batch of a partition
+    /// revoked meanwhile commits late and must not bring it back.
     pub fn progressed(&self, source: &str, partition: i32, offset: i64) {
-        self.update(source, partition, now_ms(), |s| {
+        self.update(source, partition, now_ms(), false, |s| {
             s.committed_offset = Some(offset)
         });
     }
 
-    fn update(&self, source: &str, partition: i32, now: i64, set: impl FnOnce(&mut Sample)) {
+    /// This host no longer reads these partitions: their past goes too.
+    pub fn forget(&self, partitions: &[(String, i32)]) {
+        let mut p = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        for k in partitions {
+            p.remove(k);
+        }
+    }
+
+    /// Set the current step's sample of a partition; `add`: start
+    /// tracking the partition if it is not yet.
+    fn update(
+        &self,
+        source: &str,
+        partition: i32,
+        now: i64,
+        add: bool,
+        set: impl FnOnce(&mut Sample),
+    ) {
         let step = self.step.as_millis().max(1) as i64;
         let at = now - now.rem_euclid(step);
         let mut p = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
         let samples = match p.get_mut(&(source.to_string(), partition)) {
             Some(s) => s,
+            None if !add => return,
             None => {
                 // A new partition: forget those silent for a whole window
                 // first, so rotated files do not pile up.
@@ -135,10 +155,10 @@ mod tests {
     #[test]
     fn updates_within_a_step_share_a_sample_and_a_new_step_carries_values_forward() {
         let t = Trend::new(Duration::from_secs(5), 3);
-        t.update("f", 0, 10_000, |s| s.lag = Some(7));
-        t.update("f", 0, 12_000, |s| s.committed_offset = Some(100));
-        t.update("f", 0, 14_999, |s| s.lag = Some(3));
-        t.update("f", 0, 15_000, |s| s.lag = Some(1));
+        t.update("f", 0, 10_000, true, |s| s.lag = Some(7));
+        t.update("f", 0, 12_000, false, |s| s.committed_offset = Some(100));
+        t.update("f", 0, 14_999, true, |s| s.lag = Some(3));
+        t.update("f", 0, 15_000, true, |s| s.lag = Some(1));
         let p = t.partitions.lock().unwrap();
         let s: Vec<_> = p[&("f".to_string(), 0)].iter().copied().collect();
         assert_eq!(
@@ -162,7 +182,7 @@ mod tests {
     fn a_partition_keeps_at_most_its_steps_and_silent_ones_are_forgotten() {
         let t = Trend::new(Duration::from_secs(1), 3);
         for i in 0..10 {
-            t.update("a", 0, i * 1000, |s| s.committed_offset = Some(i));
+            t.update("a", 0, i * 1000, true, |s| s.committed_offset = Some(i));
         }
         {
             let p = t.partitions.lock().unwrap();
@@ -172,11 +192,17 @@ mod tests {
         }
         // Far later, a new partition appears: "a" has been silent for more
         // than the window and goes.
-        t.update("b", 1, 60_000, |s| s.lag = Some(0));
-        let p = t.partitions.lock().unwrap();
-        assert_eq!(
-            p.keys().cloned().collect::<Vec<_>>(),
-            [("b".to_string(), 1)]
-        );
+        t.update("b", 1, 60_000, true, |s| s.lag = Some(0));
+        {
+            let p = t.partitions.lock().unwrap();
+            assert_eq!(
+                p.keys().cloned().collect::<Vec<_>>(),
+                [("b".to_string(), 1)]
+            );
+        }
+        // A revoked partition goes, and its late commit does not bring it back.
+        t.forget(&[("b".to_string(), 1)]);
+        t.update("b", 1, 61_000, false, |s| s.committed_offset = Some(5));
+        assert!(t.partitions.lock().unwrap().is_empty());
     }
 }
