@@ -290,6 +290,17 @@ pub fn wait_for_accounts(
         .collect()
 }
 
+/// The quarantine record of one entity (by type and id) on the first
+/// page of `/v1/quarantine`, if it is there.
+pub fn quarantine_of(host: &Host, entity_type: &str, entity_id: &str) -> Option<Value> {
+    let (_, q) = host.get("/v1/quarantine");
+    q["items"]
+        .as_array()?
+        .iter()
+        .find(|i| i["key"]["entity_type"] == entity_type && i["key"]["entity_id"] == entity_id)
+        .cloned()
+}
+
 /// Wait until `/healthz` answers `status`; its body.
 pub fn wait_for_health(host: &Host, status: u16, limit: Duration) -> Value {
     wait_for(limit, &format!("healthz {status}"), || {

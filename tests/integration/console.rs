@@ -277,13 +277,6 @@ fn count_until(b: &Browser, css: &str, ok: impl Fn(usize) -> bool) -> usize {
     }
 }
 
-fn quarantined(host: &Host, id: &str) -> bool {
-    let (_, q) = host.get("/v1/quarantine");
-    q["items"]
-        .as_array()
-        .is_some_and(|i| i.iter().any(|i| i["key"]["entity_id"] == id))
-}
-
 #[test]
 fn an_operator_retries_and_rolls_back_from_the_console() {
     let dir = tempdir();
@@ -316,7 +309,9 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
         ],
     );
     wait_for(WAIT, "p-q and acc-5 quarantined", || {
-        (quarantined(&host, "p-q") && quarantined(&host, "acc-5")).then_some(())
+        (quarantine_of(&host, "probe", "p-q").is_some()
+            && quarantine_of(&host, "account", "acc-5").is_some())
+        .then_some(())
     });
     let expected: std::collections::BTreeMap<String, Value> =
         std::fs::read_to_string(root().join("examples/bank/expected.jsonl"))
@@ -418,7 +413,7 @@ fn an_operator_retries_and_rolls_back_from_the_console() {
     b.goto(&format!("{}/ui/#/quarantine", host.base));
     b.click(".card.quarantined[data-entity=\"probe/p-q\"] .retry");
     wait_for(WAIT, "p-q out of quarantine", || {
-        (!quarantined(&host, "p-q")).then_some(())
+        quarantine_of(&host, "probe", "p-q").is_none().then_some(())
     });
     let (_, s) = host.get("/v1/entities/probe/p-q");
     assert_eq!(s["state"]["count"], 2, "{s}");

@@ -359,12 +359,7 @@ fn a_quarantined_entity_is_retried_after_a_fixed_version_is_pushed() {
         ],
     );
     let q = wait_for(Duration::from_secs(30), "quarantine", || {
-        let (_, q) = host.get("/v1/quarantine");
-        q["items"]
-            .as_array()?
-            .iter()
-            .find(|i| i["key"]["entity_id"] == "p-q")
-            .cloned()
+        quarantine_of(&host, "probe", "p-q")
     });
     assert!(q["error"].as_str().unwrap().contains("always fails"), "{q}");
     // Held events: the last one arrived after the entity was quarantined.

@@ -127,7 +127,8 @@ impl PluginStore for CassandraStore {
         // After the conditional write won: the history never holds an
         // activation that lost. A failure here leaves a gap in it, which is
         // logged, not the activation's failure: it is recorded.
-        let kept = serde_json::to_string(a).map_err(|e| StoreError::Other(e.into()))?;
+        let kept =
+            refold_store::plugins::history_entry(a).map_err(|e| StoreError::Other(e.into()))?;
         if let Err(e) = self
             .run(&self.st.history_insert, (&a.entity_type, a.seq, kept))
             .await
@@ -155,16 +156,8 @@ impl PluginStore for CassandraStore {
                 .await
             })
             .await?;
-        let kept = kept
-            .iter()
-            .map(|(j,)| {
-                serde_json::from_str(j)
-                    .map_err(|e| StoreError::Corrupt(format!("an activation_history entry: {e}")))
-            })
-            .collect::<Result<Vec<Activation>>>()?;
-        Ok(refold_store::plugins::merge_history(
-            kept, current, before, limit,
-        ))
+        let kept: Vec<String> = kept.into_iter().map(|(j,)| j).collect();
+        refold_store::plugins::merge_history(&kept, current, before, limit)
     }
 
     async fn put_rebuild(

@@ -131,7 +131,7 @@ impl PluginStore for SqliteStore {
                 // In the same transaction: the history has an entry for
                 // every activation recorded, and none for a fenced one.
                 if changed == 1 {
-                    let kept = serde_json::to_string(&a).map_err(|e| {
+                    let kept = refold_store::plugins::history_entry(&a).map_err(|e| {
                         rusqlite::Error::ToSqlConversionFailure(Box::new(e))
                     })?;
                     tx.execute(
@@ -174,16 +174,7 @@ impl PluginStore for SqliteStore {
                 rows.collect()
             })
             .await?;
-        let kept = kept
-            .iter()
-            .map(|j| {
-                serde_json::from_str(j)
-                    .map_err(|e| StoreError::Corrupt(format!("an activation_history entry: {e}")))
-            })
-            .collect::<Result<Vec<Activation>>>()?;
-        Ok(refold_store::plugins::merge_history(
-            kept, current, before, limit,
-        ))
+        refold_store::plugins::merge_history(&kept, current, before, limit)
     }
 
     async fn put_rebuild(

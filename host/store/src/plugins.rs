@@ -186,15 +186,31 @@ pub struct RebuildRecord {
     pub heartbeat_ms: i64,
 }
 
-/// The history of `entity_type` from the stored entries and the current
-/// activation: newest first, `seq` below `before`, at most `limit`. The
-/// current activation stands for its `seq` whatever the history holds.
-pub fn merge_history(
-    mut kept: Vec<Activation>,
+/// An activation as a history entry keeps it (JSON: every field, and
+/// fields added later read back with their defaults).
+pub fn history_entry(a: &Activation) -> serde_json::Result<String> {
+    serde_json::to_string(a)
+}
+
+/// The history of an entity type from its stored entries (as
+/// [`history_entry`] wrote them) and the current activation: newest first,
+/// `seq` below `before`, at most `limit`. The current activation stands
+/// for its `seq` whatever the history holds; an entry that does not read
+/// back is `Corrupt`.
+pub fn merge_history<S: AsRef<str>>(
+    entries: &[S],
     current: Option<Activation>,
     before: Option<i64>,
     limit: usize,
-) -> Vec<Activation> {
+) -> crate::error::Result<Vec<Activation>> {
+    let mut kept = entries
+        .iter()
+        .map(|j| {
+            serde_json::from_str(j.as_ref()).map_err(|e| {
+                crate::StoreError::Corrupt(format!("an activation_history entry: {e}"))
+            })
+        })
+        .collect::<crate::error::Result<Vec<Activation>>>()?;
     if let Some(c) = current
         && before.is_none_or(|b| c.seq < b)
     {
@@ -204,7 +220,7 @@ pub fn merge_history(
     kept.retain(|a| before.is_none_or(|b| a.seq < b));
     kept.sort_by_key(|a| std::cmp::Reverse(a.seq));
     kept.truncate(limit);
-    kept
+    Ok(kept)
 }
 
 /// Persistence of the plugin registry.
@@ -275,24 +291,33 @@ mod tests {
         v.iter().map(|a| a.seq).collect()
     }
 
+    fn entries(v: &[Activation]) -> Vec<String> {
+        v.iter().map(|a| history_entry(a).unwrap()).collect()
+    }
+
     #[test]
     fn the_current_activation_stands_for_its_seq_and_pages_go_back() {
         // The history lost seq 3's row (a failed write after the win) and
         // holds a stale copy of seq 2: the current row wins for its seq.
-        let kept = vec![at(1, "a"), at(2, "stale"), at(4, "d")];
+        let kept = entries(&[at(1, "a"), at(2, "stale"), at(4, "d")]);
         let current = Some(at(2, "b"));
-        let all = merge_history(kept.clone(), current.clone(), None, 10);
+        let merge = |before, limit| merge_history(&kept, current.clone(), before, limit).unwrap();
+        let all = merge(None, 10);
         assert_eq!(seqs(&all), [4, 2, 1]);
         assert_eq!(all[1].digest, "b");
-        assert_eq!(
-            seqs(&merge_history(kept.clone(), current.clone(), None, 2)),
-            [4, 2]
+        assert_eq!(seqs(&merge(None, 2)), [4, 2]);
+        assert_eq!(seqs(&merge(Some(2), 10)), [1]);
+        assert!(merge(Some(1), 10).is_empty());
+        assert!(
+            merge_history::<String>(&[], None, None, 10)
+                .unwrap()
+                .is_empty()
         );
-        assert_eq!(
-            seqs(&merge_history(kept.clone(), current.clone(), Some(2), 10)),
-            [1]
-        );
-        assert!(merge_history(kept, current, Some(1), 10).is_empty());
-        assert!(merge_history(Vec::new(), None, None, 10).is_empty());
+    }
+
+    #[test]
+    fn an_entry_that_does_not_read_back_is_corrupt() {
+        let e = merge_history(&["{not json"], None, None, 10).unwrap_err();
+        assert!(matches!(e, crate::StoreError::Corrupt(_)), "{e:?}");
     }
 }
