@@ -790,3 +790,34 @@ async fn the_openapi_document_matches_the_router_and_the_readme() {
         "in the document, not in the README: {unlisted:?}"
     );
 }
+
+#[tokio::test]
+async fn activations_are_listed_newest_first_in_pages() {
+    let app = app(None);
+    let r = server(&app, HttpConfig::default(), admin_token());
+    let (s, _) = get(&r, "/v1/plugins/account/activations", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "behind the admin token");
+    let (s, v) = get(
+        &r,
+        "/v1/plugins/account/activations?after=nope",
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let bytes = std::fs::read(bank_wasm()).expect("bank.wasm");
+    let (s, _, v) = call(
+        &r,
+        Method::PUT,
+        "/v1/plugins/account?mode=forward",
+        Some(ADMIN),
+        Body::from(bytes),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (items, pages) = all_pages(&r, "/v1/plugins/account/activations", "after", 1).await;
+    assert!(!items.is_empty());
+    assert_eq!(pages, items.len(), "one per page");
+    assert_eq!(items[0]["digest"], v["version"]["digest"], "{items:?}");
+    let seqs: Vec<i64> = items.iter().map(|a| a["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] > w[1]), "{seqs:?}");
+}
